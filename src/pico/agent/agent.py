@@ -1,0 +1,314 @@
+"""The agent: one tunnel per endpoint, each stream spliced to a new TCP connection to the service.
+
+The agent never parses HTTP: bytes pass through unchanged, so WebSocket, SSE and anything else
+work. It reconnects forever with full-jitter exponential backoff on network errors and 5xx,
+and stops with a clear message when the server rejects it (400, 401, 403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any, cast
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+
+from pico import log
+from pico.config import AgentConfig, EndpointSpec
+from pico.mux.frame import ResetReason
+from pico.mux.tunnel import MAX_MESSAGE_SIZE, MuxStream, Tunnel
+from pico.webapp import serve_app
+
+_log = log.get_logger("agent")
+
+# Reconnect backoff: full jitter over an exponential ceiling (0.5 s doubling to 30 s), so a
+# fleet of agents that lost the same node does not reconnect in lockstep.
+_BACKOFF_MIN = 0.5
+_BACKOFF_MAX = 30.0
+# Open streams get this long to finish after SIGTERM before the tunnel is closed.
+_GRACE_PERIOD = 30.0
+_FATAL_STATUSES = (400, 401, 403, 404)
+
+
+class AgentRejected(Exception):
+    """The server refused the agent for a reason retrying will not fix."""
+
+
+class AgentMetrics:
+    """Per-endpoint agent metrics (endpoints are configured, so the labels are bounded)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connected = Gauge(
+            "pico_agent_connected", "1 while the endpoint's tunnel is up.", ["endpoint"], registry=r
+        )
+        self.connects = Counter(
+            "pico_agent_connects_total", "Tunnel connections made.", ["endpoint"], registry=r
+        )
+        self.streams = Counter(
+            "pico_agent_streams_total", "Streams opened by the server.", ["endpoint"], registry=r
+        )
+        self.active_streams = Gauge(
+            "pico_agent_active_streams", "Streams currently open.", ["endpoint"], registry=r
+        )
+        self.dial_errors = Counter(
+            "pico_agent_dial_errors_total",
+            "Failed connections to the local service, by reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+
+
+class _ServiceSide(asyncio.Protocol):
+    """The TCP connection to the local service, spliced to one stream."""
+
+    def __init__(self, stream: MuxStream, on_done: Any) -> None:
+        self.stream = stream
+        self.on_done = on_done
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.stream.set_receiver(_StreamSide(self))
+
+    def data_received(self, data: bytes) -> None:
+        self.stream.write(data)
+
+    def eof_received(self) -> bool:
+        self.stream.write_eof()
+        return True  # the request may still be arriving
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.stream.closed:
+            if exc is None:
+                self.stream.write_eof()
+            else:
+                self.stream.reset(ResetReason.UNREACHABLE)
+        self.on_done()
+
+    def pause_writing(self) -> None:
+        self.stream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.stream.resume_reading()
+
+
+class _StreamSide:
+    """Receiver of the stream: writes into the service connection."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: _ServiceSide) -> None:
+        self.service = service
+
+    def data_received(self, data: bytes) -> None:
+        if self.service.transport is not None:
+            self.service.transport.write(data)
+
+    def eof_received(self) -> None:
+        t = self.service.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        t = self.service.transport
+        if t is not None:
+            if reason is None:
+                t.close()
+            else:
+                t.abort()
+
+    def pause_writing(self) -> None:
+        if self.service.transport is not None:
+            self.service.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.service.transport is not None:
+            self.service.transport.resume_reading()
+
+
+class EndpointLink:
+    """Keeps one endpoint's tunnel up: connect, serve, reconnect."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        spec: EndpointSpec,
+    ) -> None:
+        self.agent = agent
+        self.spec = spec
+        self.tunnel: Tunnel | None = None
+        self.stopping = False
+        self._dials: set[asyncio.Task[None]] = set()
+        self._open = 0
+        base = agent.config.server.url.rstrip("/")
+        ws_base = "ws" + base[4:] if base.startswith("http") else base
+        self.url = f"{ws_base}/pico/v1/upstream/{spec.endpoint_id}"
+        self.http_url = f"{base}/pico/v1/upstream/{spec.endpoint_id}"
+
+    async def run(self) -> None:
+        """Connect and serve until stopped. Raises AgentRejected on a fatal refusal."""
+        attempt = 0
+        m = self.agent.metrics
+        while not self.stopping:
+            try:
+                ws = await self.agent.http.ws_connect(
+                    self.url,
+                    headers=self.agent.auth_headers,
+                    max_msg_size=MAX_MESSAGE_SIZE,
+                    autoping=True,
+                    compress=0,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                if exc.status in _FATAL_STATUSES:
+                    raise AgentRejected(await self._rejection(exc.status)) from exc
+                _log.warn("connect failed", endpoint_id=self.spec.endpoint_id, status=exc.status)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                _log.warn("connect failed", endpoint_id=self.spec.endpoint_id, error=str(exc))
+            else:
+                attempt = 0
+                tunnel = Tunnel(
+                    ws,
+                    client=True,
+                    on_stream=self._on_stream,
+                    ping_interval=self.agent.config.server.heartbeat_interval,
+                    ping_timeout=self.agent.config.server.heartbeat_timeout,
+                    name=self.spec.endpoint_id,
+                )
+                self.tunnel = tunnel
+                m.connected.labels(self.spec.endpoint_id).set(1)
+                m.connects.labels(self.spec.endpoint_id).inc()
+                _log.info("connected", endpoint_id=self.spec.endpoint_id, url=self.url)
+                try:
+                    await tunnel.run()
+                finally:
+                    m.connected.labels(self.spec.endpoint_id).set(0)
+                    self.tunnel = None
+                if self.stopping:
+                    return
+                _log.warn(
+                    "disconnected; reconnecting",
+                    endpoint_id=self.spec.endpoint_id,
+                    reason=tunnel.close_reason,
+                )
+            attempt += 1
+            ceiling = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(attempt - 1, 16))
+            await asyncio.sleep(random.uniform(0, ceiling))
+
+    async def _rejection(self, status: int) -> str:
+        """The server's JSON error for a refused handshake, for a one-line message."""
+        reason = ""
+        with contextlib.suppress(Exception):
+            async with self.agent.http.get(
+                self.http_url,
+                headers=self.agent.auth_headers,
+            ) as resp:
+                body = await resp.json(content_type=None)
+                reason = str(body.get("error", ""))
+        return f"server rejected endpoint {self.spec.endpoint_id!r}: {status} {reason}".strip()
+
+    def _on_stream(self, stream: MuxStream) -> None:
+        if self.stopping:
+            stream.reset(ResetReason.GOING_AWAY)
+            return
+        self.agent.metrics.streams.labels(self.spec.endpoint_id).inc()
+        task = asyncio.get_running_loop().create_task(self._dial(stream))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+
+    async def _dial(self, stream: MuxStream) -> None:
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        labels = self.agent.metrics
+        active = labels.active_streams.labels(spec.endpoint_id)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _ServiceSide(stream, active.dec), spec.host, spec.port
+                ),
+                self.agent.config.forwarder.timeout,
+            )
+            active.inc()
+        except TimeoutError:
+            labels.dial_errors.labels(spec.endpoint_id, "timeout").inc()
+            stream.reset(ResetReason.TIMEOUT)
+        except ConnectionRefusedError:
+            labels.dial_errors.labels(spec.endpoint_id, "refused").inc()
+            stream.reset(ResetReason.REFUSED)
+        except OSError:
+            labels.dial_errors.labels(spec.endpoint_id, "unreachable").inc()
+            stream.reset(ResetReason.UNREACHABLE)
+
+    async def stop(self, grace: float) -> None:
+        """GoAway, let open streams finish within `grace`, close."""
+        self.stopping = True
+        tunnel = self.tunnel
+        if tunnel is not None:
+            await tunnel.drain_and_close(grace)
+        for task in list(self._dials):
+            task.cancel()
+
+
+class Agent:
+    """`pico agent`: registers every configured endpoint."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.metrics = AgentMetrics()
+        self.auth_headers: dict[str, str] = (
+            {"Authorization": f"Bearer {config.auth.api_key}"} if config.auth.api_key else {}
+        )
+        self.http: aiohttp.ClientSession = None  # type: ignore[assignment]
+        self.links = [EndpointLink(self, spec) for spec in config.parsed_endpoints()]
+        self._admin: web.AppRunner | None = None
+
+    async def start_admin(self) -> tuple[str, int]:
+        """Serve /health and /metrics on `admin.bind_addr`."""
+        app = web.Application()
+
+        async def health(_: web.Request) -> web.StreamResponse:
+            return web.Response(status=200)
+
+        async def metrics(_: web.Request) -> web.StreamResponse:
+            return web.Response(
+                body=generate_latest(self.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        app.router.add_get("/health", health)
+        app.router.add_get("/metrics", metrics)
+        runner, addr = await serve_app(app, self.config.admin.bind_addr, "admin.bind_addr")
+        self._admin = runner
+        return addr
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set (then drain) or a link is rejected (AgentRejected)."""
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(link.run()) for link in self.links]
+        stopped = loop.create_task(stop.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = {*tasks, stopped}
+            while stopped in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stopped and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+        finally:
+            await asyncio.gather(*(link.stop(_GRACE_PERIOD) for link in self.links))
+            for task in [*tasks, stopped]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopped, return_exceptions=True)
+            await self.http.close()
+            if self._admin is not None:
+                await self._admin.cleanup()

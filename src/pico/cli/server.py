@@ -1,0 +1,39 @@
+"""`pico server`: run one cluster node."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from pico import log
+from pico.cli.runtime import configure_logging, fail, load_or_exit, run
+from pico.config import ServerConfig, config_options
+from pico.server.node import Node, StartupError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options(ServerConfig)
+def server(**params: Any) -> None:
+    """Start a Pico server node.
+
+    Ports: proxy 8000 (client requests), upstream 8001 (agent tunnels), admin 8002 (metrics,
+    status, health), gossip 8003. Every flag is also a YAML key (--proxy.bind-addr is
+    proxy.bind_addr); flags given explicitly override the file.
+    """
+    config = load_or_exit(ServerConfig, params)
+    configure_logging(config.log.level, list(config.log.subsystems))
+
+    async def main(stop: asyncio.Event) -> int:
+        node = Node(config)
+        try:
+            await node.start()
+        except StartupError as exc:
+            fail(str(exc))
+        await stop.wait()
+        log.get_logger("server").info("received shutdown signal")
+        await node.shutdown()
+        return 0
+
+    raise SystemExit(run(main))

@@ -1,0 +1,1 @@
+"""Development tools: the local demo cluster and a small TCP load balancer."""

@@ -1,0 +1,79 @@
+"""The seams between the proxy engine and whatever carries a request to a service.
+
+A `Channel` is a byte pipe to one service connection (a mux stream through a tunnel, or a TCP
+connection to another node's proxy port). An `Upstream` hands out channels and takes idle ones
+back for reuse. A `Router` says which upstreams may serve an endpoint, best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from pico.mux.frame import ResetReason
+
+__all__ = [
+    "Channel",
+    "ChannelReceiver",
+    "ResetReason",
+    "Router",
+    "Upstream",
+    "UpstreamUnavailable",
+]
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream cannot open a channel now (tunnel closing, node unreachable)."""
+
+
+class ChannelReceiver(Protocol):
+    """Callbacks from a channel (the shape of asyncio.Protocol)."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def connection_lost(self, reason: ResetReason | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+class Channel(Protocol):
+    """A bidirectional byte stream to one service connection, used like a transport."""
+
+    @property
+    def closed(self) -> bool: ...
+    def set_receiver(self, receiver: ChannelReceiver) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
+    def reset(self, reason: ResetReason = ResetReason.CANCELLED) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """Something that can carry requests for an endpoint: a local tunnel or a remote node."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def remote(self) -> bool: ...
+    def open_channel(self, fresh: bool = False) -> tuple[Channel, bool]:
+        """Return a channel and whether it was reused from the idle pool (never when `fresh`).
+
+        Raises UpstreamUnavailable when no channel can be opened.
+        """
+        ...
+
+    def release_channel(self, channel: Channel) -> None:
+        """Take back a channel whose exchange finished cleanly, for keep-alive reuse."""
+        ...
+
+
+class Router(Protocol):
+    """Chooses the upstreams for a request."""
+
+    def candidates(self, endpoint_id: str, forwarded: bool) -> Sequence[Upstream]:
+        """Upstreams able to serve `endpoint_id`, in the order to try them.
+
+        `forwarded` is true for a request another node sent us: it must be served locally.
+        """
+        ...

@@ -1,0 +1,187 @@
+"""HTTP/1.1 message heads: endpoint routing, hop-by-hop rewriting, and error responses.
+
+Pure functions over header lists (`list[tuple[bytes, bytes]]`, names as received); no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from http import HTTPStatus
+
+import orjson
+
+ENDPOINT_HEADER = b"x-pico-endpoint"
+FORWARD_HEADER = b"x-pico-forward"
+
+_ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+# Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1, plus the
+# de-facto ones Go's ReverseProxy also drops). Names listed in Connection are dropped too.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def valid_endpoint_id(endpoint_id: str) -> bool:
+    """True for 1-128 characters of [A-Za-z0-9._-]."""
+    return _ENDPOINT_ID.fullmatch(endpoint_id) is not None
+
+
+def endpoint_from_host(host: bytes) -> str:
+    """The endpoint a Host header names: its first label, if it has a dot and is not an IP."""
+    text = host.decode("latin-1").strip()
+    if not text:
+        return ""
+    if text.startswith("["):  # [v6]:port
+        return ""
+    name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    if ":" in name:  # a bare IPv6 address
+        return ""
+    try:
+        ipaddress.ip_address(name)
+        return ""
+    except ValueError:
+        pass
+    if "." not in name:
+        return ""
+    return name.split(".", 1)[0]
+
+
+def endpoint_id(endpoint_header: bytes | None, host: bytes | None) -> str:
+    """The endpoint a request names: `x-pico-endpoint` wins, else the Host's first label."""
+    if endpoint_header:
+        return endpoint_header.decode("latin-1").strip()
+    if host:
+        return endpoint_from_host(host)
+    return ""
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Lower-cased tokens of every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def rewrite_request_head(
+    method: bytes,
+    url: bytes,
+    headers: Headers,
+    *,
+    client_ip: str,
+    chunked: bool,
+    upgrade: bytes | None,
+    forwarded: bool,
+    mark_forward: bool,
+) -> bytes:
+    """The request head to send upstream, as HTTP/1.1.
+
+    Drops hop-by-hop headers, appends the client to X-Forwarded-For and sets X-Forwarded-Proto and
+    X-Forwarded-Host when absent (a load balancer in front may have set them). A request that
+    another node forwarded already carries them and is passed unchanged. `mark_forward` adds
+    `x-pico-forward: true` for the hop to another node.
+    """
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    xff: bytes | None = None
+    host: bytes | None = None
+    has_proto = has_fhost = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if lname == b"host":
+            host = value
+        elif lname == b"x-forwarded-proto":
+            has_proto = True
+        elif lname == b"x-forwarded-host":
+            has_fhost = True
+        elif lname == FORWARD_HEADER:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if forwarded:
+        if xff is not None:
+            out += (b"X-Forwarded-For: ", xff, b"\r\n")
+    else:
+        ip = client_ip.encode()
+        out += (b"X-Forwarded-For: ", (xff + b", " + ip) if xff else ip, b"\r\n")
+        if not has_proto:
+            out.append(b"X-Forwarded-Proto: http\r\n")
+        if not has_fhost and host is not None:
+            out += (b"X-Forwarded-Host: ", host, b"\r\n")
+    if mark_forward:
+        out.append(b"x-pico-forward: true\r\n")
+    if chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if upgrade is not None:
+        out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def rewrite_response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    chunked: bool,
+    close: bool,
+    upgrade: bool,
+) -> bytes:
+    """The response head to send to the client, as HTTP/1.1, without hop-by-hop headers."""
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
+    for name, value in headers:
+        if name.lower() in drop:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    if upgrade:
+        for name, value in headers:
+            if name.lower() == b"upgrade":
+                out += (b"Connection: Upgrade\r\nUpgrade: ", value, b"\r\n")
+                break
+    elif chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n")
+    if close and not upgrade:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def error_response(status: int, message: str, *, close: bool) -> bytes:
+    """A complete JSON error response: `{"error": message}` plus a newline."""
+    body = orjson.dumps({"error": message}) + b"\n"
+    head = (
+        b"HTTP/1.1 %d %s\r\n"
+        b"Content-Type: application/json\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"Content-Length: %d\r\n" % (status, _reason(status), len(body))
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body

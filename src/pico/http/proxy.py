@@ -1,0 +1,893 @@
+"""The reverse-proxy engine: one asyncio Protocol per client connection.
+
+`ProxyConnection` parses client requests with httptools, enforces the limits, and runs one
+`Exchange` at a time (pipelined requests wait their turn, their bodies buffered up to a bound).
+An `Exchange` carries one request through a `Channel` chosen by the `Router`, parses the
+response only to find where it ends, and relays both bodies as they arrive with backpressure in
+both directions. After a `101 Switching Protocols` both directions are spliced byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from pico import log
+from pico.http.channel import Channel, ResetReason, Router, Upstream, UpstreamUnavailable
+from pico.http.head import (
+    ENDPOINT_HEADER,
+    FORWARD_HEADER,
+    endpoint_id,
+    error_response,
+    rewrite_request_head,
+    rewrite_response_head,
+)
+
+_log = log.get_logger("proxy")
+
+_PAUSE_CHANNEL = 1  # the upstream channel cannot take more request body yet
+_PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their turn
+_PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
+
+_DIAL_FAILURES = {
+    ResetReason.REFUSED: (502, "upstream unreachable"),
+    ResetReason.UNREACHABLE: (502, "upstream unreachable"),
+    ResetReason.TIMEOUT: (504, "upstream timeout"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Limits of the proxy port; each protects the node from one kind of slow or big client."""
+
+    # Request line plus headers; bigger heads get 431 (memory per connection is bounded).
+    max_header_bytes: int = 64 * 1024
+    # A client must send a complete head within this (slowloris protection); 0 disables.
+    read_header_timeout: float = 10.0
+    # An idle keep-alive client connection is closed after this; 0 disables.
+    idle_timeout: float = 300.0
+    # Bounds the wait for the upstream's response head only (never a streaming body); 0 disables.
+    response_timeout: float = 30.0
+    # Request bytes kept to replay on another upstream if the agent could not reach the service.
+    replay_limit: int = 64 * 1024
+    # Bytes of pipelined requests buffered before we stop reading the client.
+    pipeline_limit: int = 256 * 1024
+    # Client write buffer high-water mark; above it we stop crediting the upstream.
+    write_high_water: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What an observer learns about a finished request (metrics, access log)."""
+
+    method: str
+    host: str
+    path: str
+    status: int
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    endpoint: str
+    upstream: str
+    forwarded: bool
+    remote: bool
+
+
+Observer = Callable[[RequestRecord], None]
+
+
+class ConnectionTracker:
+    """The open client connections of a proxy port, for graceful shutdown."""
+
+    def __init__(self) -> None:
+        self._conns: set[ProxyConnection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, conn: ProxyConnection) -> None:
+        self._conns.add(conn)
+        self._empty.clear()
+
+    def discard(self, conn: ProxyConnection) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def snapshot(self) -> list[ProxyConnection]:
+        """The connections open now."""
+        return list(self._conns)
+
+    async def wait_empty(self) -> None:
+        """Return once every connection has closed."""
+        await self._empty.wait()
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Request:
+    """One parsed client request and the body bytes waiting to be sent."""
+
+    __slots__ = (
+        "body",
+        "body_done",
+        "body_pending",
+        "bytes_in",
+        "chunked",
+        "endpoint",
+        "expects_body",
+        "forwarded",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "start",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.expects_body = False
+        self.upgrade: bytes | None = None
+        self.endpoint = ""
+        self.host = b""
+        self.forwarded = False
+        self.body: list[bytes] = []
+        self.body_pending = 0
+        self.body_done = False
+        self.bytes_in = 0
+
+
+class ProxyConnection(asyncio.Protocol):
+    """One client connection on the proxy port."""
+
+    def __init__(
+        self,
+        router: Router,
+        limits: ProxyLimits,
+        observer: Observer | None = None,
+        connections: ConnectionTracker | None = None,
+    ) -> None:
+        self.router = router
+        self.connections = connections
+        self.limits = limits
+        self.observer = observer
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Request] = deque()
+        self._parsing: Request | None = None
+        self._header_bytes = 0
+        self._exchange: Exchange | None = None
+        self._paused = 0
+        self._write_paused = False
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgrade_buffer: list[bytes] | None = None
+        self._spliced: Channel | None = None
+        self._client_eof = False
+        self._drain = False
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is in flight or an upgraded connection is open."""
+        return bool(self._queue) or self._spliced is not None
+
+    def close_when_idle(self) -> None:
+        """Graceful stop: close now if idle, else right after the response in flight."""
+        self._drain = True
+        if not self.busy:
+            self._close()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        if self.connections is not None:
+            self.connections.add(self)
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else ""
+        self._arm_timer(self.limits.idle_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self._spliced is not None:
+            self._spliced.write(data)
+            return
+        if self._upgrade_buffer is not None:
+            self._upgrade_buffer.append(data)
+            self._pause(_PAUSE_UPGRADE)
+            return
+        if self._closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade_request(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _BadRequest):
+                self._reject(cause.status, cause.message)
+            else:
+                self._reject(400, f"malformed request: {exc}")
+
+    def eof_received(self) -> bool:
+        if self._spliced is not None:
+            self._spliced.write_eof()
+            return True
+        # Keep the write side open so a client that half-closes still gets its response.
+        self._client_eof = True
+        return bool(self._queue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._closing = True
+        if self._spliced is not None:
+            self._spliced.reset(ResetReason.CANCELLED)
+            self._spliced = None
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+        self._queue.clear()
+        self.transport = None
+        if self.connections is not None:
+            self.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._spliced is not None:
+            self._spliced.pause_reading()
+        elif self._exchange is not None:
+            self._exchange.client_paused()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._spliced is not None:
+            self._spliced.resume_reading()
+        elif self._exchange is not None:
+            self._exchange.client_resumed()
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = Request(self.loop.time())
+        self._header_bytes = 0
+        if not self._queue:
+            self._arm_timer(self.limits.read_header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        req.url += url
+        self._count_header_bytes(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        self._count_header_bytes(len(name) + len(value) + 4)
+        req.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        parser = self._parser
+        req.method = parser.get_method()
+        req.version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive()
+        self._inspect_headers(req)
+        if parser.should_upgrade():
+            req.upgrade = next((v for n, v in req.headers if n.lower() == b"upgrade"), b"websocket")
+        if not self._queue:
+            self._cancel_timer()
+        self._queue.append(req)
+        if len(self._queue) == 1:
+            self._start_next()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._parsing
+        assert req is not None
+        req.bytes_in += len(body)
+        exchange = self._exchange
+        if exchange is not None and exchange.request is req:
+            exchange.send_body(body)
+        else:
+            req.body.append(body)
+            req.body_pending += len(body)
+            if req.body_pending > self.limits.pipeline_limit:
+                self._pause(_PAUSE_PIPELINE)
+
+    def on_message_complete(self) -> None:
+        req = self._parsing
+        assert req is not None
+        req.body_done = True
+        exchange = self._exchange
+        if exchange is not None and exchange.request is req:
+            exchange.end_body()
+
+    # -- request handling ------------------------------------------------------------------------
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _BadRequest(431, "request header fields too large")
+
+    def _inspect_headers(self, req: Request) -> None:
+        content_lengths: set[bytes] = set()
+        endpoint_header: bytes | None = None
+        host: bytes | None = None
+        transfer_encoding: bytes | None = None
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_lengths.add(value.strip())
+            elif lname == b"transfer-encoding":
+                transfer_encoding = value.strip().lower()
+            elif lname == b"host":
+                if host is not None:
+                    raise _BadRequest(400, "duplicate Host header")
+                host = value
+            elif lname == ENDPOINT_HEADER:
+                endpoint_header = value
+            elif lname == FORWARD_HEADER:
+                req.forwarded = value.strip().lower() == b"true"
+        # Request smuggling: a message whose length two parties could read differently.
+        if len(content_lengths) > 1:
+            raise _BadRequest(400, "conflicting Content-Length headers")
+        if transfer_encoding is not None:
+            if content_lengths:
+                raise _BadRequest(400, "both Content-Length and Transfer-Encoding")
+            if not transfer_encoding.endswith(b"chunked"):
+                raise _BadRequest(400, "unsupported Transfer-Encoding")
+            req.chunked = True
+        req.expects_body = req.chunked or any(v not in (b"0", b"") for v in content_lengths)
+        req.host = host or b""
+        req.endpoint = endpoint_id(endpoint_header, host)
+
+    def _start_next(self) -> None:
+        req = self._queue[0]
+        if not req.endpoint:
+            self._respond_error(req, 400, "missing endpoint id")
+            return
+        candidates = self.router.candidates(req.endpoint, req.forwarded)
+        if not candidates:
+            self._respond_error(req, 502, "no available upstreams")
+            return
+        exchange = Exchange(self, req, list(candidates))
+        self._exchange = exchange
+        exchange.start()
+        if req.body_pending:
+            req.body_pending = 0
+            self._resume(_PAUSE_PIPELINE)
+
+    def _on_upgrade_request(self, rest: bytes) -> None:
+        # httptools stops parsing at an Upgrade head; what follows belongs to the new protocol
+        # and waits for the 101 (or is dropped if the upstream declines the upgrade).
+        self._upgrade_buffer = [rest] if rest else []
+        req = self._parsing
+        if req is not None and not req.body_done:
+            self.on_message_complete()
+
+    def _respond_error(self, req: Request, status: int, message: str) -> None:
+        # A body we will not read leaves the connection unusable: close it after the answer.
+        unread = req.expects_body and not req.body_done
+        close = not req.keep_alive or unread or req.upgrade is not None
+        self._write(error_response(status, message, close=close))
+        self.finish_exchange(req, status, 0, "", remote=False, close=close)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer malformed input and close the connection; nothing else is affected."""
+        _log.warn("bad request", client=self.client_ip, status=status, error=message)
+        if self._exchange is None and self.transport is not None:
+            self._write(error_response(status, message, close=True))
+        self._close()
+
+    def _write(self, data: bytes | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    # -- called by the exchange ------------------------------------------------------------------
+
+    def finish_exchange(
+        self, req: Request, status: int, bytes_out: int, upstream: str, *, remote: bool, close: bool
+    ) -> None:
+        """Record a finished request and move on to the next one (or close)."""
+        if self._queue and self._queue[0] is req:
+            self._queue.popleft()
+        self._exchange = None
+        if self.observer is not None:
+            path, _, _ = req.url.partition(b"?")
+            self.observer(
+                RequestRecord(
+                    method=req.method.decode("latin-1"),
+                    host=req.host.decode("latin-1"),
+                    path=path.decode("latin-1"),
+                    status=status,
+                    duration=self.loop.time() - req.start,
+                    bytes_in=req.bytes_in,
+                    bytes_out=bytes_out,
+                    endpoint=req.endpoint,
+                    upstream=upstream,
+                    forwarded=req.forwarded,
+                    remote=remote,
+                )
+            )
+        unread = req.expects_body and not req.body_done
+        if close or self._drain or self._client_eof or unread or self._upgrade_buffer is not None:
+            self._close()
+            return
+        if self._queue:
+            self._start_next()
+        else:
+            self._arm_timer(self.limits.idle_timeout)
+
+    def start_splice(self, channel: Channel) -> None:
+        """Switch to a byte-for-byte relay after a 101 response."""
+        self._exchange = None
+        self._queue.clear()
+        self._cancel_timer()
+        self._spliced = channel
+        channel.set_receiver(_Splice(self))
+        pending, self._upgrade_buffer = self._upgrade_buffer or [], None
+        for chunk in pending:
+            channel.write(chunk)
+        self._resume(_PAUSE_UPGRADE)
+        if self._write_paused:
+            channel.pause_reading()
+
+    def splice_closed(self) -> None:
+        self._spliced = None
+        self._close()
+
+    def pause_reading_for_channel(self) -> None:
+        self._pause(_PAUSE_CHANNEL)
+
+    def resume_reading_for_channel(self) -> None:
+        self._resume(_PAUSE_CHANNEL)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    def abort(self) -> None:
+        """Drop the client connection (an upstream failed after the response started)."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def _arm_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        if delay > 0:
+            self._timer = self.loop.call_later(delay, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._parsing is not None and not self._queue and self._header_bytes:
+            self._reject(408, "request head not received in time")
+        else:
+            self._close()
+
+
+class _Splice:
+    """Receiver for a channel spliced to the client after an upgrade."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: ProxyConnection) -> None:
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def eof_received(self) -> None:
+        transport = self.conn.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        self.conn.splice_closed()
+
+    def pause_writing(self) -> None:
+        self.conn.pause_reading_for_channel()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_reading_for_channel()
+
+
+class Exchange:
+    """One request carried through one channel, and its response relayed back."""
+
+    def __init__(self, conn: ProxyConnection, request: Request, candidates: list[Upstream]) -> None:
+        self.conn = conn
+        self.request = request
+        self.candidates = candidates
+        self.channel: Channel | None = None
+        self.upstream: Upstream | None = None
+        self.reused = False
+        self.retried_fresh = False
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False  # response head written to the client
+        self.got_bytes = False  # any response byte received on this channel
+        self.chunked_out = False
+        self.until_close = False
+        self.close_client = False
+        self.done = False
+        self.bytes_out = 0
+
+    # -- request side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the request to the best candidate that can open a channel."""
+        while self.candidates:
+            upstream = self.candidates[0]
+            try:
+                channel, reused = upstream.open_channel(fresh=self.retried_fresh)
+            except UpstreamUnavailable:
+                self.candidates.pop(0)
+                continue
+            self._attach(upstream, channel, reused)
+            return
+        self._fail(502, "upstream unreachable" if self.upstream else "no available upstreams")
+
+    def _attach(self, upstream: Upstream, channel: Channel, reused: bool) -> None:
+        req = self.request
+        self.upstream = upstream
+        self.channel = channel
+        self.reused = reused
+        self.got_bytes = False
+        self.parser = None
+        self.headers = []
+        self.reason = b""
+        channel.set_receiver(self)
+        if self.replay is not None and self.replay:
+            for chunk in self.replay:
+                channel.write(chunk)
+        else:
+            head = rewrite_request_head(
+                req.method,
+                req.url,
+                req.headers,
+                client_ip=self.conn.client_ip,
+                chunked=req.chunked,
+                upgrade=req.upgrade,
+                forwarded=req.forwarded,
+                mark_forward=upstream.remote,
+            )
+            self._send(head)
+            body, req.body = req.body, []
+            for chunk in body:
+                self.send_body(chunk)
+            if req.body_done:
+                self.end_body()
+        timeout = self.conn.limits.response_timeout
+        if timeout > 0 and self.timer is None:
+            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+
+    def _send(self, data: bytes) -> None:
+        if self.replay is not None:
+            self.replay.append(data)
+            self.replay_size += len(data)
+            if self.replay_size > self.conn.limits.replay_limit:
+                self.replay = None
+        assert self.channel is not None
+        self.channel.write(data)
+
+    def send_body(self, data: bytes) -> None:
+        """Relay a piece of the client's request body."""
+        if self.channel is None or self.done:
+            return
+        if self.request.chunked:
+            self._send(b"%x\r\n" % len(data) + data + b"\r\n")
+        else:
+            self._send(data)
+
+    def end_body(self) -> None:
+        """The client's request body is complete."""
+        if self.channel is None or self.done:
+            return
+        if self.request.chunked:
+            self._send(b"0\r\n\r\n")
+
+    # -- channel receiver ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.got_bytes = True
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpResponseParser(self)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self.status == 101 and self.head_sent:
+                rest = data[exc.args[0] :]
+                if rest:
+                    self.conn.write(rest)
+                self._finish_upgrade()
+            else:
+                self._broken("unexpected upgrade from upstream")
+        except httptools.HttpParserError as exc:
+            self._broken(f"malformed response from upstream: {exc}")
+
+    def eof_received(self) -> None:
+        if self.done:
+            return
+        if self.head_sent and self.until_close:
+            self._complete()
+        else:
+            self._channel_failed(None)
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        if self.done:
+            return
+        self.channel = None
+        if self.head_sent and self.until_close and reason is None:
+            self._complete()
+        else:
+            self._channel_failed(reason)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_reading_for_channel()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_reading_for_channel()
+
+    # -- client flow control ---------------------------------------------------------------------
+
+    def client_paused(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def client_resumed(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    def client_gone(self) -> None:
+        """The client disconnected: abandon the exchange and free the channel."""
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        if self.channel is not None:
+            self.channel.reset(ResetReason.CANCELLED)
+            self.channel = None
+        self._record(499)
+
+    # -- response parsing (httptools callbacks) --------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_sent:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        req = self.request
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): relay it and keep waiting.
+            if req.version != "1.0":
+                self.conn.write(
+                    rewrite_response_head(
+                        status, self.reason, self.headers, chunked=False, close=False, upgrade=False
+                    )
+                )
+            self.headers, self.reason = [], b""
+            return
+        self._cancel_timer()
+        self.status = status
+        chunked = False
+        content_length = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+            elif lname == b"content-length":
+                content_length = True
+        upgrade = status == 101 and req.upgrade is not None
+        no_body = req.method == b"HEAD" or status in (204, 304)
+        if upgrade:
+            self.until_close = False
+        elif not no_body and not chunked and not content_length:
+            self.until_close = True
+        old_client = req.version == "1.0"
+        self.chunked_out = chunked and not old_client and not no_body
+        self.close_client = (
+            not req.keep_alive
+            or self.until_close
+            or (chunked and old_client)
+            or (req.upgrade is not None and not upgrade)
+            or not self.parser.should_keep_alive()
+        )
+        if chunked and old_client and not no_body:
+            self.until_close = False  # de-chunked for an HTTP/1.0 client, ends by closing
+        head = rewrite_response_head(
+            status,
+            self.reason,
+            self.headers,
+            chunked=self.chunked_out,
+            close=self.close_client,
+            upgrade=upgrade,
+        )
+        self.head_sent = True
+        self.headers = []
+        self.conn.write(head)
+        if no_body and not upgrade:
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            return
+        self.bytes_out += len(body)
+        if self.chunked_out:
+            self.conn.write(b"%x\r\n" % len(body) + body + b"\r\n")
+        else:
+            self.conn.write(body)
+
+    def on_message_complete(self) -> None:
+        if self.status and not self.done and self.status != 101:
+            self._complete()
+
+    # -- endings ---------------------------------------------------------------------------------
+
+    def _finish_upgrade(self) -> None:
+        channel = self.channel
+        self.done = True
+        self._cancel_timer()
+        self._record(101)
+        assert channel is not None
+        self.conn.start_splice(channel)
+
+    def _complete(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        if self.chunked_out:
+            self.conn.write(b"0\r\n\r\n")
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.closed:
+            reusable = (
+                self.request.body_done
+                and not self.until_close
+                and self.parser is not None
+                and self.parser.should_keep_alive()
+            )
+            if reusable and self.upstream is not None:
+                self.upstream.release_channel(channel)
+            else:
+                channel.reset(ResetReason.NORMAL)
+        self._record(self.status, close=self.close_client)
+
+    def _channel_failed(self, reason: ResetReason | None) -> None:
+        """The channel ended before the response did."""
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.closed:
+            channel.reset(ResetReason.CANCELLED)
+        if self.head_sent:
+            self._abort_client("upstream closed mid-response")
+            return
+        replayable = self.replay is not None and not self.got_bytes
+        if reason in _DIAL_FAILURES and replayable:
+            # The agent could not reach the service: the request never ran, try elsewhere.
+            self.candidates.pop(0)
+            self.retried_fresh = False
+            if self.candidates:
+                self.start()
+                return
+            status, message = _DIAL_FAILURES[reason]
+            self._fail(status, message)
+            return
+        if self.reused and replayable and not self.retried_fresh:
+            # An idle pooled stream the service had already closed: retry once on a fresh one.
+            self.retried_fresh = True
+            self.start()
+            return
+        if reason in _DIAL_FAILURES:
+            status, message = _DIAL_FAILURES[reason]
+            self._fail(status, message)
+        else:
+            self._fail(502, "upstream unreachable")
+
+    def _broken(self, why: str) -> None:
+        _log.warn("bad upstream response", endpoint=self.request.endpoint, error=why)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.PROTOCOL)
+        if self.head_sent:
+            self._abort_client(why)
+        else:
+            self._fail(502, "upstream unreachable")
+
+    def _abort_client(self, why: str) -> None:
+        self.done = True
+        self._cancel_timer()
+        self._record(self.status or 502, close=True)
+        self.conn.abort()
+
+    def _fail(self, status: int, message: str) -> None:
+        self.done = True
+        self._cancel_timer()
+        req = self.request
+        close = not req.keep_alive or not req.body_done or req.upgrade is not None
+        self.conn.write(error_response(status, message, close=close))
+        self._record(status, close=close)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.head_sent:
+            return
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.CANCELLED)
+        self._fail(504, "upstream timeout")
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _record(self, status: int, *, close: bool = False) -> None:
+        upstream = self.upstream
+        label = upstream.label if upstream is not None else ""
+        remote = upstream.remote if upstream is not None else False
+        self.conn.finish_exchange(
+            self.request, status, self.bytes_out, label, remote=remote, close=close
+        )

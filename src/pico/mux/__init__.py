@@ -1,0 +1,51 @@
+"""Sans-I/O yamux stream multiplexer: framing in `.frame`, the state machine in `.session`."""
+
+from pico.mux.frame import (
+    Flags,
+    FrameType,
+    GoAwayCode,
+    MuxProtocolError,
+    ResetReason,
+    encode_header,
+)
+from pico.mux.session import (
+    DEFAULT_WINDOW,
+    MAX_FRAME_PAYLOAD,
+    MAX_WINDOW,
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    MuxError,
+    PongReceived,
+    SendWindowAvailable,
+    Session,
+    StreamClosed,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_WINDOW",
+    "ConnectionTerminated",
+    "DataReceived",
+    "Event",
+    "Flags",
+    "FrameType",
+    "GoAwayCode",
+    "GoAwayReceived",
+    "MuxError",
+    "MuxProtocolError",
+    "PongReceived",
+    "ResetReason",
+    "SendWindowAvailable",
+    "Session",
+    "StreamClosed",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "encode_header",
+]

@@ -1,0 +1,572 @@
+"""Sans-I/O yamux session: a pure state machine multiplexing streams over one byte stream.
+
+Feed bytes from the transport into :meth:`Session.receive_data`, read what happened from
+:meth:`Session.events_received`, and write :meth:`Session.data_to_send` to the transport.
+The session never does I/O, never sleeps and never looks at a clock; callers drive it.
+Both peers must use the same ``initial_window`` (yamux fixes it at 256 KiB).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from pico.mux.frame import (
+    HEADER,
+    HEADER_SIZE,
+    PROTOCOL_VERSION,
+    Flags,
+    FrameType,
+    GoAwayCode,
+    MuxProtocolError,
+    ResetReason,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_FRAME_PAYLOAD",
+    "MAX_RECV_PAYLOAD",
+    "MAX_WINDOW",
+    "ConnectionTerminated",
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "MuxError",
+    "PongReceived",
+    "SendWindowAvailable",
+    "Session",
+    "StreamClosed",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+]
+
+DEFAULT_WINDOW = 256 * 1024
+MAX_WINDOW = 16 * 1024 * 1024
+MAX_FRAME_PAYLOAD = 64 * 1024  # we never send DATA frames larger than this
+MAX_RECV_PAYLOAD = 16 * 1024 * 1024  # a DATA frame announcing more than this is an error
+_MAX_U32 = 0xFFFFFFFF
+
+_DATA = int(FrameType.DATA)
+_WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
+_PING = int(FrameType.PING)
+_GO_AWAY = int(FrameType.GO_AWAY)
+_SYN = int(Flags.SYN)
+_ACK = int(Flags.ACK)
+_FIN = int(Flags.FIN)
+_RST = int(Flags.RST)
+
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+_RESET_REASONS = {int(r): r for r in ResetReason}
+
+
+class MuxError(Exception):
+    """A local API misuse: the session is closed, the stream is unknown/ended, etc."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream (SYN received); the core has already ACKed it."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Payload bytes, in order. The caller must later call ``consume(stream_id, len(data))``."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer sent FIN: no more data will arrive on this stream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The peer sent RST; the stream is gone (a ``StreamClosed`` follows)."""
+
+    stream_id: int
+    reason: ResetReason
+
+
+@dataclass(frozen=True, slots=True)
+class StreamClosed:
+    """The stream finished both ways or was reset; its state is freed. Exactly once."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendWindowAvailable:
+    """The stream's queued unsent bytes dropped to 0 after being > 0; resume reading."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """The peer answered one of our pings."""
+
+    opaque: int
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    """The peer will accept no new streams."""
+
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The peer broke the protocol; the session is closed and a GO_AWAY is queued."""
+
+    error: str
+
+
+Event = (
+    StreamOpened
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | StreamClosed
+    | SendWindowAvailable
+    | PongReceived
+    | GoAwayReceived
+    | ConnectionTerminated
+)
+
+
+class _Stream:
+    __slots__ = (
+        "fin_pending",
+        "fin_received",
+        "fin_sent",
+        "pending_credit",
+        "queue",
+        "queued",
+        "recv_avail",
+        "recv_window",
+        "send_window",
+        "stream_id",
+        "unconsumed",
+    )
+
+    def __init__(self, stream_id: int, window: int) -> None:
+        self.stream_id = stream_id
+        self.send_window = window  # bytes we may still send before the peer credits more
+        self.queue: deque[memoryview] = deque()  # unsent data waiting for window
+        self.queued = 0  # total bytes in ``queue``
+        self.fin_pending = False  # end_stream() called
+        self.fin_sent = False
+        self.fin_received = False
+        self.recv_window = window  # current receive window size (grows)
+        self.recv_avail = window  # bytes the peer may still send us
+        self.unconsumed = 0  # delivered to the app, not yet consumed
+        self.pending_credit = 0  # consumed, not yet credited via WINDOW_UPDATE
+
+
+class Session:
+    """One side of a yamux connection. ``client=True`` for the agent (odd stream ids)."""
+
+    def __init__(
+        self, *, client: bool, initial_window: int = DEFAULT_WINDOW, max_window: int = MAX_WINDOW
+    ) -> None:
+        """Create a session. Raises ``ValueError`` on nonsensical window sizes."""
+        if initial_window <= 0 or initial_window > _MAX_U32:
+            raise ValueError("initial_window must be in 1..2**32-1")
+        if max_window < initial_window:
+            raise ValueError("max_window must be >= initial_window")
+        self._client = client
+        self._initial_window = initial_window
+        self._max_window = max_window
+        self._next_id = 1 if client else 2
+        self._peer_parity = 0 if client else 1
+        self._highest_peer_id = 0
+        self._streams: dict[int, _Stream] = {}
+        self._inbuf = bytearray()
+        self._out: list[bytes | memoryview] = []
+        self._events: list[Event] = []
+        self._closed = False
+        self._going_away = False
+        self._peer_going_away = False
+        self._ping_seq = 0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` or a protocol error."""
+        return self._closed
+
+    @property
+    def going_away(self) -> bool:
+        """True once we queued a GO_AWAY (or hit a protocol error)."""
+        return self._going_away
+
+    @property
+    def peer_going_away(self) -> bool:
+        """True once the peer sent GO_AWAY."""
+        return self._peer_going_away
+
+    @property
+    def stream_count(self) -> int:
+        """Number of streams with live state."""
+        return len(self._streams)
+
+    def stream_ids(self) -> list[int]:
+        """Ids of the streams with live state, in opening order."""
+        return list(self._streams)
+
+    # ------------------------------------------------------------------ I/O boundary
+
+    def events_received(self) -> list[Event]:
+        """Return and clear the pending events."""
+        events = self._events
+        self._events = []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Return and clear all pending outgoing bytes (``b""`` when none)."""
+        if not self._out:
+            return b""
+        data = b"".join(self._out)
+        self._out = []
+        return data
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the transport, split anywhere.
+
+        Never raises on bad peer input: a protocol violation produces
+        :class:`ConnectionTerminated`, closes the session and queues GO_AWAY(protocol error).
+        Ignored once the session is closed.
+        """
+        if self._closed or not data:
+            return
+        try:
+            if self._inbuf:
+                self._inbuf += data
+                used = self._parse(self._inbuf)
+                del self._inbuf[:used]
+            else:
+                used = self._parse(data)
+                if used < len(data):
+                    self._inbuf += memoryview(data)[used:]
+        except MuxProtocolError as exc:
+            self._fail(str(exc))
+        if self._closed:
+            self._inbuf.clear()
+
+    # ------------------------------------------------------------------ local actions
+
+    def open_stream(self) -> int:
+        """Allocate a new local stream id and queue its SYN.
+
+        Raises :class:`MuxError` if the session is closed, either side sent GO_AWAY, or
+        stream ids are exhausted.
+        """
+        if self._closed:
+            raise MuxError("session is closed")
+        if self._going_away:
+            raise MuxError("cannot open streams after sending GO_AWAY")
+        if self._peer_going_away:
+            raise MuxError("peer sent GO_AWAY; no new streams accepted")
+        stream_id = self._next_id
+        if stream_id > _MAX_U32:
+            raise MuxError("stream ids exhausted")
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(stream_id, self._initial_window)
+        self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _SYN, stream_id, 0))
+        return stream_id
+
+    def send(self, stream_id: int, data: bytes | memoryview) -> None:
+        """Queue ``data`` on the stream and frame as much as the send window allows now.
+
+        The rest stays queued (see :meth:`buffered`) until the peer grants credit.
+        Raises :class:`MuxError` if the stream is unknown, reset, or already ended locally.
+        """
+        st = self._streams.get(stream_id)
+        if st is None:
+            raise MuxError(f"stream {stream_id} is not open")
+        if st.fin_pending:
+            raise MuxError(f"stream {stream_id} was ended locally")
+        n = len(data)
+        if n == 0:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)  # never keep a view on a caller-owned mutable buffer
+        if not st.queued and n <= st.send_window and n <= MAX_FRAME_PAYLOAD:
+            # Fast path: fits in one frame right now.
+            st.send_window -= n
+            self._out.append(_pack(PROTOCOL_VERSION, _DATA, 0, stream_id, n))
+            self._out.append(data)
+            return
+        st.queue.append(memoryview(data))
+        st.queued += n
+        self._flush(st)
+
+    def buffered(self, stream_id: int) -> int:
+        """Bytes queued on the stream but not yet framed (waiting for window); 0 if unknown."""
+        st = self._streams.get(stream_id)
+        return st.queued if st is not None else 0
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close: send FIN once all queued data is framed. Idempotent; no-op if unknown.
+
+        Emits :class:`StreamClosed` right away if the peer had already ended its side and
+        nothing is queued.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.fin_pending:
+            return
+        st.fin_pending = True
+        if not st.queued:
+            st.fin_sent = True
+            self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _FIN, stream_id, 0))
+            self._maybe_finished(st)
+
+    def reset_stream(self, stream_id: int, reason: ResetReason = ResetReason.NORMAL) -> None:
+        """Send RST (with a reason byte unless NORMAL), drop queued data, free the stream and
+        emit :class:`StreamClosed`. No-op on unknown streams."""
+        st = self._streams.pop(stream_id, None)
+        if st is None:
+            return
+        self._queue_rst(stream_id, reason)
+        st.queue.clear()
+        st.queued = 0
+        self._events.append(StreamClosed(stream_id))
+
+    def consume(self, stream_id: int, n: int) -> None:
+        """Tell the session the application processed ``n`` received bytes.
+
+        Once consumed-but-uncredited bytes reach half the receive window a WINDOW_UPDATE is
+        sent; if the application had no unconsumed backlog at that moment the window doubles
+        (up to ``max_window``). No-op for unknown streams or ``n <= 0``.
+        """
+        st = self._streams.get(stream_id)
+        if st is None or n <= 0:
+            return
+        if n > st.unconsumed:
+            n = st.unconsumed  # be lenient about over-consuming
+        st.unconsumed -= n
+        st.pending_credit += n
+        if st.pending_credit < st.recv_window >> 1 or st.fin_received:
+            return
+        increment = st.pending_credit
+        if st.unconsumed == 0 and st.recv_window < self._max_window:
+            grown = min(st.recv_window * 2, self._max_window)
+            increment += grown - st.recv_window
+            st.recv_window = grown
+        st.pending_credit = 0
+        st.recv_avail += increment
+        self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, 0, stream_id, increment))
+
+    def send_ping(self) -> int:
+        """Queue a PING request and return its opaque value (matched by :class:`PongReceived`).
+
+        Raises :class:`MuxError` if the session is closed.
+        """
+        if self._closed:
+            raise MuxError("session is closed")
+        self._ping_seq = (self._ping_seq % _MAX_U32) + 1
+        self._out.append(_pack(PROTOCOL_VERSION, _PING, _SYN, 0, self._ping_seq))
+        return self._ping_seq
+
+    def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
+        """Queue GO_AWAY once. Afterwards :meth:`open_stream` raises and incoming SYNs are
+        refused with RST(GOING_AWAY); existing streams continue. No-op if closed."""
+        if self._going_away or self._closed:
+            return
+        self._going_away = True
+        self._out.append(_pack(PROTOCOL_VERSION, _GO_AWAY, 0, 0, code))
+
+    def close(self) -> None:
+        """Mark the session closed and emit :class:`StreamClosed` for every live stream.
+
+        Already-queued output stays available from :meth:`data_to_send`; nothing new is
+        produced afterwards. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_all_streams()
+
+    # ------------------------------------------------------------------ internals
+
+    def _drop_all_streams(self) -> None:
+        self._events.extend(StreamClosed(sid) for sid in self._streams)
+        self._streams.clear()
+
+    def _fail(self, message: str) -> None:
+        if self._closed:
+            return
+        self._out.append(_pack(PROTOCOL_VERSION, _GO_AWAY, 0, 0, int(GoAwayCode.PROTOCOL_ERROR)))
+        self._going_away = True
+        self._closed = True
+        self._drop_all_streams()
+        self._events.append(ConnectionTerminated(message))
+
+    def _queue_rst(self, stream_id: int, reason: ResetReason) -> None:
+        if reason == ResetReason.NORMAL:
+            self._out.append(_pack(PROTOCOL_VERSION, _DATA, _RST, stream_id, 0))
+        else:
+            self._out.append(_pack(PROTOCOL_VERSION, _DATA, _RST, stream_id, 1))
+            self._out.append(bytes((int(reason),)))
+
+    def _maybe_finished(self, st: _Stream) -> None:
+        if st.fin_sent and st.fin_received:
+            del self._streams[st.stream_id]
+            self._events.append(StreamClosed(st.stream_id))
+
+    def _flush(self, st: _Stream) -> None:
+        """Frame queued data within the send window; send FIN when drained and pending."""
+        out = self._out
+        queue = st.queue
+        sid = st.stream_id
+        while st.queued and st.send_window > 0:
+            n = min(st.queued, st.send_window, MAX_FRAME_PAYLOAD)
+            flags = 0
+            if n == st.queued and st.fin_pending:
+                flags = _FIN
+                st.fin_sent = True
+            out.append(_pack(PROTOCOL_VERSION, _DATA, flags, sid, n))
+            st.queued -= n
+            st.send_window -= n
+            remaining = n
+            while remaining:
+                chunk = queue[0]
+                size = len(chunk)
+                if size <= remaining:
+                    queue.popleft()
+                    out.append(chunk)
+                    remaining -= size
+                else:
+                    out.append(chunk[:remaining])
+                    queue[0] = chunk[remaining:]
+                    remaining = 0
+        if st.fin_sent:
+            self._maybe_finished(st)
+
+    def _parse(self, buf: bytes | bytearray | memoryview) -> int:
+        """Handle every complete frame in ``buf``; return the number of bytes used."""
+        pos = 0
+        end = len(buf)
+        with memoryview(buf) as view:
+            while end - pos >= HEADER_SIZE:
+                version, ftype, flags, sid, length = _unpack_from(view, pos)
+                if version != PROTOCOL_VERSION:
+                    raise MuxProtocolError(f"unsupported protocol version {version} (expected 0)")
+                if ftype == _DATA:
+                    if length > MAX_RECV_PAYLOAD:
+                        raise MuxProtocolError(
+                            f"DATA frame length {length} exceeds the maximum {MAX_RECV_PAYLOAD}"
+                        )
+                    frame_end = pos + HEADER_SIZE + length
+                    if frame_end > end:
+                        break
+                    payload = bytes(view[pos + HEADER_SIZE : frame_end])
+                    pos = frame_end
+                    self._on_stream_frame(ftype, flags, sid, length, payload)
+                elif ftype == _WINDOW_UPDATE:
+                    pos += HEADER_SIZE
+                    self._on_stream_frame(ftype, flags, sid, length, b"")
+                elif ftype == _PING:
+                    pos += HEADER_SIZE
+                    self._on_ping(flags, sid, length)
+                elif ftype == _GO_AWAY:
+                    pos += HEADER_SIZE
+                    if sid != 0:
+                        raise MuxProtocolError(f"GO_AWAY frame on stream {sid} (must be 0)")
+                    if not self._peer_going_away:
+                        self._peer_going_away = True
+                        self._events.append(GoAwayReceived(length))
+                else:
+                    raise MuxProtocolError(f"unknown frame type {ftype}")
+        return pos
+
+    def _on_ping(self, flags: int, sid: int, opaque: int) -> None:
+        if sid != 0:
+            raise MuxProtocolError(f"PING frame on stream {sid} (must be 0)")
+        if flags & _SYN:
+            self._out.append(_pack(PROTOCOL_VERSION, _PING, _ACK, 0, opaque))
+        elif flags & _ACK:
+            self._events.append(PongReceived(opaque))
+        else:
+            raise MuxProtocolError("PING frame without SYN or ACK flag")
+
+    def _seen(self, sid: int) -> bool:
+        """Whether ``sid`` was ever opened (by either side)."""
+        if sid & 1 == self._peer_parity:
+            return sid <= self._highest_peer_id
+        return sid < self._next_id
+
+    def _on_stream_frame(
+        self, ftype: int, flags: int, sid: int, length: int, payload: bytes
+    ) -> None:
+        if sid == 0:
+            raise MuxProtocolError(f"{FrameType(ftype).name} frame on stream 0")
+        st = self._streams.get(sid)
+        if flags & _SYN:
+            if sid & 1 != self._peer_parity:
+                raise MuxProtocolError(f"SYN for stream {sid} has the wrong parity for the peer")
+            if st is not None or sid <= self._highest_peer_id:
+                raise MuxProtocolError(f"SYN reuses stream id {sid}")
+            self._highest_peer_id = sid
+            if self._going_away:
+                self._queue_rst(sid, ResetReason.GOING_AWAY)
+                return
+            st = _Stream(sid, self._initial_window)
+            self._streams[sid] = st
+            self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, sid, 0))
+            self._events.append(StreamOpened(sid))
+        elif st is None:
+            if self._seen(sid):
+                return  # late frame for a stream we already closed/reset: ignore (race)
+            raise MuxProtocolError(f"{FrameType(ftype).name} frame for stream {sid} never opened")
+
+        if flags & _RST:
+            reason = ResetReason.NORMAL
+            if ftype == _DATA and length:
+                if length != 1:
+                    raise MuxProtocolError(f"RST frame carries {length} bytes (at most 1 allowed)")
+                reason = _RESET_REASONS.get(payload[0], ResetReason.NORMAL)
+            del self._streams[sid]
+            st.queue.clear()
+            st.queued = 0
+            self._events.append(StreamReset(sid, reason))
+            self._events.append(StreamClosed(sid))
+            return
+
+        if ftype == _DATA:
+            if length:
+                if st.fin_received:
+                    raise MuxProtocolError(f"DATA on stream {sid} after the peer's FIN")
+                if length > st.recv_avail:
+                    raise MuxProtocolError(
+                        f"peer exceeded receive window on stream {sid} "
+                        f"({length} bytes, {st.recv_avail} allowed)"
+                    )
+                st.recv_avail -= length
+                st.unconsumed += length
+                self._events.append(DataReceived(sid, payload))
+        elif length:
+            window = st.send_window + length
+            if window > _MAX_U32:
+                raise MuxProtocolError(f"window overflow on stream {sid}")
+            st.send_window = window
+            if st.queued:
+                self._flush(st)
+                if not st.queued and not st.fin_pending:
+                    self._events.append(SendWindowAvailable(sid))
+
+        if flags & _FIN and not st.fin_received:
+            st.fin_received = True
+            self._events.append(StreamEnded(sid))
+            if sid in self._streams:
+                self._maybe_finished(st)

@@ -1,0 +1,129 @@
+"""The admin port: health, readiness, Prometheus metrics and the status API.
+
+Every route honours `?forward=NODE_ID`: the request is proxied to that node's admin address
+(404 for an unknown id), so `pico status ... --forward ID` works through a load balancer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pico import log
+from pico.server.cluster import ClusterState
+from pico.server.metrics import NodeMetrics
+from pico.server.upstream import EndpointRegistry
+
+_log = log.get_logger("admin")
+
+# A forwarded admin request must not hang the CLI forever.
+_FORWARD_TIMEOUT = 15.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AdminServer:
+    """Routes of the admin port of one node."""
+
+    def __init__(
+        self,
+        cluster: ClusterState,
+        registry: EndpointRegistry,
+        metrics: NodeMetrics,
+        gossip_status: Callable[[str | None], object] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.registry = registry
+        self.metrics = metrics
+        self.gossip_status = gossip_status
+        self.ready = False
+        self._client: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(middlewares=[self._forward_middleware])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/ready", self.ready_handler)
+        r.add_get("/metrics", self.metrics_handler)
+        r.add_get("/status/cluster/nodes", self.cluster_nodes)
+        r.add_get("/status/cluster/nodes/{id}", self.cluster_node)
+        r.add_get("/status/proxy/endpoints", self.proxy_endpoints)
+        r.add_get("/status/gossip/nodes", self.gossip_nodes)
+        r.add_get("/status/gossip/nodes/{id}", self.gossip_node)
+        app.on_cleanup.append(self._close_client)
+        return app
+
+    async def _close_client(self, app: web.Application) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    @web.middleware
+    async def _forward_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        target = request.query.get("forward")
+        if not target or target in (self.cluster.local.id, "local"):
+            return await handler(request)
+        node = self.cluster.node(target)
+        if node is None:
+            return web.json_response({"error": f"unknown node {target!r}"}, status=404)
+        if self._client is None:
+            self._client = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=_FORWARD_TIMEOUT)
+            )
+        url = f"http://{node.admin_addr}{request.rel_url}"
+        try:
+            async with self._client.request(
+                request.method, url, allow_redirects=False, data=await request.read()
+            ) as resp:
+                body = await resp.read()
+                headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type",)}
+                return web.Response(status=resp.status, body=body, headers=headers)
+        except TimeoutError:
+            return web.json_response({"error": "upstream timeout"}, status=504)
+        except aiohttp.ClientError as exc:
+            _log.warn("admin forward failed", node_id=target, error=str(exc))
+            return web.json_response({"error": "upstream unreachable"}, status=502)
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200)
+
+    async def ready_handler(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200 if self.ready else 503)
+
+    async def metrics_handler(self, request: web.Request) -> web.StreamResponse:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def cluster_nodes(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response([n.metadata() for n in self.cluster.nodes()])
+
+    async def cluster_node(self, request: web.Request) -> web.StreamResponse:
+        node = self.cluster.node(request.match_info["id"])
+        if node is None:
+            return web.json_response({"error": "node not found"}, status=404)
+        return web.json_response(node.detail())
+
+    async def proxy_endpoints(self, request: web.Request) -> web.StreamResponse:
+        endpoints = {
+            endpoint_id: [u.addr for u in ups]
+            for endpoint_id, ups in sorted(self.registry.endpoints().items())
+        }
+        return web.json_response(endpoints)
+
+    async def gossip_nodes(self, request: web.Request) -> web.StreamResponse:
+        if self.gossip_status is None:
+            return web.json_response([])
+        return web.json_response(self.gossip_status(None))
+
+    async def gossip_node(self, request: web.Request) -> web.StreamResponse:
+        if self.gossip_status is None:
+            return web.json_response({"error": "node not found"}, status=404)
+        state = self.gossip_status(request.match_info["id"])
+        if state is None:
+            return web.json_response({"error": "node not found"}, status=404)
+        return web.json_response(state)

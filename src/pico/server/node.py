@@ -1,0 +1,225 @@
+"""One Pico node: composes the ports and spells out start-up and shutdown order.
+
+Start: admin (with /ready = 503) → upstream → proxy → ready.
+Stop: /ready = 503 → stop accepting proxy clients → GoAway on every tunnel so agents move
+elsewhere → let in-flight requests finish (bounded by `server.graceful_shutdown_timeout`) →
+close tunnels → close admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import secrets
+import socket
+from dataclasses import dataclass
+
+import psutil
+from aiohttp import web
+
+from pico import log
+from pico.config import ServerConfig, parse_host_port
+from pico.http.proxy import ConnectionTracker, ProxyConnection, ProxyLimits
+from pico.server.admin import AdminServer
+from pico.server.cluster import ClusterState, NodeInfo
+from pico.server.metrics import NodeMetrics
+from pico.server.proxy import NodeRouter
+from pico.server.upstream import EndpointRegistry, UpstreamServer
+from pico.webapp import BindError, serve_app
+
+_log = log.get_logger("server")
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz1234567890"
+
+
+class StartupError(Exception):
+    """The node could not start (a port in use, an address that cannot be bound)."""
+
+
+def generate_node_id(prefix: str = "") -> str:
+    """`prefix` + 7 random characters from [a-z0-9]."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(7))
+
+
+def advertise_host(bound_host: str) -> str:
+    """The address peers should use for a socket bound to `bound_host`.
+
+    A wildcard bind advertises a private (RFC 1918) address of the host, else its first
+    non-loopback address, else 127.0.0.1, so a bare `pico server` starts on any machine.
+    """
+    if bound_host not in ("", "0.0.0.0", "::"):
+        return bound_host
+    candidates: list[ipaddress.IPv4Address] = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET:
+                with contextlib.suppress(ValueError):
+                    candidates.append(ipaddress.IPv4Address(addr.address))
+    for ip in candidates:
+        if ip.is_private and not ip.is_loopback and not ip.is_link_local:
+            return str(ip)
+    for ip in candidates:
+        if not ip.is_loopback:
+            return str(ip)
+    return "127.0.0.1"
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BoundAddrs:
+    """Where the node listens, and what it advertises."""
+
+    proxy: tuple[str, int]
+    upstream: tuple[str, int]
+    admin: tuple[str, int]
+    proxy_advertise: str
+    upstream_advertise: str
+    admin_advertise: str
+
+
+class Node:
+    """A Pico server node."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        cluster_cfg = config.cluster
+        self.node_id = cluster_cfg.node_id or generate_node_id(cluster_cfg.node_id_prefix)
+        self.metrics = NodeMetrics()
+        self.registry = EndpointRegistry()
+        self.cluster = ClusterState(NodeInfo(id=self.node_id, proxy_addr="", admin_addr=""))
+        self.router = NodeRouter(self.registry, self.cluster)
+        self.upstream_server = UpstreamServer(self.registry)
+        self.admin = AdminServer(self.cluster, self.registry, self.metrics)
+        self.limits = ProxyLimits(
+            max_header_bytes=config.proxy.max_header_bytes,
+            read_header_timeout=config.proxy.read_header_timeout,
+            idle_timeout=config.proxy.idle_timeout,
+            response_timeout=config.proxy.timeout,
+        )
+        self.connections = ConnectionTracker()
+        self.addrs: BoundAddrs | None = None
+        self._proxy_server: asyncio.Server | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._upstream_runner: web.AppRunner | None = None
+        self._stopped = asyncio.Event()
+        self.registry.listeners.append(self._on_endpoint_change)
+        self.upstream_server.on_connect = lambda _: self.metrics.upstream_connects.inc()
+        self.upstream_server.on_disconnect = lambda _: self.metrics.upstream_disconnects.inc()
+
+    def _on_endpoint_change(self, endpoint_id: str, count: int) -> None:
+        self.cluster.set_local_endpoint(endpoint_id, count)
+        counts = self.registry.counts()
+        self.metrics.registered_endpoints.set(len(counts))
+        self.metrics.connected_upstreams.set(sum(counts.values()))
+
+    # -- start -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every port and become ready. Raises StartupError with one clear line."""
+        cfg = self.config
+        try:
+            admin_runner, admin_addr = await self._start_app(
+                self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr"
+            )
+            self._admin_runner = admin_runner
+            up_runner, up_addr = await self._start_app(
+                self.upstream_server.app(), cfg.upstream.bind_addr, "upstream.bind_addr"
+            )
+            self._upstream_runner = up_runner
+            proxy_addr = await self._start_proxy(cfg.proxy.bind_addr)
+        except StartupError:
+            await self._cleanup()
+            raise
+        self.addrs = BoundAddrs(
+            proxy=proxy_addr,
+            upstream=up_addr,
+            admin=admin_addr,
+            proxy_advertise=cfg.proxy.advertise_addr or self._advertise(proxy_addr),
+            upstream_advertise=cfg.upstream.advertise_addr or self._advertise(up_addr),
+            admin_advertise=cfg.admin.advertise_addr or self._advertise(admin_addr),
+        )
+        self.cluster.local.proxy_addr = self.addrs.proxy_advertise
+        self.cluster.local.admin_addr = self.addrs.admin_advertise
+        self.admin.ready = True
+        _log.info(
+            "node started",
+            node_id=self.node_id,
+            proxy_addr=self.addrs.proxy_advertise,
+            upstream_addr=self.addrs.upstream_advertise,
+            admin_addr=self.addrs.admin_advertise,
+        )
+
+    @staticmethod
+    def _advertise(bound: tuple[str, int]) -> str:
+        return _join_host_port(advertise_host(bound[0]), bound[1])
+
+    async def _start_app(
+        self, app: web.Application, bind: str, key: str
+    ) -> tuple[web.AppRunner, tuple[str, int]]:
+        try:
+            return await serve_app(app, bind, key)
+        except BindError as exc:
+            raise StartupError(str(exc)) from exc
+
+    async def _start_proxy(self, bind: str) -> tuple[str, int]:
+        host, port = parse_host_port(bind, key="proxy.bind_addr")
+        loop = asyncio.get_running_loop()
+        router, limits, conns = self.router, self.limits, self.connections
+        observe = self.metrics.observe
+        try:
+            server = await loop.create_server(
+                lambda: ProxyConnection(router, limits, observe, conns),
+                host or None,
+                port,
+                reuse_address=True,
+                backlog=2048,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"proxy.bind_addr: cannot listen on {bind!r}: {exc.strerror or exc}"
+            ) from exc
+        self._proxy_server = server
+        return host, int(server.sockets[0].getsockname()[1])
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Drain and stop, within `server.graceful_shutdown_timeout`."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        timeout = self.config.server.graceful_shutdown_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.admin.ready = False
+        _log.info("shutting down", node_id=self.node_id, grace_period=timeout)
+        if self._proxy_server is not None:
+            self._proxy_server.close()
+        for conn in self.connections.snapshot():
+            conn.close_when_idle()
+        # Agents move to other nodes as soon as they see GoAway; in-flight streams finish.
+        drain = asyncio.ensure_future(
+            self.upstream_server.close_all(max(0.0, deadline - loop.time()))
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.connections.wait_empty(), max(0.0, deadline - loop.time()))
+        for conn in self.connections.snapshot():
+            conn.abort()
+        with contextlib.suppress(Exception):
+            await drain
+        await self._cleanup()
+        _log.info("shutdown complete", node_id=self.node_id)
+
+    async def _cleanup(self) -> None:
+        if self._proxy_server is not None:
+            self._proxy_server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._proxy_server.wait_closed(), 1.0)
+        for runner in (self._upstream_runner, self._admin_runner):
+            if runner is not None:
+                with contextlib.suppress(Exception):
+                    await runner.cleanup()
