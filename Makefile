@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/pico dev demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy src
 
 unit: $(STAMP)

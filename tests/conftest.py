@@ -17,3 +17,11 @@ async def h() -> AsyncIterator[Harness]:
         yield harness
     finally:
         await harness.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Expose each phase's report on the item, so fixtures can dump logs after a failure."""
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report

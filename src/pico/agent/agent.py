@@ -93,7 +93,9 @@ class _ServiceSide(asyncio.Protocol):
             if exc is None:
                 self.stream.write_eof()
             else:
-                self.stream.reset(ResetReason.UNREACHABLE)
+                # Not a dial-failure reason: the service may have acted on the request, so
+                # the node must not replay it on another upstream.
+                self.stream.reset(ResetReason.CANCELLED)
         self.on_done()
 
     def pause_writing(self) -> None:
@@ -123,8 +125,8 @@ class _StreamSide:
     def connection_lost(self, reason: ResetReason | None) -> None:
         t = self.service.transport
         if t is not None:
-            if reason is None:
-                t.close()
+            if reason is None or reason == ResetReason.NORMAL:
+                t.close()  # the node is done with the connection: let queued bytes out
             else:
                 t.abort()
 

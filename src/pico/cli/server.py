@@ -31,7 +31,13 @@ def server(**params: Any) -> None:
             await node.start()
         except StartupError as exc:
             fail(str(exc))
-        await stop.wait()
+        stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
+        fatal: asyncio.Future[object] = node.fatal  # type: ignore[assignment]
+        await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if node.fatal.done():
+            await node.shutdown()
+            fail(node.fatal.result())
         log.get_logger("server").info("received shutdown signal")
         await node.shutdown()
         return 0

@@ -1,4 +1,9 @@
-"""`make demo`: a local Pico with a sample service and an agent, stopped together on Ctrl-C."""
+"""`make demo`: a local 3-node Pico cluster behind a load balancer, a sample service and an agent.
+
+No docker and no root: the nodes listen on 127.0.0.11-13 (ports 8000-8003 each), the load
+balancer (nginx when installed, else `pico dev lb`) on localhost:8000-8002, as in the getting
+started guide. Everything stops together on Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+
+from pico.devtools.nginx import nginx_binary
+from pico.devtools.nginx import render as render_nginx
 
 _SERVICE_PORT = 4000
 _READY_TIMEOUT = 20.0
@@ -33,8 +41,8 @@ def _wait_http(url: str, ok: Sequence[int] = (200,), timeout: float = _READY_TIM
     return False
 
 
-def _wait_endpoint(admin: str, endpoint: str) -> bool:
-    deadline = time.monotonic() + _READY_TIMEOUT
+def _wait_endpoint(admin: str, endpoint: str, timeout: float = _READY_TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{admin}/status/proxy/endpoints", timeout=1) as resp:
@@ -77,7 +85,28 @@ class Processes:
                 proc.wait()
 
 
-def run_demo() -> int:
+NODES = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+
+
+def _start_lb(procs: Processes, choice: str, logdir: Path) -> str:
+    nginx = nginx_binary()
+    if choice == "nginx" or (choice == "auto" and nginx is not None):
+        if nginx is None:
+            raise SystemExit("demo: nginx is not installed (use --lb builtin)")
+        prefix = logdir / "nginx"
+        prefix.mkdir()
+        conf = render_nginx(prefix, NODES)
+        procs.start("load-balancer", [nginx, "-c", str(conf), "-p", str(prefix)])
+        return "nginx"
+    routes = []
+    for port in (8000, 8001, 8002):
+        backends = ",".join(f"{ip}:{port}" for ip in NODES)
+        routes += ["--route", f"127.0.0.1:{port}={backends}"]
+    procs.start("load-balancer", _pico("dev", "lb", *routes))
+    return "pico dev lb"
+
+
+def run_demo(lb: str = "auto") -> int:
     """Start everything, print the commands to try, wait for Ctrl-C. Returns an exit code."""
     logdir = Path(tempfile.mkdtemp(prefix="pico-demo-"))
     site = logdir / "site"
@@ -85,45 +114,53 @@ def run_demo() -> int:
     (site / "index.html").write_text("<h1>Hello from the service behind Pico</h1>\n")
     procs = Processes(logdir)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # SIGTERM (docker stop, kill) cleans up like Ctrl-C instead of orphaning the children.
+    signal.signal(signal.SIGTERM, _interrupt)
+    join = ",".join(f"{ip}:8003" for ip in NODES)
     try:
         procs.start(
             "service",
             [sys.executable, "-m", "http.server", str(_SERVICE_PORT), "--bind", "127.0.0.1"],
             cwd=str(site),
         )
-        procs.start(
-            "pico-1",
-            _pico(
-                "server",
-                "--cluster.node-id-prefix",
-                "pico-1-",
-                "--proxy.bind-addr",
-                "127.0.0.1:8000",
-                "--upstream.bind-addr",
-                "127.0.0.1:8001",
-                "--admin.bind-addr",
-                "127.0.0.1:8002",
-                "--gossip.bind-addr",
-                "127.0.0.1:8003",
-            ),
-        )
+        for i, ip in enumerate(NODES, start=1):
+            procs.start(
+                f"pico-{i}",
+                _pico(
+                    "server",
+                    "--cluster.node-id-prefix",
+                    f"pico-{i}-",
+                    "--cluster.join",
+                    join,
+                    "--proxy.bind-addr",
+                    f"{ip}:8000",
+                    "--upstream.bind-addr",
+                    f"{ip}:8001",
+                    "--admin.bind-addr",
+                    f"{ip}:8002",
+                    "--gossip.bind-addr",
+                    f"{ip}:8003",
+                ),
+            )
+        for ip in NODES:
+            if not _wait_http(f"http://{ip}:8002/ready"):
+                return _failed(procs, logdir, f"the node on {ip} did not become ready")
+        balancer = _start_lb(procs, lb, logdir)
         if not _wait_http("http://127.0.0.1:8002/ready"):
-            return _failed(procs, logdir, "pico server did not become ready")
+            return _failed(procs, logdir, "the load balancer did not start")
         procs.start(
             "agent",
             _pico(
                 "agent",
                 "--endpoints",
                 f"my-endpoint/localhost:{_SERVICE_PORT}",
-                "--server.url",
-                "http://localhost:8001",
                 "--admin.bind-addr",
                 "127.0.0.1:9000",
             ),
         )
-        if not _wait_endpoint("http://127.0.0.1:8002", "my-endpoint"):
+        if not _wait_registered():
             return _failed(procs, logdir, "the agent did not register my-endpoint")
-        print(_BANNER.format(logdir=logdir), flush=True)
+        print(_BANNER.format(logdir=logdir, balancer=balancer), flush=True)
         while True:
             exited = procs.check()
             if exited:
@@ -136,6 +173,18 @@ def run_demo() -> int:
         procs.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_registered() -> bool:
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if any(_wait_endpoint(f"http://{ip}:8002", "my-endpoint", 0.2) for ip in NODES):
+            return True
+    return False
+
+
 def _failed(procs: Processes, logdir: Path, why: str) -> int:
     print(f"demo failed: {why}; logs in {logdir}", file=sys.stderr)
     for name, _ in procs.procs:
@@ -146,7 +195,7 @@ def _failed(procs: Processes, logdir: Path, why: str) -> int:
 
 
 _BANNER = """
-Pico demo is running:
+Pico demo is running: 3 nodes (127.0.0.11-13) behind a load balancer ({balancer}):
   proxy    http://localhost:8000   (client requests)
   upstream http://localhost:8001   (agent tunnels)
   admin    http://localhost:8002   (metrics, status, health)
@@ -156,7 +205,7 @@ Try:
   curl http://localhost:8000 -H "x-pico-endpoint: my-endpoint"
   curl --connect-to my-endpoint.example.com:8000:localhost:8000 http://my-endpoint.example.com:8000
   .venv/bin/pico status cluster nodes
-  .venv/bin/pico status proxy endpoints
+  .venv/bin/pico status proxy endpoints --forward <node id with endpoints: 1>
   curl http://localhost:8002/metrics
 
 Logs: {logdir}

@@ -179,6 +179,12 @@ class ProxyConnection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._parsing: Request | None = None
         self._header_bytes = 0
+        self._in_message = False  # between the first byte of a request and its end
+        self._in_head = False  # between the first byte of a request and its blank line
+        self._head_seq = 0  # counts request heads, to tell them apart across data_received
+        self._raw_head_bytes = 0  # bytes of chunks fed entirely inside the current head
+        self._pipelined = 0  # bytes of requests queued behind the one in flight
+        self._starting = False
         self._exchange: Exchange | None = None
         self._paused = 0
         self._write_paused = False
@@ -209,7 +215,9 @@ class ProxyConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
-        self._arm_timer(self.limits.idle_timeout)
+        # A new connection owes us a request head: connections that never send one must not
+        # hold a slot for the whole idle timeout.
+        self._arm_timer(self.limits.read_header_timeout or self.limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self._spliced is not None:
@@ -221,6 +229,7 @@ class ProxyConnection(asyncio.Protocol):
             return
         if self._closing:
             return
+        head_seq = self._head_seq if self._in_head else -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -231,13 +240,26 @@ class ProxyConnection(asyncio.Protocol):
                 self._reject(cause.status, cause.message)
             else:
                 self._reject(400, f"malformed request: {exc}")
+        else:
+            if self._in_head and head_seq == self._head_seq:
+                # httptools holds an unfinished header line in memory and reports it only
+                # once complete: count whole chunks that fell inside this head, so one
+                # endless line cannot grow without bound.
+                self._raw_head_bytes += len(data)
+                if self._raw_head_bytes > self.limits.max_header_bytes:
+                    self._reject(431, "request header fields too large")
 
     def eof_received(self) -> bool:
         if self._spliced is not None:
             self._spliced.write_eof()
             return True
-        # Keep the write side open so a client that half-closes still gets its response.
         self._client_eof = True
+        if self._in_message:
+            # The request being received can never be completed: drop the connection
+            # (connection_lost abandons the exchange and frees its stream).
+            self._closing = True
+            return False
+        # Keep the write side open so a client that half-closes still gets its response.
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -246,9 +268,10 @@ class ProxyConnection(asyncio.Protocol):
         if self._spliced is not None:
             self._spliced.reset(ResetReason.CANCELLED)
             self._spliced = None
-        exchange, self._exchange = self._exchange, None
+        exchange = self._exchange
         if exchange is not None:
-            exchange.client_gone()
+            exchange.abandon(499)
+        self._exchange = None
         self._queue.clear()
         self.transport = None
         if self.connections is not None:
@@ -273,6 +296,9 @@ class ProxyConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._parsing = Request(self.loop.time())
         self._header_bytes = 0
+        self._raw_head_bytes = 0
+        self._head_seq += 1
+        self._in_message = self._in_head = True
         if not self._queue:
             self._arm_timer(self.limits.read_header_timeout)
 
@@ -291,6 +317,7 @@ class ProxyConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         req = self._parsing
         assert req is not None
+        self._in_head = False
         parser = self._parser
         req.method = parser.get_method()
         req.version = parser.get_http_version()
@@ -301,8 +328,10 @@ class ProxyConnection(asyncio.Protocol):
         if not self._queue:
             self._cancel_timer()
         self._queue.append(req)
-        if len(self._queue) == 1:
+        if self._exchange is None and len(self._queue) == 1:
             self._start_next()
+        else:
+            self._hold(req, self._header_bytes)
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -313,13 +342,12 @@ class ProxyConnection(asyncio.Protocol):
             exchange.send_body(body)
         else:
             req.body.append(body)
-            req.body_pending += len(body)
-            if req.body_pending > self.limits.pipeline_limit:
-                self._pause(_PAUSE_PIPELINE)
+            self._hold(req, len(body))
 
     def on_message_complete(self) -> None:
         req = self._parsing
         assert req is not None
+        self._in_message = False
         req.body_done = True
         exchange = self._exchange
         if exchange is not None and exchange.request is req:
@@ -364,21 +392,40 @@ class ProxyConnection(asyncio.Protocol):
         req.host = host or b""
         req.endpoint = endpoint_id(endpoint_header, host)
 
+    def _hold(self, req: Request, n: int) -> None:
+        """Count `n` bytes of a request that waits behind the one in flight."""
+        req.body_pending += n
+        self._pipelined += n
+        if self._pipelined > self.limits.pipeline_limit:
+            self._pause(_PAUSE_PIPELINE)
+
     def _start_next(self) -> None:
-        req = self._queue[0]
-        if not req.endpoint:
-            self._respond_error(req, 400, "missing endpoint id")
+        """Start the queued requests in turn until one is in flight or the queue is empty."""
+        # A loop, not recursion: requests answered at once (errors) finish synchronously and
+        # would otherwise recurse once per pipelined request.
+        if self._starting:
             return
-        candidates = self.router.candidates(req.endpoint, req.forwarded)
-        if not candidates:
-            self._respond_error(req, 502, "no available upstreams")
-            return
-        exchange = Exchange(self, req, list(candidates))
-        self._exchange = exchange
-        exchange.start()
-        if req.body_pending:
-            req.body_pending = 0
-            self._resume(_PAUSE_PIPELINE)
+        self._starting = True
+        try:
+            while self._queue and self._exchange is None and not self._closing:
+                req = self._queue[0]
+                if req.body_pending:
+                    self._pipelined -= req.body_pending
+                    req.body_pending = 0
+                    if self._pipelined <= self.limits.pipeline_limit:
+                        self._resume(_PAUSE_PIPELINE)
+                if not req.endpoint:
+                    self._respond_error(req, 400, "missing endpoint id")
+                    continue
+                candidates = self.router.candidates(req.endpoint, req.forwarded)
+                if not candidates:
+                    self._respond_error(req, 502, "no available upstreams")
+                    continue
+                exchange = Exchange(self, req, list(candidates))
+                self._exchange = exchange
+                exchange.start()
+        finally:
+            self._starting = False
 
     def _on_upgrade_request(self, rest: bytes) -> None:
         # httptools stops parsing at an Upgrade head; what follows belongs to the new protocol
@@ -396,10 +443,17 @@ class ProxyConnection(asyncio.Protocol):
         self.finish_exchange(req, status, 0, "", remote=False, close=close)
 
     def _reject(self, status: int, message: str) -> None:
-        """Answer malformed input and close the connection; nothing else is affected."""
+        """Answer malformed input and close the connection; nothing else is affected.
+
+        A request whose head was fine but whose body is malformed is abandoned upstream; the
+        client gets the error unless a response to it has already begun.
+        """
         _log.warn("bad request", client=self.client_ip, status=status, error=message)
-        if self._exchange is None and self.transport is not None:
+        exchange = self._exchange
+        if exchange is None or not exchange.head_sent:
             self._write(error_response(status, message, close=True))
+        if exchange is not None:
+            exchange.abandon(status)
         self._close()
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -432,12 +486,17 @@ class ProxyConnection(asyncio.Protocol):
                     remote=remote,
                 )
             )
+        if self._spliced is not None:
+            return  # upgraded: the connection is a byte relay now
+        self._resume(_PAUSE_CHANNEL)  # a pause asked for by this exchange's channel ends here
         unread = req.expects_body and not req.body_done
         if close or self._drain or self._client_eof or unread or self._upgrade_buffer is not None:
             self._close()
             return
         if self._queue:
             self._start_next()
+        elif self._in_head:  # the next head is already arriving (pipelined)
+            self._arm_timer(self.limits.read_header_timeout)
         else:
             self._arm_timer(self.limits.idle_timeout)
 
@@ -451,6 +510,8 @@ class ProxyConnection(asyncio.Protocol):
         pending, self._upgrade_buffer = self._upgrade_buffer or [], None
         for chunk in pending:
             channel.write(chunk)
+        if self._client_eof:
+            channel.write_eof()
         self._resume(_PAUSE_UPGRADE)
         if self._write_paused:
             channel.pause_reading()
@@ -467,6 +528,10 @@ class ProxyConnection(asyncio.Protocol):
 
     def write(self, data: bytes | memoryview) -> None:
         self._write(data)
+
+    def writelines(self, parts: tuple[bytes, ...]) -> None:
+        if self.transport is not None:
+            self.transport.writelines(parts)
 
     @property
     def write_paused(self) -> bool:
@@ -510,7 +575,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
-        if self._parsing is not None and not self._queue and self._header_bytes:
+        if self._in_head and not self._queue:
             self._reject(408, "request head not received in time")
         else:
             self._close()
@@ -556,6 +621,7 @@ class Exchange:
         self.replay: list[bytes] | None = []
         self.replay_size = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.progress_mark = 0  # request bytes received when the response timer last fired
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
         self.reason = b""
@@ -593,6 +659,11 @@ class Exchange:
         self.headers = []
         self.reason = b""
         channel.set_receiver(self)
+        # A pooled channel keeps the read state its last exchange left: set it for this client.
+        if self.conn.write_paused:
+            channel.pause_reading()
+        else:
+            channel.resume_reading()
         if self.replay is not None and self.replay:
             for chunk in self.replay:
                 channel.write(chunk)
@@ -613,9 +684,8 @@ class Exchange:
                 self.send_body(chunk)
             if req.body_done:
                 self.end_body()
-        timeout = self.conn.limits.response_timeout
-        if timeout > 0 and self.timer is None:
-            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+        if self.timer is None:
+            self._arm_timer()
 
     def _send(self, data: bytes) -> None:
         if self.replay is not None:
@@ -631,7 +701,7 @@ class Exchange:
         if self.channel is None or self.done:
             return
         if self.request.chunked:
-            self._send(b"%x\r\n" % len(data) + data + b"\r\n")
+            self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy, one frame
         else:
             self._send(data)
 
@@ -641,6 +711,8 @@ class Exchange:
             return
         if self.request.chunked:
             self._send(b"0\r\n\r\n")
+        if self.request.expects_body and not self.head_sent:
+            self._arm_timer()  # the wait for the response head starts now
 
     # -- channel receiver ------------------------------------------------------------------------
 
@@ -697,16 +769,16 @@ class Exchange:
         if self.channel is not None:
             self.channel.resume_reading()
 
-    def client_gone(self) -> None:
-        """The client disconnected: abandon the exchange and free the channel."""
+    def abandon(self, status: int) -> None:
+        """The client connection is going away: free the channel and record `status`."""
         if self.done:
             return
         self.done = True
         self._cancel_timer()
-        if self.channel is not None:
-            self.channel.reset(ResetReason.CANCELLED)
-            self.channel = None
-        self._record(499)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.CANCELLED)
+        self._record(status, close=True)
 
     # -- response parsing (httptools callbacks) --------------------------------------------------
 
@@ -777,7 +849,8 @@ class Exchange:
             return
         self.bytes_out += len(body)
         if self.chunked_out:
-            self.conn.write(b"%x\r\n" % len(body) + body + b"\r\n")
+            # writelines: no concatenated copy of the body (uvloop sends it with writev).
+            self.conn.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
         else:
             self.conn.write(body)
 
@@ -788,12 +861,12 @@ class Exchange:
     # -- endings ---------------------------------------------------------------------------------
 
     def _finish_upgrade(self) -> None:
-        channel = self.channel
+        channel, self.channel = self.channel, None
         self.done = True
         self._cancel_timer()
-        self._record(101)
         assert channel is not None
         self.conn.start_splice(channel)
+        self._record(101)
 
     def _complete(self) -> None:
         if self.done:
@@ -870,9 +943,21 @@ class Exchange:
         self.conn.write(error_response(status, message, close=close))
         self._record(status, close=close)
 
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        timeout = self.conn.limits.response_timeout
+        if timeout > 0:
+            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+
     def _on_timeout(self) -> None:
         self.timer = None
         if self.done or self.head_sent:
+            return
+        req = self.request
+        if not req.body_done and req.bytes_in != self.progress_mark:
+            # Still uploading: the wait for the response head starts after the last byte.
+            self.progress_mark = req.bytes_in
+            self._arm_timer()
             return
         channel, self.channel = self.channel, None
         if channel is not None:

@@ -37,6 +37,11 @@ _log = log.get_logger("mux")
 # limit (MAX_MESSAGE_SIZE) protects its memory from a hostile sender.
 _MAX_SEND_MESSAGE = 4 * 1024 * 1024
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
+# The most one stream may have in flight towards us. When its consumer stalls (a client that
+# stops reading), up to this much lands in memory before the peer is stopped, so it is the
+# per-stream memory bound; it also caps one stream's throughput at max_window / RTT
+# (4 MiB at 50 ms is 80 MB/s).
+DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
 
 
 class WebSocketLike(Protocol):
@@ -100,6 +105,10 @@ class MuxStream:
         pending, self._buffered_events = self._buffered_events, None
         for kind, value in pending or ():
             self._dispatch(kind, value)
+        if self._write_paused and self.receiver is receiver:
+            # A stream handed on (the idle pool) may still be waiting for window: the new
+            # receiver must hold its writes until resume_writing().
+            receiver.pause_writing()
 
     def write(self, data: bytes | memoryview) -> None:
         """Queue bytes to the peer; calls receiver.pause_writing() when the window is full."""
@@ -191,7 +200,8 @@ class Tunnel:
 
     `on_stream` is called for each stream the peer opens (the agent side). `ping_interval`
     and `ping_timeout` detect a dead peer even when TCP says nothing (half-open connections
-    behind NATs and load balancers).
+    behind NATs and load balancers). `max_window` bounds each stream's receive window (see
+    DEFAULT_MAX_WINDOW).
     """
 
     def __init__(
@@ -203,9 +213,10 @@ class Tunnel:
         ping_interval: float = 15.0,
         ping_timeout: float = 15.0,
         name: str = "",
+        max_window: int = DEFAULT_MAX_WINDOW,
     ) -> None:
         self.ws = ws
-        self.session = Session(client=client)
+        self.session = Session(client=client, max_window=max_window)
         self.name = name
         self.on_stream = on_stream
         self.ping_interval = ping_interval

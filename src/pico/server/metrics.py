@@ -6,8 +6,10 @@ No endpoint label on node-wide metrics (endpoint names are user-chosen and unbou
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pico.http.proxy import RequestRecord
@@ -104,17 +106,35 @@ class NodeMetrics:
         self.registry.register(collector)
 
 
-class GaugeCollector:
-    """A collector that reads gauge values from a callback at scrape time."""
+class GaugeCollector(Collector):
+    """A gauge whose labelled values are read from a callback at scrape time."""
 
-    def __init__(self, name: str, doc: str, labels: list[str], read: object) -> None:
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: list[str],
+        read: Callable[[], Iterable[tuple[Sequence[str], float]]],
+    ) -> None:
         self.name = name
         self.doc = doc
         self.labels = labels
         self.read = read
 
-    def collect(self) -> list[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
-        for label_values, value in self.read():  # type: ignore[operator]
+        for label_values, value in self.read():
             family.add_metric(list(label_values), value)
-        return [family]
+        yield family
+
+
+class CounterCollector(Collector):
+    """A counter whose value is read from a callback at scrape time (kept by a sans-I/O core)."""
+
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self.name = name.removesuffix("_total")
+        self.doc = doc
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.read())

@@ -1,9 +1,11 @@
 """One Pico node: composes the ports and spells out start-up and shutdown order.
 
-Start: admin (with /ready = 503) → upstream → proxy → ready.
+Start: admin (with /ready = 503) → gossip → upstream → proxy → publish our addresses and join
+the cluster → ready. A join that keeps failing is retried in the background and, with
+`cluster.abort_if_join_fails`, stops the node with an error.
 Stop: /ready = 503 → stop accepting proxy clients → GoAway on every tunnel so agents move
-elsewhere → let in-flight requests finish (bounded by `server.graceful_shutdown_timeout`) →
-close tunnels → close admin.
+elsewhere → leave the cluster (peers see `left` at once) → let in-flight requests finish
+(bounded by `server.graceful_shutdown_timeout`) → close tunnels, gossip, admin.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import ipaddress
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -20,11 +23,15 @@ from aiohttp import web
 
 from pico import log
 from pico.config import ServerConfig, parse_host_port
+from pico.gossip import GossipConfig, Gossiper, GossipEvent
+from pico.gossip.transport import GossipTransport
 from pico.http.proxy import ConnectionTracker, ProxyConnection, ProxyLimits
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
-from pico.server.metrics import NodeMetrics
+from pico.server.forward import NodeUpstreams
+from pico.server.metrics import CounterCollector, GaugeCollector, NodeMetrics
 from pico.server.proxy import NodeRouter
+from pico.server.syncer import ClusterSyncer
 from pico.server.upstream import EndpointRegistry, UpstreamServer
 from pico.webapp import BindError, serve_app
 
@@ -76,9 +83,11 @@ class BoundAddrs:
     proxy: tuple[str, int]
     upstream: tuple[str, int]
     admin: tuple[str, int]
+    gossip: tuple[str, int]
     proxy_advertise: str
     upstream_advertise: str
     admin_advertise: str
+    gossip_advertise: str
 
 
 class Node:
@@ -91,9 +100,17 @@ class Node:
         self.metrics = NodeMetrics()
         self.registry = EndpointRegistry()
         self.cluster = ClusterState(NodeInfo(id=self.node_id, proxy_addr="", admin_addr=""))
-        self.router = NodeRouter(self.registry, self.cluster)
+        self.node_upstreams = NodeUpstreams(self._proxy_addr_of)
+        self.router = NodeRouter(self.registry, self.cluster, self.node_upstreams.get)
         self.upstream_server = UpstreamServer(self.registry)
-        self.admin = AdminServer(self.cluster, self.registry, self.metrics)
+        self.admin = AdminServer(self.cluster, self.registry, self.metrics, self._gossip_status)
+        self.gossip = GossipTransport("", 0, self._on_gossip_events)
+        self.syncer: ClusterSyncer | None = None
+        # Set when the node must stop on its own (the cluster join failed for good).
+        self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._join_task: asyncio.Task[None] | None = None
+        self._join_errors: list[str] = []
+        self._register_collectors()
         self.limits = ProxyLimits(
             max_header_bytes=config.proxy.max_header_bytes,
             read_header_timeout=config.proxy.read_header_timeout,
@@ -110,8 +127,94 @@ class Node:
         self.upstream_server.on_connect = lambda _: self.metrics.upstream_connects.inc()
         self.upstream_server.on_disconnect = lambda _: self.metrics.upstream_disconnects.inc()
 
+    def _register_collectors(self) -> None:
+        def nodes_by_status() -> list[tuple[tuple[str], float]]:
+            counts = {"active": 0, "unreachable": 0, "left": 0}
+            for node in self.cluster.nodes():
+                counts[node.status] += 1
+            return [((status,), float(n)) for status, n in counts.items()]
+
+        self.metrics.add_collector(
+            GaugeCollector(
+                "pico_cluster_nodes", "Known nodes by status.", ["status"], nodes_by_status
+            )
+        )
+        c = self.gossip.counters
+        for name, doc, attr in (
+            (
+                "pico_gossip_packet_bytes_inbound_total",
+                "Gossip UDP bytes received.",
+                "packet_bytes_in",
+            ),
+            (
+                "pico_gossip_packet_bytes_outbound_total",
+                "Gossip UDP bytes sent.",
+                "packet_bytes_out",
+            ),
+            ("pico_gossip_packets_inbound_total", "Gossip UDP packets received.", "packets_in"),
+            ("pico_gossip_packets_outbound_total", "Gossip UDP packets sent.", "packets_out"),
+            (
+                "pico_gossip_stream_bytes_inbound_total",
+                "Gossip TCP bytes received.",
+                "stream_bytes_in",
+            ),
+            (
+                "pico_gossip_stream_bytes_outbound_total",
+                "Gossip TCP bytes sent.",
+                "stream_bytes_out",
+            ),
+            (
+                "pico_gossip_connections_inbound_total",
+                "Gossip TCP connections accepted.",
+                "connections_in",
+            ),
+            (
+                "pico_gossip_connections_outbound_total",
+                "Gossip TCP connections made.",
+                "connections_out",
+            ),
+            (
+                "pico_gossip_decode_errors_total",
+                "Gossip packets dropped as malformed.",
+                "decode_errors",
+            ),
+        ):
+            self.metrics.add_collector(CounterCollector(name, doc, _reader(c, attr)))
+
+    def _proxy_addr_of(self, node_id: str) -> str | None:
+        node = self.cluster.remotes.get(node_id)
+        return node.proxy_addr if node is not None else None
+
+    def _on_gossip_events(self, events: list[GossipEvent]) -> None:
+        if self.syncer is not None:
+            self.syncer.apply(events)
+
+    def _gossip_status(self, node_id: str | None) -> object:
+        g = self.gossip.gossiper
+        now = asyncio.get_running_loop().time()
+        if node_id is None:
+            return [_gossip_meta(m, now) for m in sorted(g.nodes(), key=lambda m: m.id)]
+        state = g.node_state(self.node_id if node_id == "local" else node_id)
+        if state is None:
+            return None
+        return {
+            **_gossip_meta(state, now),
+            "entries": [
+                {
+                    "key": e.key,
+                    "value": e.value,
+                    "version": e.version,
+                    "internal": e.internal,
+                    "deleted": e.deleted,
+                }
+                for e in sorted(state.entries, key=lambda e: e.version)
+            ],
+        }
+
     def _on_endpoint_change(self, endpoint_id: str, count: int) -> None:
         self.cluster.set_local_endpoint(endpoint_id, count)
+        if self.syncer is not None:
+            self.syncer.local_endpoint_changed(endpoint_id, count)
         counts = self.registry.counts()
         self.metrics.registered_endpoints.set(len(counts))
         self.metrics.connected_upstreams.set(sum(counts.values()))
@@ -131,6 +234,7 @@ class Node:
             )
             self._upstream_runner = up_runner
             proxy_addr = await self._start_proxy(cfg.proxy.bind_addr)
+            gossip_addr = await self._bind_gossip(cfg.gossip.bind_addr)
         except StartupError:
             await self._cleanup()
             raise
@@ -141,9 +245,26 @@ class Node:
             proxy_advertise=cfg.proxy.advertise_addr or self._advertise(proxy_addr),
             upstream_advertise=cfg.upstream.advertise_addr or self._advertise(up_addr),
             admin_advertise=cfg.admin.advertise_addr or self._advertise(admin_addr),
+            gossip=gossip_addr,
+            gossip_advertise=cfg.gossip.advertise_addr or self._advertise(gossip_addr),
         )
         self.cluster.local.proxy_addr = self.addrs.proxy_advertise
         self.cluster.local.admin_addr = self.addrs.admin_advertise
+        gossiper = Gossiper(
+            self.node_id,
+            self.addrs.gossip_advertise,
+            GossipConfig(
+                interval=cfg.gossip.interval,
+                max_packet_size=cfg.gossip.max_packet_size,
+                expiry=cfg.gossip.expiry,
+            ),
+        )
+        self.gossip.attach(gossiper)
+        self.syncer = ClusterSyncer(self.cluster, gossiper, self.node_upstreams.forget)
+        self.syncer.publish_local()
+        self.gossip.start()
+        if cfg.cluster.join and not await self._join_once():
+            self._join_task = asyncio.get_running_loop().create_task(self._join_retry())
         self.admin.ready = True
         _log.info(
             "node started",
@@ -152,6 +273,40 @@ class Node:
             upstream_addr=self.addrs.upstream_advertise,
             admin_addr=self.addrs.admin_advertise,
         )
+
+    async def _bind_gossip(self, bind: str) -> tuple[str, int]:
+        host, port = parse_host_port(bind, key="gossip.bind_addr")
+        self.gossip.host, self.gossip.port = host, port
+        try:
+            return host, await self.gossip.bind()
+        except OSError as exc:
+            raise StartupError(
+                f"gossip.bind_addr: cannot listen on {bind!r}: {exc.strerror or exc}"
+            ) from exc
+
+    async def _join_once(self) -> bool:
+        """One join attempt; true if some member (ourselves included) answered."""
+        joined, errors = await self.gossip.join(list(self.config.cluster.join))
+        if joined or not errors:
+            _log.info("joined cluster", members=sorted(set(joined)))
+            return True
+        _log.warn("cluster join failed", errors=errors)
+        self._join_errors = errors
+        return False
+
+    async def _join_retry(self) -> None:
+        """Retry the join with backoff (1 s doubling to 30 s, about a minute in all)."""
+        delay = 1.0
+        for _ in range(6):
+            await asyncio.sleep(delay)
+            if await self._join_once():
+                return
+            delay = min(delay * 2, 30.0)
+        if self.config.cluster.abort_if_join_fails:
+            message = "cluster.join: could not join any member: " + "; ".join(self._join_errors)
+            _log.error("aborting: cluster join failed", errors=self._join_errors)
+            if not self.fatal.done():
+                self.fatal.set_result(message)
 
     @staticmethod
     def _advertise(bound: tuple[str, int]) -> str:
@@ -201,10 +356,16 @@ class Node:
             self._proxy_server.close()
         for conn in self.connections.snapshot():
             conn.close_when_idle()
+        if self._join_task is not None:
+            self._join_task.cancel()
         # Agents move to other nodes as soon as they see GoAway; in-flight streams finish.
         drain = asyncio.ensure_future(
             self.upstream_server.close_all(max(0.0, deadline - loop.time()))
         )
+        if self.syncer is not None:
+            # Peers stop routing here at once; requests already here still finish.
+            acked = await self.gossip.leave(min(5.0, max(0.1, deadline - loop.time())))
+            _log.info("left cluster", notified=acked)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connections.wait_empty(), max(0.0, deadline - loop.time()))
         for conn in self.connections.snapshot():
@@ -215,6 +376,8 @@ class Node:
         _log.info("shutdown complete", node_id=self.node_id)
 
     async def _cleanup(self) -> None:
+        await self.gossip.close()
+        self.node_upstreams.close()
         if self._proxy_server is not None:
             self._proxy_server.close()
             with contextlib.suppress(Exception):
@@ -223,3 +386,20 @@ class Node:
             if runner is not None:
                 with contextlib.suppress(Exception):
                     await runner.cleanup()
+
+
+def _gossip_meta(meta: object, now: float) -> dict[str, object]:
+    """The `/status/gossip/nodes` shape; `expiry` in seconds from now (null when not set)."""
+    expiry = getattr(meta, "expiry", None)
+    return {
+        "id": getattr(meta, "id", ""),
+        "addr": getattr(meta, "addr", ""),
+        "version": getattr(meta, "version", 0),
+        "left": getattr(meta, "left", False),
+        "unreachable": getattr(meta, "unreachable", False),
+        "expiry": None if expiry is None else round(max(0.0, expiry - now), 3),
+    }
+
+
+def _reader(obj: object, attr: str) -> Callable[[], float]:
+    return lambda: float(getattr(obj, attr))

@@ -1,0 +1,497 @@
+"""`make bench`: wrk against nginx direct, one nginx hop, Pico on one node and through two nodes.
+
+Environment: BENCH_DURATION (seconds per case, default 5), BENCH_WARMUP (default 1),
+BENCH_CONNECTIONS (default 50), BENCH_REPEAT (runs per case; the median by req/s is kept;
+default 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from bench import nginx, wrk
+from bench.procs import BenchError, Proc, ProcessGroup, free_port, http_get, wait_until
+from bench.rss import Sampler
+
+SIZES: dict[str, int] = {"1 KB": 1024, "1 MB": 1024 * 1024}
+PATHS: dict[str, str] = {"1 KB": "/1k.bin", "1 MB": "/1m.bin"}
+ORIGIN_HOST = "127.0.0.2"
+HOP_HOST = "127.0.0.3"
+PICO_HOST = "127.0.0.1"
+ENDPOINT = "bench"
+HOP = "nginx hop"
+ONE_NODE = "pico one node"
+TWO_NODES = "pico two nodes (forwarded)"
+# Bars from the task (and DESIGN.md section 7 targets), as ratios to the nginx hop.
+BARS = {"req/s @ 1 KB": (0.3, 0.5), "MB/s @ 1 MB": (0.7, 1.0)}
+
+
+@dataclass
+class Config:
+    nginx: str
+    wrk: str
+    pico: str
+    duration: float
+    warmup: float
+    connections: int
+    repeat: int
+
+
+@dataclass
+class Setup:
+    """A running setup: where wrk points, which processes to sample and keep alive."""
+
+    name: str
+    host: str
+    port: int
+    headers: dict[str, str]
+    roles: dict[str, Proc]  # role -> process (tree) sampled for RSS and CPU
+    shown: list[str]  # roles whose RSS/CPU are reported (the origin is not, except for direct)
+
+
+@dataclass
+class Case:
+    setup: str
+    size: str
+    result: wrk.WrkResult | None = None
+    rss: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+    shown: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    note: str = ""  # "skipped ..." or "failed ..." when there is no result
+
+
+def env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        sys.exit(f"bench: {name}={raw!r} is not a number")
+
+
+def find_tools() -> Config:
+    missing = []
+    ng = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    wk = shutil.which("wrk")
+    if ng is None:
+        missing.append("nginx (apt-get install nginx-light, or nginx)")
+    if wk is None:
+        missing.append("wrk (apt-get install wrk)")
+    pico = Path(sys.executable).parent / "pico"
+    pico_bin = str(pico) if pico.exists() else shutil.which("pico")
+    if pico_bin is None:
+        missing.append("pico (pip install -e . in the venv)")
+    if missing or ng is None or wk is None or pico_bin is None:
+        print("bench: required tools are missing: " + "; ".join(missing), file=sys.stderr)
+        sys.exit(1)
+    return Config(
+        nginx=ng,
+        wrk=wk,
+        pico=pico_bin,
+        duration=env_float("BENCH_DURATION", 5.0),
+        warmup=env_float("BENCH_WARMUP", 1.0),
+        connections=int(env_float("BENCH_CONNECTIONS", 50)),
+        repeat=max(1, int(env_float("BENCH_REPEAT", 1))),
+    )
+
+
+def probe_body(host: str, port: int, headers: dict[str, str]) -> bool:
+    """True when every size is served with status 200 and the exact length."""
+    for size, path in PATHS.items():
+        status, body = http_get(host, port, path, headers)
+        if status != 200 or len(body) != SIZES[size]:
+            return False
+    return True
+
+
+class ClusterUnavailable(BenchError):
+    """The two-node setup started but node B never forwarded: clustering is not there yet."""
+
+
+class Bench:
+    def __init__(self, cfg: Config, tmp: Path) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.procs = ProcessGroup(tmp / "logs")
+        self.cases: list[Case] = []
+        self.www = tmp / "www"
+        self.origin: Setup | None = None
+        self.notes: list[str] = []
+
+    # ---- setups -------------------------------------------------------------------------------
+
+    def start_origin(self) -> Setup:
+        self.www.mkdir(mode=0o755)
+        for size, path in PATHS.items():
+            f = self.www / path.lstrip("/")
+            f.write_bytes(os.urandom(SIZES[size]))
+            f.chmod(0o644)
+        port = free_port(ORIGIN_HOST)
+        prefix = self.tmp / "nginx-origin"
+        conf = nginx.origin_conf(prefix, self.www, ORIGIN_HOST, port)
+        proc = nginx.start(self.procs, self.cfg.nginx, "nginx-origin", prefix, conf)
+        wait_until(
+            "nginx origin",
+            lambda: probe_body(ORIGIN_HOST, port, {}),
+            10,
+            lambda: self.procs.check_alive(proc),
+        )
+        return Setup("nginx direct", ORIGIN_HOST, port, {}, {"nginx": proc}, ["nginx"])
+
+    def start_hop(self, origin: Setup) -> Setup:
+        port = free_port(HOP_HOST)
+        prefix = self.tmp / "nginx-hop"
+        conf = nginx.hop_conf(prefix, HOP_HOST, port, origin.host, origin.port)
+        proc = nginx.start(self.procs, self.cfg.nginx, "nginx-hop", prefix, conf)
+        wait_until(
+            "nginx hop",
+            lambda: probe_body(HOP_HOST, port, {}),
+            10,
+            lambda: self.procs.check_alive(proc),
+        )
+        roles = {"nginx hop": proc, "origin": origin.roles["nginx"]}
+        return Setup(HOP, HOP_HOST, port, {}, roles, ["nginx hop"])
+
+    def start_server(self, name: str, join: str | None = None) -> tuple[Proc, dict[str, int]]:
+        ports = {k: free_port(PICO_HOST) for k in ("proxy", "upstream", "admin", "gossip")}
+        argv = [self.cfg.pico, "server"]
+        for k, port in ports.items():
+            argv += [f"--{k}.bind-addr", f"{PICO_HOST}:{port}"]
+        argv += ["--log.level", "warn", "--server.graceful-shutdown-timeout", "2s"]
+        argv += ["--cluster.node-id", name]
+        if join:
+            argv += ["--cluster.join", join]
+        proc = self.procs.start(name, argv)
+        admin = ports["admin"]
+        wait_until(
+            f"{name} admin /health",
+            lambda: http_get(PICO_HOST, admin, "/health")[0] == 200,
+            15,
+            lambda: self.procs.check_alive(proc),
+        )
+        return proc, ports
+
+    def start_agent(self, server_ports: dict[str, int], origin: Setup) -> Proc:
+        argv = [
+            self.cfg.pico,
+            "agent",
+            "--endpoints",
+            f"{ENDPOINT}/{origin.host}:{origin.port}",
+            "--server.url",
+            f"http://{PICO_HOST}:{server_ports['upstream']}",
+            "--admin.bind-addr",
+            f"{PICO_HOST}:0",
+            "--log.level",
+            "warn",
+        ]
+        return self.procs.start("pico-agent", argv)
+
+    def start_pico_one(self, origin: Setup) -> Setup:
+        server, ports = self.start_server("pico-server")
+        agent = self.start_agent(ports, origin)
+
+        def registered() -> bool:
+            status, body = http_get(PICO_HOST, ports["admin"], "/status/proxy/endpoints")
+            return status == 200 and ENDPOINT in json.loads(body)
+
+        def alive() -> None:
+            self.procs.check_alive(server, agent)
+
+        wait_until("the agent to register endpoint 'bench'", registered, 15, alive)
+        headers = {"x-pico-endpoint": ENDPOINT}
+        wait_until(
+            "a 200 through the tunnel",
+            lambda: probe_body(PICO_HOST, ports["proxy"], headers),
+            10,
+            alive,
+        )
+        roles = {"server": server, "agent": agent, "origin": origin.roles["nginx"]}
+        return Setup(ONE_NODE, PICO_HOST, ports["proxy"], headers, roles, ["server", "agent"])
+
+    def start_pico_two(self, origin: Setup) -> Setup:
+        server_a, ports_a = self.start_server("pico-node-a")
+        agent = self.start_agent(ports_a, origin)
+        server_b, ports_b = self.start_server(
+            "pico-node-b", join=f"{PICO_HOST}:{ports_a['gossip']}"
+        )
+
+        def alive() -> None:
+            self.procs.check_alive(server_a, server_b, agent)
+
+        headers = {"x-pico-endpoint": ENDPOINT}
+        try:
+            wait_until(
+                "a 200 forwarded by node B to node A",
+                lambda: probe_body(PICO_HOST, ports_b["proxy"], headers),
+                15,
+                alive,
+            )
+        except BenchError as exc:
+            alive()  # a crash is a failure, not a missing feature
+            _, body = http_get(PICO_HOST, ports_b["admin"], "/status/cluster/nodes")
+            status, reply = http_get(PICO_HOST, ports_b["proxy"], PATHS["1 KB"], headers)
+            raise ClusterUnavailable(
+                f"node B lists {len(json.loads(body))} cluster node(s) 15 s after "
+                f"--cluster.join and answers {status} {reply[:60].decode(errors='replace')!r}"
+            ) from exc
+        roles = {
+            "node B": server_b,
+            "node A": server_a,
+            "agent": agent,
+            "origin": origin.roles["nginx"],
+        }
+        return Setup(
+            TWO_NODES, PICO_HOST, ports_b["proxy"], headers, roles, ["node B", "node A", "agent"]
+        )
+
+    def stop(self, setup: Setup, keep: Proc | None = None) -> None:
+        for proc in setup.roles.values():
+            if proc is not keep:
+                self.procs.stop(proc)
+
+    # ---- measuring ----------------------------------------------------------------------------
+
+    def run_wrk(self, setup: Setup, size: str, duration: float) -> wrk.WrkResult:
+        url = f"http://{setup.host}:{setup.port}{PATHS[size]}"
+        argv = wrk.wrk_argv(self.cfg.wrk, url, duration, setup.headers, self.cfg.connections)
+        proc = self.procs.start("wrk", argv)
+        try:
+            proc.popen.wait(duration + 30)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"wrk did not finish: {' '.join(argv)}") from None
+        finally:
+            self.procs.stop(proc)
+        out = proc.log_path.read_text(errors="replace")
+        proc.log_path.unlink()
+        if proc.popen.returncode != 0:
+            raise BenchError(f"wrk exited with {proc.popen.returncode}: {out.strip()}")
+        return wrk.parse(out)
+
+    def measure(self, setup: Setup) -> None:
+        for size in SIZES:
+            case = Case(setup.name, size, shown=setup.shown)
+            self.cases.append(case)
+            runs: list[Case] = []
+            try:
+                if self.cfg.warmup > 0:
+                    self.run_wrk(setup, size, self.cfg.warmup)
+                for _ in range(self.cfg.repeat):
+                    run = Case(setup.name, size, shown=setup.shown)
+                    roles = {role: proc.pid for role, proc in setup.roles.items()}
+                    with Sampler(roles) as sampler:
+                        run.result = self.run_wrk(setup, size, self.cfg.duration)
+                    run.rss, run.cpu = sampler.peak_rss(), sampler.cpu_seconds()
+                    run.problems = run.result.problems()
+                    runs.append(run)
+                self.procs.check_alive(*setup.roles.values())
+            except BenchError as failure:
+                exc = failure
+                try:  # a dead process explains a wrk failure better than wrk does
+                    self.procs.check_alive(*setup.roles.values())
+                except BenchError as dead:
+                    exc = dead
+                case.note = f"failed: {first_line(exc)}"
+                print(f"bench: {setup.name} {size}: {exc}", file=sys.stderr)
+            if runs:
+                runs.sort(key=lambda r: r.result.rps if r.result else 0.0)
+                best = runs[len(runs) // 2]
+                case.result, case.rss, case.cpu = best.result, best.rss, best.cpu
+                case.problems = sorted({p for r in runs for p in r.problems})
+            print(f"  {setup.name:28} {size}: {summary(case)}", file=sys.stderr, flush=True)
+
+    def attempt(self, name: str, start: Callable[[], Setup]) -> Setup | None:
+        """Start a setup; on failure record both sizes as failed and go on."""
+        print(f"bench: starting {name}", file=sys.stderr, flush=True)
+        try:
+            setup: Setup = start()
+            return setup
+        except ClusterUnavailable as exc:
+            print(f"bench: {name} skipped: {exc}", file=sys.stderr)
+            self.notes.append(f"{name}: skipped (cluster not available): {exc}")
+            for size in SIZES:
+                self.cases.append(Case(name, size, note="skipped (cluster not available)"))
+            self.procs.stop_all(keep=[self.origin.roles["nginx"]] if self.origin else [])
+            return None
+        except BenchError as exc:
+            print(f"bench: {name} failed to start: {exc}", file=sys.stderr)
+            self.procs.stop_all(keep=[self.origin.roles["nginx"]] if self.origin else [])
+            for size in SIZES:
+                self.cases.append(Case(name, size, note=f"failed to start: {first_line(exc)}"))
+            return None
+
+    def run(self) -> None:
+        origin = self.origin = self.start_origin()
+        print("bench: nginx origin ready", file=sys.stderr, flush=True)
+        self.measure(origin)
+
+        hop = self.attempt(HOP, lambda: self.start_hop(origin))
+        if hop:
+            self.measure(hop)
+            self.stop(hop, keep=origin.roles["nginx"])
+
+        one = self.attempt(ONE_NODE, lambda: self.start_pico_one(origin))
+        if one:
+            self.measure(one)
+            self.stop(one, keep=origin.roles["nginx"])
+
+        if cluster_available(self.cfg.pico):
+            two = self.attempt(TWO_NODES, lambda: self.start_pico_two(origin))
+            if two:
+                self.measure(two)
+                self.stop(two, keep=origin.roles["nginx"])
+        else:
+            for size in SIZES:
+                self.cases.append(Case(TWO_NODES, size, note="skipped (cluster not available)"))
+        self.stop(origin)
+
+
+def cluster_available(pico: str) -> bool:
+    try:
+        out = subprocess.run(
+            [pico, "server", "-h"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--cluster.join" in out
+
+
+def first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def summary(case: Case) -> str:
+    r = case.result
+    if r is None:
+        return case.note
+    flag = f"  [{', '.join(case.problems)}]" if case.problems else ""
+    return f"{r.rps:,.0f} req/s, {r.mib_per_sec:,.1f} MB/s, p99 {fmt_time(r.p99)}{flag}"
+
+
+def ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "n/a"
+
+
+def cpu_per_req(case: Case) -> str:
+    if case.result is None or not case.result.requests:
+        return ""
+    used = sum(case.cpu.get(role, 0.0) for role in case.shown)
+    return f"{used / case.result.requests * 1e6:,.1f}"
+
+
+def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
+    hop = {c.size: c.result for c in cases if c.setup == HOP and c.result}
+    lines = [
+        "# Pico bench",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {platform.node()} · {os.cpu_count()} CPUs · "
+        f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s --latency (warm-up {cfg.warmup:g}s"
+        f"{f', median of {cfg.repeat}' if cfg.repeat > 1 else ''}) · ratios (x) are to the nginx "
+        "hop in this run · MB = MiB as wrk reports it · CPU µs/req and peak RSS cover the "
+        "processes named in the RSS column (not the origin nginx, except for nginx direct)",
+        "",
+        "| setup | size | req/s | x hop | p50 | p99 | MB/s | x hop | CPU µs/req "
+        "| peak RSS (MB) | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for c in cases:
+        r = c.result
+        if r is None:
+            lines.append(f"| {c.setup} | {c.size} | {c.note} | | | | | | | | |")
+            continue
+        base = hop.get(c.size)
+        rss = ", ".join(f"{role} {c.rss.get(role, 0) / 2**20:.1f}" for role in c.shown)
+        errors = "**" + "; ".join(c.problems) + "**" if c.problems else "none"
+        lines.append(
+            f"| {c.setup} | {c.size} | {r.rps:,.0f} | {ratio(r.rps, base.rps if base else None)} "
+            f"| {fmt_time(r.p50)} | {fmt_time(r.p99)} | {r.mib_per_sec:,.1f} "
+            f"| {ratio(r.mib_per_sec, base.mib_per_sec if base else None)} | {cpu_per_req(c)} "
+            f"| {rss} | {errors} |"
+        )
+    lines += ["", "| bar (vs nginx hop) | setup | ratio | task bar | result | DESIGN §7 | result |"]
+    lines.append("|---|---|--:|--:|---|--:|---|")
+    for setup in (ONE_NODE, TWO_NODES):
+        for bar, (task, design) in BARS.items():
+            size = "1 KB" if "1 KB" in bar else "1 MB"
+            m = next((x for x in cases if x.setup == setup and x.size == size), None)
+            base = hop.get(size)
+            if m is None or m.result is None or base is None:
+                lines.append(f"| {bar} | {setup} | n/a | {task} | n/a | {design} | n/a |")
+                continue
+            value = (
+                m.result.rps / base.rps
+                if "req/s" in bar
+                else (m.result.mib_per_sec / base.mib_per_sec)
+            )
+            ok = "PASS" if value >= task and not m.problems else "FAIL"
+            ok_d = "PASS" if value >= design and not m.problems else "FAIL"
+            lines.append(
+                f"| {bar} | {setup} | {value:.2f}x | {task}x | {ok} | {design}x | {ok_d} |"
+            )
+    if notes:
+        lines += ["", *(f"* {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> int:
+    cfg = find_tools()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_exit)
+    tmp = Path(tempfile.mkdtemp(prefix="pico-bench-"))
+    tmp.chmod(0o755)  # nginx workers (which may not be our user) read files below it
+    (tmp / "logs").mkdir()
+    bench = Bench(cfg, tmp)
+    ok = False
+    try:
+        bench.run()
+        ok = True
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.procs.stop_all()
+        ok = ok and not any(c.note.startswith("failed") for c in bench.cases)
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"bench: logs kept in {tmp / 'logs'}", file=sys.stderr)
+    table = render(bench.cases, cfg, bench.notes)
+    print(table)
+    out = Path(__file__).resolve().parent / "results" / "latest.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(table)
+    print(f"bench: written to {out}", file=sys.stderr)
+    failed = [c for c in bench.cases if c.note.startswith("failed")]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Forwarding to other nodes: a keep-alive pool of TCP connections to each node's proxy port.
+
+`NodeUpstream` is an `Upstream` whose channels are TCP connections (`TcpChannel`) that connect
+lazily: bytes written before the connection is up wait in memory (bounded by the engine's
+replay limit and flow control), and a failed connect is reported as an UNREACHABLE reset, so
+the engine tries the next node: a request that never reached a node is always safe to retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import cast
+
+from pico.http.channel import Channel, ChannelReceiver, ResetReason, UpstreamUnavailable
+
+# Bounds the TCP connect to another node (a dead node must not stall the request for long).
+_CONNECT_TIMEOUT = 3.0
+# Idle connections kept per node, and how long one may sit idle (the peer's idle timeout is
+# much longer, so a pooled connection is almost never closed under us).
+_POOL_SIZE = 64
+_POOL_IDLE = 30.0
+
+
+class TcpChannel(asyncio.Protocol):
+    """A channel over a TCP connection to another node's proxy port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.receiver: ChannelReceiver | None = None
+        self.transport: asyncio.Transport | None = None
+        self._pending: list[bytes] = []
+        self._eof_pending = False
+        self._closed = False
+        self._paused = False
+        self._connect: asyncio.Task[None] | None = None
+
+    def connect(self) -> None:
+        """Start connecting in the background."""
+        self._connect = asyncio.get_running_loop().create_task(self._dial())
+
+    async def _dial(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, self.host, self.port), _CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError):
+            self._fail(ResetReason.UNREACHABLE)
+
+    def _fail(self, reason: ResetReason) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.connection_lost(reason)
+
+    # -- Channel ---------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def set_receiver(self, receiver: ChannelReceiver) -> None:
+        self.receiver = receiver
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            return
+        if self.transport is None:
+            self._pending.append(bytes(data))
+        else:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is None:
+            self._eof_pending = True
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def reset(self, reason: ResetReason = ResetReason.CANCELLED) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.receiver = None
+        if self._connect is not None and not self._connect.done():
+            self._connect.cancel()
+        if self.transport is not None:
+            if reason == ResetReason.NORMAL:
+                self.transport.close()
+            else:
+                self.transport.abort()
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = t = cast(asyncio.Transport, transport)
+        if self._closed:
+            t.abort()
+            return
+        pending, self._pending = self._pending, []
+        if pending:
+            t.write(b"".join(pending))
+        if self._eof_pending and t.can_write_eof():
+            t.write_eof()
+        if self._paused:
+            t.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.receiver is not None:
+            self.receiver.data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.receiver is not None:
+            self.receiver.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._closed:
+            return
+        self._closed = True
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.connection_lost(None if exc is None else ResetReason.UNREACHABLE)
+
+    def pause_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.resume_writing()
+
+
+class _Idle:
+    """Receiver of a pooled connection: any sign of life from the peer retires it."""
+
+    __slots__ = ("channel", "pool")
+
+    def __init__(self, pool: NodeUpstream, channel: TcpChannel) -> None:
+        self.pool = pool
+        self.channel = channel
+
+    def data_received(self, data: bytes) -> None:
+        self.pool.discard(self.channel)
+        self.channel.reset(ResetReason.NORMAL)
+
+    def eof_received(self) -> None:
+        self.pool.discard(self.channel)
+        self.channel.reset(ResetReason.NORMAL)
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        self.pool.discard(self.channel)
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+class NodeUpstream:
+    """Another node, as an upstream for requests this node forwards to it."""
+
+    remote = True
+
+    def __init__(self, node_id: str, proxy_addr: str) -> None:
+        self.node_id = node_id
+        self.proxy_addr = proxy_addr
+        host, _, port = proxy_addr.rpartition(":")
+        self.host = host.strip("[]")
+        self.port = int(port)
+        self._idle: list[tuple[float, TcpChannel]] = []
+
+    @property
+    def label(self) -> str:
+        return self.node_id
+
+    def open_channel(self, fresh: bool = False) -> tuple[Channel, bool]:
+        now = time.monotonic()
+        while self._idle and not fresh:
+            since, channel = self._idle.pop()
+            if channel.closed:
+                continue
+            if now - since > _POOL_IDLE:
+                channel.reset(ResetReason.NORMAL)
+                continue
+            return channel, True
+        if self.port <= 0:
+            raise UpstreamUnavailable(f"node {self.node_id} has no proxy address")
+        channel = TcpChannel(self.host, self.port)
+        channel.connect()
+        return channel, False
+
+    def release_channel(self, channel: Channel) -> None:
+        assert isinstance(channel, TcpChannel)
+        if len(self._idle) >= _POOL_SIZE:
+            channel.reset(ResetReason.NORMAL)
+            return
+        channel.set_receiver(_Idle(self, channel))
+        self._idle.append((time.monotonic(), channel))
+
+    def discard(self, channel: TcpChannel) -> None:
+        self._idle = [(t, c) for t, c in self._idle if c is not channel]
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        idle, self._idle = self._idle, []
+        for _, channel in idle:
+            channel.reset(ResetReason.NORMAL)
+
+
+class NodeUpstreams:
+    """One `NodeUpstream` per remote node, created on first use."""
+
+    def __init__(self, proxy_addr_of: Callable[[str], str | None]) -> None:
+        self._proxy_addr_of = proxy_addr_of
+        self._nodes: dict[str, NodeUpstream] = {}
+
+    def get(self, node_id: str) -> NodeUpstream | None:
+        """The upstream of `node_id`, or None if its proxy address is unknown."""
+        addr = self._proxy_addr_of(node_id)
+        if not addr:
+            return None
+        upstream = self._nodes.get(node_id)
+        if upstream is None or upstream.proxy_addr != addr:
+            if upstream is not None:
+                upstream.close()
+            with contextlib.suppress(ValueError):
+                upstream = self._nodes[node_id] = NodeUpstream(node_id, addr)
+        return upstream
+
+    def forget(self, node_id: str) -> None:
+        """Drop a node that left or expired."""
+        upstream = self._nodes.pop(node_id, None)
+        if upstream is not None:
+            upstream.close()
+
+    def close(self) -> None:
+        """Close every pool."""
+        for node_id in list(self._nodes):
+            self.forget(node_id)

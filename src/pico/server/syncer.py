@@ -1,0 +1,149 @@
+"""Keeps gossip and the routing state in step, both ways.
+
+Out: this node's `proxy_addr`, `admin_addr` and `endpoint:<id>` = local upstream count are
+published as gossip keys (a count of 0 deletes the key). In: gossip events about other nodes
+update `ClusterState`; a node is routed to only once both of its addresses are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pico import log
+from pico.gossip import (
+    Gossiper,
+    GossipEvent,
+    NodeExpired,
+    NodeJoined,
+    NodeKeyDeleted,
+    NodeLeft,
+    NodeReachable,
+    NodeUnreachable,
+    NodeUpdated,
+)
+from pico.server.cluster import ClusterState, NodeInfo, NodeStatus
+
+_log = log.get_logger("cluster")
+
+ENDPOINT_PREFIX = "endpoint:"
+
+
+class _Pending:
+    __slots__ = ("admin_addr", "endpoints", "proxy_addr", "status")
+
+    def __init__(self) -> None:
+        self.proxy_addr = ""
+        self.admin_addr = ""
+        self.status: NodeStatus = "active"
+        self.endpoints: dict[str, int] = {}
+
+
+class ClusterSyncer:
+    """Maps gossip events onto `ClusterState` and local endpoint counts onto gossip keys."""
+
+    def __init__(
+        self,
+        cluster: ClusterState,
+        gossiper: Gossiper,
+        on_node_gone: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.gossiper = gossiper
+        self.on_node_gone = on_node_gone
+        self._pending: dict[str, _Pending] = {}
+
+    def publish_local(self) -> None:
+        """Publish this node's addresses and endpoint counts."""
+        local = self.cluster.local
+        self.gossiper.upsert("proxy_addr", local.proxy_addr)
+        self.gossiper.upsert("admin_addr", local.admin_addr)
+        for endpoint_id, count in local.endpoints.items():
+            self.gossiper.upsert(ENDPOINT_PREFIX + endpoint_id, str(count))
+
+    def local_endpoint_changed(self, endpoint_id: str, count: int) -> None:
+        """Registry listener: gossip the new local upstream count."""
+        if count > 0:
+            self.gossiper.upsert(ENDPOINT_PREFIX + endpoint_id, str(count))
+        else:
+            self.gossiper.delete(ENDPOINT_PREFIX + endpoint_id)
+
+    def apply(self, events: list[GossipEvent]) -> None:
+        """Apply a batch of gossip events to the cluster state."""
+        for event in events:
+            if event.id == self.cluster.local.id:
+                continue
+            if isinstance(event, NodeJoined):
+                if event.id not in self.cluster.remotes:
+                    self._pending.setdefault(event.id, _Pending())
+            elif isinstance(event, NodeUpdated):
+                self._updated(event.id, event.key, event.value)
+            elif isinstance(event, NodeKeyDeleted):
+                self._deleted(event.id, event.key)
+            elif isinstance(event, NodeUnreachable):
+                self._set_status(event.id, "unreachable")
+            elif isinstance(event, NodeReachable):
+                self._set_status(event.id, "active")
+            elif isinstance(event, NodeLeft):
+                self._set_status(event.id, "left")
+            elif isinstance(event, NodeExpired):
+                self._pending.pop(event.id, None)
+                if self.cluster.remotes.pop(event.id, None) is not None:
+                    _log.info("node expired", node_id=event.id)
+                if self.on_node_gone is not None:
+                    self.on_node_gone(event.id)
+
+    def _updated(self, node_id: str, key: str, value: str) -> None:
+        node = self.cluster.remotes.get(node_id)
+        pending = self._pending.get(node_id)
+        if node is None and pending is None:
+            pending = self._pending[node_id] = _Pending()
+        if key.startswith(ENDPOINT_PREFIX):
+            try:
+                count = int(value)
+            except ValueError:
+                _log.warn("bad endpoint count in gossip", node_id=node_id, key=key, value=value)
+                return
+            endpoints = node.endpoints if node is not None else pending.endpoints  # type: ignore[union-attr]
+            if count > 0:
+                endpoints[key[len(ENDPOINT_PREFIX) :]] = count
+            else:
+                endpoints.pop(key[len(ENDPOINT_PREFIX) :], None)
+            return
+        if key not in ("proxy_addr", "admin_addr"):
+            _log.debug("ignoring unknown gossip key", node_id=node_id, key=key)
+            return
+        if node is not None:
+            # Addresses are fixed for a node's life; a re-versioned copy (compaction) is ignored.
+            return
+        assert pending is not None
+        setattr(pending, key, value)
+        if pending.proxy_addr and pending.admin_addr:
+            del self._pending[node_id]
+            self.cluster.remotes[node_id] = NodeInfo(
+                id=node_id,
+                proxy_addr=pending.proxy_addr,
+                admin_addr=pending.admin_addr,
+                status=pending.status,
+                endpoints=pending.endpoints,
+            )
+            _log.info("node joined", node_id=node_id, proxy_addr=pending.proxy_addr)
+
+    def _deleted(self, node_id: str, key: str) -> None:
+        if not key.startswith(ENDPOINT_PREFIX):
+            return
+        node = self.cluster.remotes.get(node_id)
+        pending = self._pending.get(node_id)
+        endpoints = node.endpoints if node is not None else pending.endpoints if pending else None
+        if endpoints is not None:
+            endpoints.pop(key[len(ENDPOINT_PREFIX) :], None)
+
+    def _set_status(self, node_id: str, status: NodeStatus) -> None:
+        node = self.cluster.remotes.get(node_id)
+        if node is not None:
+            if node.status != status:
+                _log.info("node status changed", node_id=node_id, status=status)
+            node.status = status
+        elif node_id in self._pending:
+            self._pending[node_id].status = status
+        if status == "left" and self.on_node_gone is not None:
+            self.on_node_gone(node_id)

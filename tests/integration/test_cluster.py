@@ -1,0 +1,126 @@
+"""An in-process 3-node cluster: membership by gossip, cross-node forwarding, leave."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from pico.server.node import Node
+from tests.support.cluster import Harness, admin_url, proxy_url, wait_for
+from tests.support.services import sample_app
+
+
+def gossip_addr(node: Node) -> str:
+    assert node.addrs is not None
+    host, port = node.addrs.gossip
+    return f"{host}:{port}"
+
+
+async def cluster(h: Harness, n: int = 3) -> list[Node]:
+    first = await h.node()
+    nodes = [first]
+    for _ in range(n - 1):
+        nodes.append(await h.node(cluster={"join": [gossip_addr(first)]}))
+    for node in nodes:
+        await wait_for(
+            lambda node=node: (
+                len(node.cluster.remotes) == n - 1  # type: ignore[misc]
+                and all(r.status == "active" for r in node.cluster.remotes.values())
+            ),
+            what=f"{node.node_id} sees {n - 1} active peers",
+        )
+    return nodes
+
+
+async def test_nodes_discover_each_other_through_one_seed(h: Harness) -> None:
+    nodes = await cluster(h)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(admin_url(nodes[2]) + "/status/cluster/nodes") as resp:
+            listed = await resp.json()
+    assert sorted(n["id"] for n in listed) == sorted(n.node_id for n in nodes)
+    assert {n["status"] for n in listed} == {"active"}
+
+
+async def test_request_to_any_node_is_forwarded_to_the_node_with_the_tunnel(h: Harness) -> None:
+    a, b, c = await cluster(h)
+    port = await h.service(sample_app())
+    await h.agent(a, [f"my-endpoint/127.0.0.1:{port}"])
+    await h.tunnel_up(a, "my-endpoint")
+    for node in (b, c):
+        await wait_for(
+            lambda node=node: node.cluster.remotes[a.node_id].endpoints.get("my-endpoint") == 1,  # type: ignore[misc]
+            what="endpoint gossiped",
+        )
+    async with aiohttp.ClientSession() as http:
+        for node in (a, b, c):
+            for _ in range(3):
+                headers = {"x-pico-endpoint": "my-endpoint"}
+                async with http.get(proxy_url(node) + "/echo", headers=headers) as resp:
+                    assert resp.status == 200
+                    # One X-Forwarded-For entry: the client, not the forwarding node.
+                    assert resp.headers["x-seen-x-forwarded-for"] == "127.0.0.1"
+        async with http.get(admin_url(b) + "/metrics") as resp:
+            metrics = await resp.text()
+    assert f'pico_proxy_forwarded_remote_total{{node_id="{a.node_id}"}} 3.0' in metrics
+
+
+async def test_forwarded_request_is_never_forwarded_again(h: Harness) -> None:
+    a, b, _ = await cluster(h)
+    port = await h.service(sample_app())
+    await h.agent(a, [f"my-endpoint/127.0.0.1:{port}"])
+    await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("my-endpoint") == 1)
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-pico-endpoint": "my-endpoint", "x-pico-forward": "true"}
+        async with http.get(proxy_url(b), headers=headers) as resp:
+            assert resp.status == 502
+            assert await resp.json() == {"error": "no available upstreams"}
+
+
+async def test_requests_spread_over_every_node_with_the_endpoint(h: Harness) -> None:
+    a, b, c = await cluster(h)
+    port_a = await h.service(sample_app("service-a"))
+    port_b = await h.service(sample_app("service-b"))
+    await h.agent(a, [f"ep/127.0.0.1:{port_a}"])
+    await h.agent(b, [f"ep/127.0.0.1:{port_b}"])
+    await wait_for(
+        lambda: all(c.cluster.remotes[n.node_id].endpoints.get("ep") == 1 for n in (a, b)),
+        what="both endpoints gossiped to c",
+    )
+    seen: set[str] = set()
+    async with aiohttp.ClientSession() as http:
+        for _ in range(40):
+            async with http.get(proxy_url(c) + "/whoami", headers={"x-pico-endpoint": "ep"}) as r:
+                assert r.status == 200
+                seen.add(await r.text())
+    assert seen == {"service-a", "service-b"}
+
+
+async def test_stopped_node_is_seen_as_left_and_dropped_from_routing(h: Harness) -> None:
+    a, b, c = await cluster(h)
+    port = await h.service(sample_app())
+    await h.agent(a, [f"my-endpoint/127.0.0.1:{port}"])
+    await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("my-endpoint") == 1)
+    await a.shutdown()
+    for node in (b, c):
+        await wait_for(
+            lambda node=node: node.cluster.remotes[a.node_id].status == "left",  # type: ignore[misc]
+            what="left",
+        )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(b), headers={"x-pico-endpoint": "my-endpoint"}) as resp:
+            assert resp.status == 502
+
+
+async def test_admin_forward_query_reaches_the_named_node(h: Harness) -> None:
+    a, b, _ = await cluster(h)
+    async with aiohttp.ClientSession() as http:
+        url = admin_url(a) + f"/status/cluster/nodes/local?forward={b.node_id}"
+        async with http.get(url) as resp:
+            assert (await resp.json())["id"] == b.node_id
+        async with http.get(admin_url(a) + "/status/proxy/endpoints?forward=nope") as resp:
+            assert resp.status == 404
+        async with http.get(admin_url(a) + "/status/gossip/nodes") as resp:
+            gossip = await resp.json()
+        assert len(gossip) == 3
+        async with http.get(admin_url(a) + f"/status/gossip/nodes/{b.node_id}") as resp:
+            state = await resp.json()
+        assert {e["key"] for e in state["entries"]} >= {"proxy_addr", "admin_addr"}
