@@ -225,3 +225,23 @@ async def test_node_reuses_idle_tunnel_streams_for_new_client_connections(h: Har
             async with http.get(proxy_url(node), headers={"x-pico-endpoint": "ep"}) as resp:
                 assert await resp.text() == "hello"
     assert 1 <= len(app[PEERS]) < 10
+
+
+async def test_many_pipelined_requests_answered_at_once_are_all_answered_in_order(
+    h: Harness,
+) -> None:
+    node, _ = await start(h)
+    conn = await connect(node)
+    n = 3000
+    # Queued behind a slow request; each is then answered by the node itself (502).
+    other = b"GET /%d HTTP/1.1\r\nx-pico-endpoint: nope\r\n\r\n"
+    await conn.send(
+        b"GET /slow?delay=0.3 HTTP/1.1\r\n" + HOST + b"\r\n" + b"".join(other % i for i in range(n))
+    )
+    assert (await conn.read_response()).body == b"slow"
+    for _ in range(n):
+        resp = await conn.read_response()
+        assert resp.status == 502
+    await conn.send(b"GET / HTTP/1.1\r\n" + HOST + b"\r\n")
+    assert (await conn.read_response()).body == b"hello"
+    await conn.close()

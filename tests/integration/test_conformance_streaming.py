@@ -100,7 +100,7 @@ async def test_declined_upgrade_gets_the_service_response_and_a_closed_connectio
 async def test_service_slower_than_proxy_timeout_gets_504(h: Harness) -> None:
     node = await start(h, timeout="300ms")
     conn = await connect(node)
-    await conn.send(b"GET /slow?delay=3 HTTP/1.1\r\n" + HOST + b"\r\n")
+    await conn.send(b"GET /slow?delay=1.5 HTTP/1.1\r\n" + HOST + b"\r\n")
     resp = await conn.read_response(timeout=5)
     assert resp.status == 504
     assert json.loads(resp.body) == {"error": "upstream timeout"}

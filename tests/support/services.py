@@ -112,10 +112,15 @@ def sample_app(name: str = "service") -> web.Application:
         return web.Response(status=code, text=f"status {code}")
 
     async def broken(request: web.Request) -> web.StreamResponse:
-        """Promises `size` bytes, sends `after` of them, then drops the connection."""
+        """Promises `size` bytes (or a chunked body: `?chunked=1`), sends `after` bytes, then
+        drops the connection."""
         size = int(request.query.get("size", "1000000"))
         after = int(request.query.get("after", "1000"))
-        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        resp = web.StreamResponse()
+        if request.query.get("chunked") == "1":
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = size
         await resp.prepare(request)
         await resp.write(pattern(after))
         assert request.transport is not None

@@ -394,7 +394,8 @@ class Tunnel:
         wakeup = self._wakeup
         try:
             while True:
-                await wakeup.wait()
+                if not self._done.is_set():  # once closing, flush what is left and stop
+                    await wakeup.wait()
                 wakeup.clear()
                 data = session.data_to_send()
                 if not data:

@@ -1,0 +1,440 @@
+"""One request carried through one upstream channel, and its response relayed back.
+
+`Request` is a parsed client request; `Exchange` sends it through a `Channel`, retries where that
+is safe (dial failures, stale keep-alive streams), parses the response only to find where it ends,
+and relays it to the client as it arrives. `ProxyConnection` (proxy.py) owns both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import httptools
+
+from pico import log
+from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
+from pico.http.head import error_response, rewrite_request_head, rewrite_response_head
+
+if TYPE_CHECKING:
+    from pico.http.proxy import ProxyConnection
+
+_log = log.get_logger("proxy")
+
+_DIAL_FAILURES = {
+    ResetReason.REFUSED: (502, "upstream unreachable"),
+    ResetReason.UNREACHABLE: (502, "upstream unreachable"),
+    ResetReason.TIMEOUT: (504, "upstream timeout"),
+}
+
+
+class Request:
+    """One parsed client request and the body bytes waiting to be sent."""
+
+    __slots__ = (
+        "body",
+        "body_done",
+        "bytes_in",
+        "chunked",
+        "endpoint",
+        "expects_body",
+        "forwarded",
+        "headers",
+        "held",
+        "host",
+        "keep_alive",
+        "method",
+        "start",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.expects_body = False
+        self.upgrade: bytes | None = None
+        self.endpoint = ""
+        self.host = b""
+        self.forwarded = False
+        self.body: list[bytes] = []
+        self.held = 0  # bytes of this request counted in the pipeline budget
+        self.body_done = False
+        self.bytes_in = 0
+
+
+class Exchange:
+    """One request carried through one channel, and its response relayed back."""
+
+    def __init__(self, conn: ProxyConnection, request: Request, candidates: list[Upstream]) -> None:
+        self.conn = conn
+        self.request = request
+        self.candidates = candidates
+        self.channel: Channel | None = None
+        self.upstream: Upstream | None = None
+        self.reused = False
+        self.retried_fresh = False
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.progress_mark = 0  # request bytes received when the response timer last fired
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_sent = False  # response head written to the client
+        self.got_bytes = False  # any response byte received on this channel
+        self.chunked_out = False
+        self.until_close = False
+        self.close_client = False
+        self.done = False
+        self.bytes_out = 0
+
+    # -- request side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the request to the best candidate that can open a channel."""
+        while self.candidates:
+            upstream = self.candidates[0]
+            try:
+                channel, reused = upstream.open_channel(fresh=self.retried_fresh)
+            except UpstreamUnavailable:
+                self.candidates.pop(0)
+                continue
+            self._attach(upstream, channel, reused)
+            return
+        self._fail(502, "upstream unreachable" if self.upstream else "no available upstreams")
+
+    def _attach(self, upstream: Upstream, channel: Channel, reused: bool) -> None:
+        req = self.request
+        self.upstream = upstream
+        self.channel = channel
+        self.reused = reused
+        self.got_bytes = False
+        self.parser = None
+        self.headers = []
+        self.reason = b""
+        channel.set_receiver(self)
+        # A pooled channel keeps the read state its last exchange left: set it for this client.
+        if self.conn.write_paused:
+            channel.pause_reading()
+        else:
+            channel.resume_reading()
+        if self.replay is not None and self.replay:
+            for chunk in self.replay:
+                channel.write(chunk)
+        else:
+            head = rewrite_request_head(
+                req.method,
+                req.url,
+                req.headers,
+                client_ip=self.conn.client_ip,
+                chunked=req.chunked,
+                upgrade=req.upgrade,
+                forwarded=req.forwarded,
+                mark_forward=upstream.remote,
+            )
+            self._send(head)
+            body, req.body = req.body, []
+            for chunk in body:
+                self.send_body(chunk)
+            if req.body_done:
+                self.end_body()
+        if self.timer is None:
+            self._arm_timer()
+
+    def _send(self, data: bytes) -> None:
+        if self.replay is not None:
+            self.replay.append(data)
+            self.replay_size += len(data)
+            if self.replay_size > self.conn.limits.replay_limit:
+                self.replay = None
+        assert self.channel is not None
+        self.channel.write(data)
+
+    def send_body(self, data: bytes) -> None:
+        """Relay a piece of the client's request body."""
+        if self.channel is None or self.done:
+            return
+        if self.request.chunked:
+            self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy, one frame
+        else:
+            self._send(data)
+
+    def end_body(self) -> None:
+        """The client's request body is complete."""
+        if self.channel is None or self.done:
+            return
+        if self.request.chunked:
+            self._send(b"0\r\n\r\n")
+        if self.request.expects_body and not self.head_sent:
+            self._arm_timer()  # the wait for the response head starts now
+
+    # -- channel receiver ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.got_bytes = True
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpResponseParser(self)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self.status == 101 and self.head_sent:
+                rest = data[exc.args[0] :]
+                if rest:
+                    self.conn.write(rest)
+                self._finish_upgrade()
+            else:
+                self._broken("unexpected upgrade from upstream")
+        except httptools.HttpParserError as exc:
+            self._broken(f"malformed response from upstream: {exc}")
+
+    def eof_received(self) -> None:
+        if self.done:
+            return
+        if self.head_sent and self.until_close:
+            self._complete()
+        else:
+            self._channel_failed(None)
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        if self.done:
+            return
+        self.channel = None
+        if self.head_sent and self.until_close and reason is None:
+            self._complete()
+        else:
+            self._channel_failed(reason)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_reading_for_channel()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_reading_for_channel()
+
+    # -- client flow control ---------------------------------------------------------------------
+
+    def client_paused(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def client_resumed(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    def abandon(self, status: int) -> None:
+        """The client connection is going away: free the channel and record `status`."""
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.CANCELLED)
+        self._record(status, close=True)
+
+    # -- response parsing (httptools callbacks) --------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_sent:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        status = self.parser.get_status_code()
+        req = self.request
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): relay it and keep waiting.
+            if req.version != "1.0":
+                self.conn.write(
+                    rewrite_response_head(
+                        status, self.reason, self.headers, chunked=False, close=False, upgrade=False
+                    )
+                )
+            self.headers, self.reason = [], b""
+            return
+        self._cancel_timer()
+        self.status = status
+        chunked = False
+        content_length = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = value.strip().lower().endswith(b"chunked")
+            elif lname == b"content-length":
+                content_length = True
+        upgrade = status == 101 and req.upgrade is not None
+        no_body = req.method == b"HEAD" or status in (204, 304)
+        if upgrade:
+            self.until_close = False
+        elif not no_body and not chunked and not content_length:
+            self.until_close = True
+        old_client = req.version == "1.0"
+        self.chunked_out = chunked and not old_client and not no_body
+        self.close_client = (
+            not req.keep_alive
+            or self.until_close
+            or (chunked and old_client)
+            or (req.upgrade is not None and not upgrade)
+            or not self.parser.should_keep_alive()
+        )
+        if chunked and old_client and not no_body:
+            self.until_close = False  # de-chunked for an HTTP/1.0 client, ends by closing
+        head = rewrite_response_head(
+            status,
+            self.reason,
+            self.headers,
+            chunked=self.chunked_out,
+            close=self.close_client,
+            upgrade=upgrade,
+        )
+        self.head_sent = True
+        self.headers = []
+        self.conn.write(head)
+        if no_body and not upgrade:
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.done:
+            return
+        self.bytes_out += len(body)
+        if self.chunked_out:
+            # writelines: no concatenated copy of the body (uvloop sends it with writev).
+            self.conn.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+        else:
+            self.conn.write(body)
+
+    def on_message_complete(self) -> None:
+        if self.status and not self.done and self.status != 101:
+            self._complete()
+
+    # -- endings ---------------------------------------------------------------------------------
+
+    def _finish_upgrade(self) -> None:
+        channel, self.channel = self.channel, None
+        self.done = True
+        self._cancel_timer()
+        assert channel is not None
+        self.conn.start_splice(channel)
+        self._record(101)
+
+    def _complete(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._cancel_timer()
+        if self.chunked_out:
+            self.conn.write(b"0\r\n\r\n")
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.closed:
+            reusable = (
+                self.request.body_done
+                and not self.until_close
+                and self.parser is not None
+                and self.parser.should_keep_alive()
+            )
+            if reusable and self.upstream is not None:
+                self.upstream.release_channel(channel)
+            else:
+                channel.reset(ResetReason.NORMAL)
+        self._record(self.status, close=self.close_client)
+
+    def _channel_failed(self, reason: ResetReason | None) -> None:
+        """The channel ended before the response did."""
+        channel, self.channel = self.channel, None
+        if channel is not None and not channel.closed:
+            channel.reset(ResetReason.CANCELLED)
+        if self.head_sent:
+            self._abort_client("upstream closed mid-response")
+            return
+        replayable = self.replay is not None and not self.got_bytes
+        if reason in _DIAL_FAILURES and replayable:
+            # The agent could not reach the service: the request never ran, try elsewhere.
+            self.candidates.pop(0)
+            self.retried_fresh = False
+            if self.candidates:
+                self.start()
+                return
+            status, message = _DIAL_FAILURES[reason]
+            self._fail(status, message)
+            return
+        if self.reused and replayable and not self.retried_fresh:
+            # An idle pooled stream the service had already closed: retry once on a fresh one.
+            self.retried_fresh = True
+            self.start()
+            return
+        if reason in _DIAL_FAILURES:
+            status, message = _DIAL_FAILURES[reason]
+            self._fail(status, message)
+        else:
+            self._fail(502, "upstream unreachable")
+
+    def _broken(self, why: str) -> None:
+        _log.warn("bad upstream response", endpoint=self.request.endpoint, error=why)
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.PROTOCOL)
+        if self.head_sent:
+            self._abort_client(why)
+        else:
+            self._fail(502, "upstream unreachable")
+
+    def _abort_client(self, why: str) -> None:
+        self.done = True
+        self._cancel_timer()
+        self._record(self.status or 502, close=True)
+        self.conn.abort()
+
+    def _fail(self, status: int, message: str) -> None:
+        self.done = True
+        self._cancel_timer()
+        req = self.request
+        close = not req.keep_alive or not req.body_done or req.upgrade is not None
+        self.conn.write(error_response(status, message, close=close))
+        self._record(status, close=close)
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        timeout = self.conn.limits.response_timeout
+        if timeout > 0:
+            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.head_sent:
+            return
+        req = self.request
+        if not req.body_done and req.bytes_in != self.progress_mark:
+            # Still uploading: the wait for the response head starts after the last byte.
+            self.progress_mark = req.bytes_in
+            self._arm_timer()
+            return
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.CANCELLED)
+        self._fail(504, "upstream timeout")
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _record(self, status: int, *, close: bool = False) -> None:
+        upstream = self.upstream
+        label = upstream.label if upstream is not None else ""
+        remote = upstream.remote if upstream is not None else False
+        self.conn.finish_exchange(
+            self.request, status, self.bytes_out, label, remote=remote, close=close
+        )

@@ -1,0 +1,87 @@
+"""The tunnel's WebSocket frame codec."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pico.mux.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    FrameDecoder,
+    WebSocketError,
+    accept_key,
+    apply_mask,
+    encode_frame,
+)
+
+
+def test_accept_key_matches_rfc_example() -> None:
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_mask_is_an_involution() -> None:
+    data = bytes(range(256)) * 3 + b"tail"
+    assert apply_mask(apply_mask(data, b"\x01\x02\x03\x04"), b"\x01\x02\x03\x04") == data
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_frames_of_every_length_encoding_round_trip(size: int) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    for mask in (True, False):
+        decoder = FrameDecoder(expect_mask=mask)
+        payloads, controls = decoder.feed(encode_frame(OP_BINARY, payload, mask=mask))
+        assert b"".join(payloads) == payload
+        assert controls == []
+
+
+@given(
+    chunks=st.lists(st.binary(max_size=3000), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=30000), max_size=10),
+)
+def test_any_split_of_the_byte_stream_yields_the_same_payload(
+    chunks: list[bytes], cuts: list[int]
+) -> None:
+    wire = b"".join(encode_frame(OP_BINARY, c, mask=True) for c in chunks)
+    wire += encode_frame(OP_PING, b"hi", mask=True)
+    decoder = FrameDecoder(expect_mask=True)
+    got: list[bytes] = []
+    pings = []
+    points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    for a, b in itertools.pairwise(points):
+        payloads, controls = decoder.feed(wire[a:b])
+        got += payloads
+        pings += controls
+    assert b"".join(got) == b"".join(chunks)
+    assert [(c.opcode, c.payload) for c in pings] == [(OP_PING, b"hi")]
+
+
+def test_unmasked_client_frame_is_rejected() -> None:
+    with pytest.raises(WebSocketError, match="unmasked"):
+        FrameDecoder(expect_mask=True).feed(encode_frame(OP_BINARY, b"x", mask=False))
+
+
+def test_text_frames_and_reserved_bits_are_rejected() -> None:
+    with pytest.raises(WebSocketError, match="text"):
+        FrameDecoder(expect_mask=False).feed(b"\x81\x01a")
+    with pytest.raises(WebSocketError, match="reserved"):
+        FrameDecoder(expect_mask=False).feed(b"\xc2\x01a")
+
+
+def test_oversized_frame_is_rejected_before_buffering_it() -> None:
+    decoder = FrameDecoder(expect_mask=False, max_frame=1024)
+    with pytest.raises(WebSocketError, match="exceeds"):
+        decoder.feed(b"\x82\x7e\x10\x00")
+
+
+def test_close_frame_stops_decoding() -> None:
+    decoder = FrameDecoder(expect_mask=False)
+    wire = encode_frame(OP_CLOSE, b"\x03\xe8", mask=False) + encode_frame(
+        OP_BINARY, b"x", mask=False
+    )
+    payloads, controls = decoder.feed(wire)
+    assert payloads == [] and controls[0].opcode == OP_CLOSE and decoder.closed
