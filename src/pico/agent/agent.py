@@ -8,11 +8,9 @@ and stops with a clear message when the server rejects it (400, 401, 403).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from typing import Any, cast
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,7 +23,8 @@ from prometheus_client import (
 from pico import log
 from pico.config import AgentConfig, EndpointSpec
 from pico.mux.frame import ResetReason
-from pico.mux.tunnel import MAX_MESSAGE_SIZE, MuxStream, Tunnel
+from pico.mux.handshake import HandshakeError, open_websocket
+from pico.mux.tunnel import MuxStream, Tunnel
 from pico.webapp import serve_app
 
 _log = log.get_logger("agent")
@@ -37,6 +36,8 @@ _BACKOFF_MAX = 30.0
 # Open streams get this long to finish after SIGTERM before the tunnel is closed.
 _GRACE_PERIOD = 30.0
 _FATAL_STATUSES = (400, 401, 403, 404)
+# Bounds connecting plus the WebSocket handshake to a node.
+_CONNECT_TIMEOUT = 10.0
 
 
 class AgentRejected(Exception):
@@ -152,72 +153,89 @@ class EndpointLink:
         self.tunnel: Tunnel | None = None
         self.stopping = False
         self._dials: set[asyncio.Task[None]] = set()
-        self._open = 0
+        # Tunnels of a node that sent GoAway, finishing their streams, and their run() tasks.
+        self._draining: set[Tunnel] = set()
+        self._runners: set[asyncio.Task[None]] = set()
         base = agent.config.server.url.rstrip("/")
+        # The endpoint path is appended to any path prefix of server.url (a reverse proxy
+        # in front of the cluster may serve it under a prefix).
         ws_base = "ws" + base[4:] if base.startswith("http") else base
         self.url = f"{ws_base}/pico/v1/upstream/{spec.endpoint_id}"
-        self.http_url = f"{base}/pico/v1/upstream/{spec.endpoint_id}"
 
     async def run(self) -> None:
         """Connect and serve until stopped. Raises AgentRejected on a fatal refusal."""
         attempt = 0
-        m = self.agent.metrics
+        endpoint_id = self.spec.endpoint_id
         while not self.stopping:
             try:
-                ws = await self.agent.http.ws_connect(
-                    self.url,
-                    headers=self.agent.auth_headers,
-                    max_msg_size=MAX_MESSAGE_SIZE,
-                    autoping=True,
-                    compress=0,
+                transport, rest = await open_websocket(
+                    self.url, self.agent.auth_headers, timeout=_CONNECT_TIMEOUT
                 )
-            except aiohttp.WSServerHandshakeError as exc:
+            except HandshakeError as exc:
                 if exc.status in _FATAL_STATUSES:
-                    raise AgentRejected(await self._rejection(exc.status)) from exc
-                _log.warn("connect failed", endpoint_id=self.spec.endpoint_id, status=exc.status)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                _log.warn("connect failed", endpoint_id=self.spec.endpoint_id, error=str(exc))
+                    raise AgentRejected(
+                        f"server rejected endpoint {endpoint_id!r}: {exc.status} {exc.message}"
+                    ) from exc
+                _log.warn(
+                    "connect failed", endpoint_id=endpoint_id, status=exc.status, error=exc.message
+                )
+            except (OSError, TimeoutError) as exc:
+                _log.warn(
+                    "connect failed", endpoint_id=endpoint_id, error=str(exc) or type(exc).__name__
+                )
             else:
                 attempt = 0
-                tunnel = Tunnel(
-                    ws,
-                    client=True,
-                    on_stream=self._on_stream,
-                    ping_interval=self.agent.config.server.heartbeat_interval,
-                    ping_timeout=self.agent.config.server.heartbeat_timeout,
-                    name=self.spec.endpoint_id,
-                )
-                self.tunnel = tunnel
-                m.connected.labels(self.spec.endpoint_id).set(1)
-                m.connects.labels(self.spec.endpoint_id).inc()
-                _log.info("connected", endpoint_id=self.spec.endpoint_id, url=self.url)
-                try:
-                    await tunnel.run()
-                finally:
-                    m.connected.labels(self.spec.endpoint_id).set(0)
-                    self.tunnel = None
+                if await self._serve(transport, rest):
+                    continue  # the node is draining: reconnect at once (no backoff)
                 if self.stopping:
                     return
-                _log.warn(
-                    "disconnected; reconnecting",
-                    endpoint_id=self.spec.endpoint_id,
-                    reason=tunnel.close_reason,
-                )
             attempt += 1
             ceiling = min(_BACKOFF_MAX, _BACKOFF_MIN * 2 ** min(attempt - 1, 16))
             await asyncio.sleep(random.uniform(0, ceiling))
 
-    async def _rejection(self, status: int) -> str:
-        """The server's JSON error for a refused handshake, for a one-line message."""
-        reason = ""
-        with contextlib.suppress(Exception):
-            async with self.agent.http.get(
-                self.http_url,
-                headers=self.agent.auth_headers,
-            ) as resp:
-                body = await resp.json(content_type=None)
-                reason = str(body.get("error", ""))
-        return f"server rejected endpoint {self.spec.endpoint_id!r}: {status} {reason}".strip()
+    async def _serve(self, transport: asyncio.Transport, rest: bytes) -> bool:
+        """Run one tunnel. Returns True if the node sent GoAway (it is draining)."""
+        m = self.agent.metrics
+        endpoint_id = self.spec.endpoint_id
+        tunnel = Tunnel(
+            client=True,
+            on_stream=self._on_stream,
+            ping_interval=self.agent.config.server.heartbeat_interval,
+            ping_timeout=self.agent.config.server.heartbeat_timeout,
+            name=endpoint_id,
+        )
+        moved = asyncio.Event()
+        tunnel.on_goaway = moved.set
+        tunnel.attach(transport, rest)
+        self.tunnel = tunnel
+        m.connected.labels(endpoint_id).set(1)
+        m.connects.labels(endpoint_id).inc()
+        _log.info("connected", endpoint_id=endpoint_id, url=self.url, node=tunnel.peer)
+        loop = asyncio.get_running_loop()
+        runner = loop.create_task(tunnel.run())
+        waiter = loop.create_task(moved.wait())
+        try:
+            await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if self.tunnel is tunnel:
+                self.tunnel = None
+            m.connected.labels(endpoint_id).set(0)
+        if moved.is_set() and not runner.done() and not self.stopping:
+            # Open streams finish on the old tunnel while a new one is opened (through the
+            # load balancer, to another node): a node restart loses no requests.
+            _log.info("server going away; reconnecting", endpoint_id=endpoint_id)
+            self._draining.add(tunnel)
+            runner.add_done_callback(lambda _: self._draining.discard(tunnel))
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+            return True
+        await runner
+        if not self.stopping:
+            _log.warn(
+                "disconnected; reconnecting", endpoint_id=endpoint_id, reason=tunnel.close_reason
+            )
+        return False
 
     def _on_stream(self, stream: MuxStream) -> None:
         if self.stopping:
@@ -254,9 +272,9 @@ class EndpointLink:
     async def stop(self, grace: float) -> None:
         """GoAway, let open streams finish within `grace`, close."""
         self.stopping = True
-        tunnel = self.tunnel
-        if tunnel is not None:
-            await tunnel.drain_and_close(grace)
+        tunnels = [t for t in (self.tunnel, *self._draining) if t is not None]
+        await asyncio.gather(*(t.drain_and_close(grace) for t in tunnels))
+        await asyncio.gather(*self._runners, return_exceptions=True)
         for task in list(self._dials):
             task.cancel()
 
@@ -270,7 +288,6 @@ class Agent:
         self.auth_headers: dict[str, str] = (
             {"Authorization": f"Bearer {config.auth.api_key}"} if config.auth.api_key else {}
         )
-        self.http: aiohttp.ClientSession = None  # type: ignore[assignment]
         self.links = [EndpointLink(self, spec) for spec in config.parsed_endpoints()]
         self._admin: web.AppRunner | None = None
 
@@ -295,7 +312,6 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set (then drain) or a link is rejected (AgentRejected)."""
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=10))
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(link.run()) for link in self.links]
         stopped = loop.create_task(stop.wait())
@@ -311,6 +327,5 @@ class Agent:
             for task in [*tasks, stopped]:
                 task.cancel()
             await asyncio.gather(*tasks, stopped, return_exceptions=True)
-            await self.http.close()
             if self._admin is not None:
                 await self._admin.cleanup()

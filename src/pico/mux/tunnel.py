@@ -1,11 +1,13 @@
-"""The asyncio layer of the multiplexer: one mux `Session` over one WebSocket.
+"""The asyncio layer of the multiplexer: one mux `Session` over one WebSocket connection.
 
-`Tunnel` owns three tasks (reader, writer, pinger) and hands out `MuxStream`s, which behave like
-asyncio transports: bytes go in with `write()`, come out through a `StreamReceiver`'s callbacks,
-and flow control reaches the peer through `pause_reading()` / `resume_reading()`.
+`Tunnel` is an asyncio Protocol on the raw connection (after the handshake of
+`pico.mux.handshake`): WebSocket frames in, mux session, events out to `MuxStream`s, which behave
+like asyncio transports: bytes go in with `write()`, come out through a `StreamReceiver`'s
+callbacks, and flow control reaches the peer through `pause_reading()` / `resume_reading()`.
 
-Everything the session produces during one loop iteration leaves in one WebSocket message: the
-writer task wakes at most once per iteration and sends whatever has accumulated.
+Everything the session produces during one loop iteration leaves in one WebSocket frame: the
+flush is scheduled with `call_soon` at most once per iteration. No task per tunnel, no
+coroutine per message.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from pico import log
 from pico.mux.frame import ResetReason
@@ -30,26 +32,27 @@ from pico.mux.session import (
     StreamOpened,
     StreamReset,
 )
+from pico.mux.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameDecoder,
+    WebSocketError,
+    encode_frame,
+)
 
 _log = log.get_logger("mux")
 
-# A WebSocket message carries at most this much; bigger flushes are split. The peer's reader
+# A WebSocket frame carries at most this much; bigger flushes are split. The peer's frame
 # limit (MAX_MESSAGE_SIZE) protects its memory from a hostile sender.
-_MAX_SEND_MESSAGE = 4 * 1024 * 1024
+_MAX_SEND_FRAME = 1024 * 1024
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # The most one stream may have in flight towards us. When its consumer stalls (a client that
 # stops reading), up to this much lands in memory before the peer is stopped, so it is the
 # per-stream memory bound; it also caps one stream's throughput at max_window / RTT
 # (4 MiB at 50 ms is 80 MB/s).
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
-
-
-class WebSocketLike(Protocol):
-    """What a Tunnel needs from aiohttp's client or server WebSocket."""
-
-    async def send_bytes(self, data: bytes) -> None: ...
-    async def receive(self, timeout: float | None = None) -> object: ...
-    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
 
 
 class StreamReceiver(Protocol):
@@ -195,18 +198,18 @@ class MuxStream:
         self._dispatch(2, reason)
 
 
-class Tunnel:
-    """A mux session over a WebSocket: runs until the socket closes or the peer misbehaves.
+class Tunnel(asyncio.Protocol):
+    """A mux session over a WebSocket, on a raw asyncio transport.
 
-    `on_stream` is called for each stream the peer opens (the agent side). `ping_interval`
-    and `ping_timeout` detect a dead peer even when TCP says nothing (half-open connections
-    behind NATs and load balancers). `max_window` bounds each stream's receive window (see
-    DEFAULT_MAX_WINDOW).
+    The WebSocket handshake is done elsewhere (`pico.mux.handshake`); the tunnel then takes over
+    the transport with `attach()`. Everything the session produces during one loop iteration is
+    written as one WebSocket frame. `ping_interval` and `ping_timeout` detect a dead peer even
+    when TCP says nothing (half-open connections behind NATs and load balancers). `max_window`
+    bounds each stream's receive window, so the memory a slow consumer can pin.
     """
 
     def __init__(
         self,
-        ws: WebSocketLike,
         *,
         client: bool,
         on_stream: Callable[[MuxStream], None] | None = None,
@@ -215,8 +218,9 @@ class Tunnel:
         name: str = "",
         max_window: int = DEFAULT_MAX_WINDOW,
     ) -> None:
-        self.ws = ws
         self.session = Session(client=client, max_window=max_window)
+        self.client = client
+        self.decoder = FrameDecoder(expect_mask=not client, max_frame=MAX_MESSAGE_SIZE)
         self.name = name
         self.on_stream = on_stream
         self.ping_interval = ping_interval
@@ -224,14 +228,25 @@ class Tunnel:
         self.streams: dict[int, MuxStream] = {}
         self.close_reason = ""
         self.on_goaway: Callable[[], None] | None = None
-        self._wakeup = asyncio.Event()
-        self._pong: asyncio.Future[None] | None = None
-        self._ping_opaque = -1
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._loop = asyncio.get_running_loop()
+        self._flush_handle: asyncio.Handle | None = None
+        self._control: list[bytes] = []
         self._done = asyncio.Event()
         self._no_streams = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_deadline: asyncio.TimerHandle | None = None
+        self._ping_opaque = -1
 
     # -- public API ------------------------------------------------------------------------------
+
+    def attach(self, transport: asyncio.BaseTransport, initial: bytes = b"") -> None:
+        """Take over `transport` after the handshake; `initial` is data already read past it."""
+        transport.set_protocol(self)
+        self.connection_made(transport)
+        if initial:
+            self.data_received(initial)
 
     @property
     def usable(self) -> bool:
@@ -246,6 +261,7 @@ class Tunnel:
         stream_id = self.session.open_stream()
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
+        self._no_streams.clear()
         self.wake_writer()
         return stream
 
@@ -256,8 +272,9 @@ class Tunnel:
             self.wake_writer()
 
     def wake_writer(self) -> None:
-        """Ask the writer task to flush at the end of this loop iteration."""
-        self._wakeup.set()
+        """Flush at the end of this loop iteration (coalescing every frame produced in it)."""
+        if self._flush_handle is None and self.transport is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def forget(self, stream_id: int) -> MuxStream | None:
         """Drop a stream from the table (after a reset or close); returns it if it was there."""
@@ -267,27 +284,12 @@ class Tunnel:
         return stream
 
     async def run(self) -> None:
-        """Serve the tunnel until it closes. Safe to cancel: the socket is then closed."""
-        loop = asyncio.get_running_loop()
-        reader = loop.create_task(self._read_loop())
-        writer = loop.create_task(self._write_loop())
-        pinger = loop.create_task(self._ping_loop())
-        self._tasks = {reader, writer, pinger}
+        """Wait until the tunnel closes. Safe to cancel: the connection is then closed."""
         try:
             await self._done.wait()
         finally:
-            self._done.set()
-            # Give the writer one chance to send what is queued (a GoAway, final RSTs).
-            self._wakeup.set()
-            for task in (reader, pinger):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(writer), 1.0)
-            writer.cancel()
-            await asyncio.gather(reader, writer, pinger, return_exceptions=True)
-            self._close_streams()
-            with contextlib.suppress(Exception):
-                await self.ws.close()
+            self.close(self.close_reason or "cancelled")
+            self._shutdown()
 
     async def drain_and_close(self, timeout: float) -> None:
         """Send GoAway, wait up to `timeout` for open streams to finish, then close."""
@@ -302,46 +304,113 @@ class Tunnel:
         """Stop the tunnel; `run()` returns soon after."""
         if not self.close_reason:
             self.close_reason = reason
-        self._done.set()
+        if not self._done.is_set():
+            self._done.set()
+            self._shutdown()
 
     @property
     def closed(self) -> bool:
         """True once the tunnel has stopped or is stopping."""
         return self._done.is_set()
 
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self._schedule_ping()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            payloads, controls = self.decoder.feed(data)
+        except WebSocketError as exc:
+            _log.warn("tunnel websocket error", tunnel=self.name, error=str(exc))
+            self.close(f"websocket error: {exc}")
+            return
+        session = self.session
+        for payload in payloads:
+            session.receive_data(payload)
+        for frame in controls:
+            if frame.opcode == OP_PING:
+                self._control.append(encode_frame(OP_PONG, frame.payload, mask=self.client))
+            elif frame.opcode == OP_CLOSE:
+                self._control.append(encode_frame(OP_CLOSE, frame.payload[:2], mask=self.client))
+                self.close("websocket closed by peer")
+        self._handle_events()
+        self.wake_writer()
+
+    def eof_received(self) -> bool:
+        self.close("connection closed by peer")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.close(f"connection lost: {exc}" if exc else "connection closed by peer")
+
     # -- internals -------------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.session.data_to_send()
+        if self._control:
+            control, self._control = self._control, []
+            transport.write(b"".join(control))
+        if not data:
+            return
+        mask = self.client
+        if len(data) <= _MAX_SEND_FRAME:
+            transport.write(encode_frame(OP_BINARY, data, mask=mask))
+            return
+        view = memoryview(data)
+        for i in range(0, len(view), _MAX_SEND_FRAME):
+            transport.write(
+                encode_frame(OP_BINARY, bytes(view[i : i + _MAX_SEND_FRAME]), mask=mask)
+            )
+
+    def _shutdown(self) -> None:
+        for timer in (self._ping_timer, self._pong_deadline):
+            if timer is not None:
+                timer.cancel()
+        self._ping_timer = self._pong_deadline = None
+        self._close_streams()
+        transport = self.transport
+        if transport is not None:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+            self._flush()  # a GoAway or final RSTs still go out
+            self.transport = None
+            transport.close()
 
     def _close_streams(self) -> None:
         streams, self.streams = self.streams, {}
+        self._no_streams.set()
         for stream in streams.values():
             stream._lost(ResetReason.GOING_AWAY)
 
-    async def _read_loop(self) -> None:
-        from aiohttp import WSMsgType
+    def _schedule_ping(self) -> None:
+        if self.ping_interval > 0 and not self._done.is_set():
+            self._ping_timer = self._loop.call_later(self.ping_interval, self._send_ping)
 
-        session = self.session
+    def _send_ping(self) -> None:
+        self._ping_timer = None
+        if self._done.is_set():
+            return
         try:
-            while True:
-                msg = await self.ws.receive()
-                mtype = msg.type  # type: ignore[attr-defined]
-                if mtype == WSMsgType.BINARY:
-                    session.receive_data(msg.data)  # type: ignore[attr-defined]
-                    self._handle_events()
-                    if session.closed:
-                        return
-                elif mtype in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                    self.close("websocket closed by peer")
-                    return
-                elif mtype == WSMsgType.ERROR:
-                    self.close(f"websocket error: {self.ws.exception()}")  # type: ignore[attr-defined]
-                    return
-                else:
-                    self.close(f"unexpected websocket message type {mtype!r}")
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken socket must end the tunnel, not the process
-            self.close(f"read failed: {exc!r}")
+            self._ping_opaque = self.session.send_ping()
+        except MuxError:
+            return
+        self.wake_writer()
+        self._pong_deadline = self._loop.call_later(self.ping_timeout, self._ping_timed_out)
+
+    def _ping_timed_out(self) -> None:
+        self._pong_deadline = None
+        _log.warn("tunnel ping timeout", tunnel=self.name, timeout=self.ping_timeout)
+        self.close("ping timeout")
 
     def _handle_events(self) -> None:
         streams = self.streams
@@ -361,6 +430,7 @@ class Tunnel:
             elif t is StreamOpened:
                 stream = MuxStream(self, ev.stream_id)  # type: ignore[union-attr]
                 streams[ev.stream_id] = stream  # type: ignore[union-attr]
+                self._no_streams.clear()
                 if self.on_stream is None:
                     stream.reset(ResetReason.REFUSED)
                 else:
@@ -378,52 +448,13 @@ class Tunnel:
                 if stream is not None:
                     stream._lost(None)
             elif t is PongReceived:
-                if ev.opaque == self._ping_opaque and self._pong and not self._pong.done():  # type: ignore[union-attr]
-                    self._pong.set_result(None)
+                if ev.opaque == self._ping_opaque and self._pong_deadline is not None:  # type: ignore[union-attr]
+                    self._pong_deadline.cancel()
+                    self._pong_deadline = None
+                    self._schedule_ping()
             elif t is GoAwayReceived:
                 if self.on_goaway is not None:
                     self.on_goaway()
             elif t is ConnectionTerminated:
                 _log.warn("tunnel protocol error", tunnel=self.name, error=ev.error)  # type: ignore[union-attr]
                 self.close(f"protocol error: {ev.error}")  # type: ignore[union-attr]
-        self._wakeup.set()
-
-    async def _write_loop(self) -> None:
-        session = self.session
-        ws = self.ws
-        wakeup = self._wakeup
-        try:
-            while True:
-                if not self._done.is_set():  # once closing, flush what is left and stop
-                    await wakeup.wait()
-                wakeup.clear()
-                data = session.data_to_send()
-                if not data:
-                    if self._done.is_set():
-                        return
-                    continue
-                view = memoryview(data)
-                for i in range(0, len(view), _MAX_SEND_MESSAGE):
-                    await ws.send_bytes(
-                        bytes(view[i : i + _MAX_SEND_MESSAGE])
-                        if len(view) > _MAX_SEND_MESSAGE
-                        else data
-                    )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.close(f"write failed: {exc!r}")
-
-    async def _ping_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.ping_interval)
-            self._pong = loop.create_future()
-            self._ping_opaque = self.session.send_ping()
-            self.wake_writer()
-            try:
-                await asyncio.wait_for(self._pong, self.ping_timeout)
-            except TimeoutError:
-                _log.warn("tunnel ping timeout", tunnel=self.name, timeout=self.ping_timeout)
-                self.close("ping timeout")
-                return

@@ -121,7 +121,6 @@ class Node:
         self.addrs: BoundAddrs | None = None
         self._proxy_server: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._upstream_runner: web.AppRunner | None = None
         self._stopped = asyncio.Event()
         self.registry.listeners.append(self._on_endpoint_change)
         self.upstream_server.on_connect = lambda _: self.metrics.upstream_connects.inc()
@@ -229,10 +228,7 @@ class Node:
                 self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr"
             )
             self._admin_runner = admin_runner
-            up_runner, up_addr = await self._start_app(
-                self.upstream_server.app(), cfg.upstream.bind_addr, "upstream.bind_addr"
-            )
-            self._upstream_runner = up_runner
+            up_addr = await self._start_upstream(cfg.upstream.bind_addr)
             proxy_addr = await self._start_proxy(cfg.proxy.bind_addr)
             gossip_addr = await self._bind_gossip(cfg.gossip.bind_addr)
         except StartupError:
@@ -320,6 +316,15 @@ class Node:
         except BindError as exc:
             raise StartupError(str(exc)) from exc
 
+    async def _start_upstream(self, bind: str) -> tuple[str, int]:
+        host, port = parse_host_port(bind, key="upstream.bind_addr")
+        try:
+            return host, await self.upstream_server.start(host, port)
+        except OSError as exc:
+            raise StartupError(
+                f"upstream.bind_addr: cannot listen on {bind!r}: {exc.strerror or exc}"
+            ) from exc
+
     async def _start_proxy(self, bind: str) -> tuple[str, int]:
         host, port = parse_host_port(bind, key="proxy.bind_addr")
         loop = asyncio.get_running_loop()
@@ -382,7 +387,8 @@ class Node:
             self._proxy_server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._proxy_server.wait_closed(), 1.0)
-        for runner in (self._upstream_runner, self._admin_runner):
+        await self.upstream_server.close()
+        for runner in (self._admin_runner,):
             if runner is not None:
                 with contextlib.suppress(Exception):
                     await runner.cleanup()

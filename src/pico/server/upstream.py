@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
+from typing import cast
 
-from aiohttp import web
+import httptools
 
 from pico import log
 from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
-from pico.http.head import valid_endpoint_id
+from pico.http.head import error_response, valid_endpoint_id
+from pico.mux.handshake import accept_response, upgrade_error
 from pico.mux.session import MuxError
-from pico.mux.tunnel import MAX_MESSAGE_SIZE, MuxStream, Tunnel
+from pico.mux.tunnel import MuxStream, Tunnel
 
 _log = log.get_logger("upstream")
 
@@ -166,7 +169,12 @@ class EndpointRegistry:
 
 
 class UpstreamServer:
-    """The upstream port: accepts agent WebSockets and keeps the registry current."""
+    """The upstream port: accepts agent WebSockets and keeps the registry current.
+
+    A raw asyncio server: the upgrade request is parsed with httptools, answered with a JSON
+    error or a 101, and the connection is then handed to a `Tunnel` (no HTTP framework on the
+    data path).
+    """
 
     def __init__(
         self,
@@ -183,36 +191,26 @@ class UpstreamServer:
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
         self.accepting = True
+        self._server: asyncio.Server | None = None
         self._tunnels: set[TunnelUpstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def app(self) -> web.Application:
-        """The aiohttp application serving the upstream route."""
-        app = web.Application(handler_args={"max_field_size": 16384})
-        app.router.add_get("/pico/v1/upstream/{endpoint_id}", self.handle)
-        app.router.add_route("*", "/{tail:.*}", _not_found)
-        return app
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Upgrade an agent's request to a tunnel and serve it until it closes."""
-        endpoint_id = request.match_info["endpoint_id"]
-        if not valid_endpoint_id(endpoint_id):
-            return _json_error(400, "invalid endpoint id: use 1-128 characters of [A-Za-z0-9._-]")
-        if not self.accepting:
-            return _json_error(503, "node shutting down")
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_SIZE, autoping=True, compress=False)
-        if not ws.can_prepare(request).ok:
-            return _json_error(400, "expected a WebSocket upgrade")
-        await ws.prepare(request)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        addr = f"{peer[0]}:{peer[1]}" if peer else "unknown"
-        tunnel = Tunnel(
-            ws,
-            client=False,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
-            name=f"{endpoint_id}@{addr}",
+    async def start(self, host: str, port: int) -> int:
+        """Listen on (host, port); returns the bound port. Raises OSError."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _UpgradeRequest(self), host or None, port, reuse_address=True, backlog=1024
         )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def accept(self, endpoint_id: str, transport: asyncio.BaseTransport, rest: bytes) -> None:
+        """Serve an upgraded connection as the tunnel of `endpoint_id`."""
+        tunnel = Tunnel(
+            client=False, ping_interval=self.ping_interval, ping_timeout=self.ping_timeout
+        )
+        tunnel.attach(transport, b"")
+        addr = tunnel.peer or "unknown"
+        tunnel.name = f"{endpoint_id}@{addr}"
         upstream = TunnelUpstream(endpoint_id, tunnel, addr)
 
         def on_goaway() -> None:
@@ -226,20 +224,27 @@ class UpstreamServer:
         _log.info("upstream connected", endpoint_id=endpoint_id, client_ip=addr)
         if self.on_connect:
             self.on_connect(endpoint_id)
+        task = asyncio.get_running_loop().create_task(self._serve(upstream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if rest:
+            tunnel.data_received(rest)
+
+    async def _serve(self, upstream: TunnelUpstream) -> None:
         try:
-            await tunnel.run()
+            await upstream.tunnel.run()
         finally:
             self.registry.remove(upstream)
+            upstream.close_idle()
             self._tunnels.discard(upstream)
             _log.info(
                 "upstream disconnected",
-                endpoint_id=endpoint_id,
-                client_ip=addr,
-                reason=tunnel.close_reason,
+                endpoint_id=upstream.endpoint_id,
+                client_ip=upstream.addr,
+                reason=upstream.tunnel.close_reason,
             )
             if self.on_disconnect:
-                self.on_disconnect(endpoint_id)
-        return ws
+                self.on_disconnect(upstream.endpoint_id)
 
     def tunnels(self) -> Sequence[TunnelUpstream]:
         """Every open tunnel."""
@@ -248,6 +253,8 @@ class UpstreamServer:
     async def close_all(self, drain: float) -> None:
         """Stop accepting, send GoAway on every tunnel, let streams finish for `drain` s, close."""
         self.accepting = False
+        if self._server is not None:
+            self._server.close()
         for up in list(self._tunnels):
             self.registry.remove(up)
             up.close_idle()
@@ -256,10 +263,116 @@ class UpstreamServer:
             return_exceptions=True,
         )
 
+    async def close(self) -> None:
+        """Close the listener and every tunnel at once."""
+        self.accepting = False
+        if self._server is not None:
+            self._server.close()
+        for up in list(self._tunnels):
+            up.tunnel.close("node stopped")
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-def _json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+
+# The upgrade request head must arrive quickly and be small: this port faces the internet.
+_MAX_HEAD = 16 * 1024
+_HEAD_TIMEOUT = 10.0
+_PATH_PREFIX = "/pico/v1/upstream/"
 
 
-async def _not_found(request: web.Request) -> web.StreamResponse:
-    return _json_error(404, "not found")
+class _UpgradeRequest(asyncio.Protocol):
+    """Reads one upgrade request; answers an error or hands the connection to a tunnel."""
+
+    def __init__(self, server: UpstreamServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.size = 0
+        self.error: tuple[int, str] | None = None
+        self.endpoint_id = ""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.timer = asyncio.get_running_loop().call_later(_HEAD_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        self._respond(408, "request head not received in time")
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            if self.error is not None and self.error[0] == 431:
+                self._respond(*self.error)
+            else:
+                self._respond(400, f"malformed request: {exc}")
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value))
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def _count(self, n: int) -> None:
+        self.size += n
+        if self.size > _MAX_HEAD:
+            self.error = (431, "request header fields too large")
+            raise ValueError("head too large")
+
+    def on_headers_complete(self) -> None:
+        path = urllib.parse.unquote(self.url.decode("latin-1").split("?", 1)[0])
+        if not path.startswith(_PATH_PREFIX):
+            self.error = (404, "not found")
+            return
+        endpoint_id = path[len(_PATH_PREFIX) :]
+        if not valid_endpoint_id(endpoint_id):
+            self.error = (400, "invalid endpoint id: use 1-128 characters of [A-Za-z0-9._-]")
+            return
+        if not self.server.accepting:
+            self.error = (503, "node shutting down")
+            return
+        problem = upgrade_error(self.parser.get_method(), self.headers)
+        if problem is not None:
+            self.error = (400, problem)
+            return
+        self.endpoint_id = endpoint_id
+
+    def on_message_complete(self) -> None:
+        if not self.parser.should_upgrade():
+            status, message = self.error or (400, "expected a WebSocket upgrade")
+            self._respond(status, message)
+
+    def _upgrade(self, rest: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.error is not None or not self.endpoint_id:
+            status, message = self.error or (400, "expected a WebSocket upgrade")
+            self._respond(status, message)
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+        transport.write(accept_response(self.headers["sec-websocket-key"]))
+        self.server.accept(self.endpoint_id, transport, rest)
+
+    def _respond(self, status: int, message: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.write(error_response(status, message, close=True))
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
