@@ -17,6 +17,7 @@ from pico.mux.websocket import (
     accept_key,
     apply_mask,
     encode_frame,
+    frame_pieces,
 )
 
 
@@ -85,3 +86,14 @@ def test_close_frame_stops_decoding() -> None:
     )
     payloads, controls = decoder.feed(wire)
     assert payloads == [] and controls[0].opcode == OP_CLOSE and decoder.closed
+
+
+@given(pieces=st.lists(st.binary(max_size=300), min_size=1, max_size=12))
+def test_frame_built_from_pieces_equals_one_masked_frame(pieces: list[bytes]) -> None:
+    size = sum(map(len, pieces))
+    wire = b"".join(frame_pieces(OP_BINARY, list(pieces), size, mask=True))
+    payloads, _ = FrameDecoder(expect_mask=True).feed(wire)
+    assert b"".join(payloads) == b"".join(pieces)
+    wire = b"".join(frame_pieces(OP_BINARY, list(pieces), size, mask=False))
+    payloads, _ = FrameDecoder(expect_mask=False).feed(wire)
+    assert b"".join(payloads) == b"".join(pieces)

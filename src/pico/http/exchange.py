@@ -7,7 +7,6 @@ and relays it to the client as it arrives. `ProxyConnection` (proxy.py) owns bot
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 import httptools
@@ -82,7 +81,6 @@ class Exchange:
         self.retried_fresh = False
         self.replay: list[bytes] | None = []
         self.replay_size = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.progress_mark = 0  # request bytes received when the response timer last fired
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
@@ -146,7 +144,7 @@ class Exchange:
                 self.send_body(chunk)
             if req.body_done:
                 self.end_body()
-        if self.timer is None:
+        if not self.conn.response_timer.armed:
             self._arm_timer()
 
     def _send(self, data: bytes) -> None:
@@ -185,6 +183,8 @@ class Exchange:
         parser = self.parser
         if parser is None:
             parser = self.parser = httptools.HttpResponseParser(self)
+        conn = self.conn
+        corked = conn.cork()
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -197,6 +197,9 @@ class Exchange:
                 self._broken("unexpected upgrade from upstream")
         except httptools.HttpParserError as exc:
             self._broken(f"malformed response from upstream: {exc}")
+        finally:
+            if corked:
+                conn.uncork()
 
     def eof_received(self) -> None:
         if self.done:
@@ -406,13 +409,10 @@ class Exchange:
         self._record(status, close=close)
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        timeout = self.conn.limits.response_timeout
-        if timeout > 0:
-            self.timer = self.conn.loop.call_later(timeout, self._on_timeout)
+        self.conn.response_timer.arm(self.conn.limits.response_timeout)
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def on_timeout(self) -> None:
+        """The response head did not arrive within `proxy.timeout`."""
         if self.done or self.head_sent:
             return
         req = self.request
@@ -427,9 +427,7 @@ class Exchange:
         self._fail(504, "upstream timeout")
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.conn.response_timer.cancel()
 
     def _record(self, status: int, *, close: bool = False) -> None:
         upstream = self.upstream

@@ -69,12 +69,19 @@ def endpoint_id(endpoint_header: bytes | None, host: bytes | None) -> str:
     return ""
 
 
+_COMMON_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive"})
+
+
 def connection_tokens(headers: Headers) -> set[bytes]:
     """Lower-cased tokens of every Connection header."""
     tokens: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+        # Length first: this runs twice per request over every header.
+        if len(name) == 10 and name.lower() == b"connection":
+            if value in _COMMON_CONNECTION_VALUES:
+                tokens.add(value.lower())
+            else:
+                tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
 
 

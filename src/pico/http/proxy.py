@@ -20,9 +20,12 @@ from pico import log
 from pico.http.channel import Channel, ResetReason, Router
 from pico.http.exchange import Exchange, Request
 from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, endpoint_id, error_response
+from pico.http.timer import LazyTimer
 
 _log = log.get_logger("proxy")
 
+# Writes smaller than this are collected while corked; bigger ones go out directly.
+_CORK_LIMIT = 16 * 1024
 _PAUSE_CHANNEL = 1  # the upstream channel cannot take more request body yet
 _PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their turn
 _PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
@@ -135,7 +138,12 @@ class ProxyConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._closing = False
-        self._timer: asyncio.TimerHandle | None = None
+        # Idle / head-read timeout of the connection, and the response-head timeout of the
+        # exchange in flight (kept here so that a request does not allocate a timer).
+        self._timer = LazyTimer(self.loop, self._on_timeout)
+        self.response_timer = LazyTimer(self.loop, self._on_response_timeout)
+        # While corked, writes to the client are collected and sent as one.
+        self._cork: list[bytes | memoryview] | None = None
         self._upgrade_buffer: list[bytes] | None = None
         self._spliced: Channel | None = None
         self._client_eof = False
@@ -403,8 +411,32 @@ class ProxyConnection(asyncio.Protocol):
         self._close()
 
     def _write(self, data: bytes | memoryview) -> None:
+        cork = self._cork
+        if cork is not None:
+            if len(data) < _CORK_LIMIT:
+                cork.append(data)
+                return
+            # A big body chunk: joining it would only add a copy. Send what came before it.
+            if cork:
+                self.uncork()
+                self._cork = []
         if self.transport is not None:
             self.transport.write(data)
+
+    def cork(self) -> bool:
+        """Collect writes until `uncork()` (one syscall for a response head and body).
+
+        Returns False if already corked (the outer caller uncorks)."""
+        if self._cork is not None:
+            return False
+        self._cork = []
+        return True
+
+    def uncork(self) -> None:
+        """Send what was collected since `cork()`."""
+        parts, self._cork = self._cork, None
+        if parts and self.transport is not None:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
     # -- called by the exchange ------------------------------------------------------------------
 
@@ -476,7 +508,9 @@ class ProxyConnection(asyncio.Protocol):
         self._write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
-        if self.transport is not None:
+        if self._cork is not None:
+            self._cork.extend(parts)
+        elif self.transport is not None:
             self.transport.writelines(parts)
 
     @property
@@ -486,6 +520,9 @@ class ProxyConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the client connection (an upstream failed after the response started)."""
         self._closing = True
+        self._cork = None
+        self._timer.close()
+        self.response_timer.close()
         if self.transport is not None:
             self.transport.abort()
 
@@ -493,7 +530,10 @@ class ProxyConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._cancel_timer()
+        if self._cork is not None:
+            self.uncork()
+        self._timer.close()
+        self.response_timer.close()
         if self.transport is not None:
             self.transport.close()
 
@@ -510,17 +550,16 @@ class ProxyConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_timer(self, delay: float) -> None:
-        self._cancel_timer()
-        if delay > 0:
-            self._timer = self.loop.call_later(delay, self._on_timeout)
+        self._timer.arm(delay)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
+
+    def _on_response_timeout(self) -> None:
+        if self._exchange is not None:
+            self._exchange.on_timeout()
 
     def _on_timeout(self) -> None:
-        self._timer = None
         if self._in_head and not self._queue:
             self._reject(408, "request head not received in time")
         else:

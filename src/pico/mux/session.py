@@ -240,6 +240,14 @@ class Session:
         self._out = []
         return data
 
+    def take_output(self) -> list[bytes | memoryview]:
+        """Return and clear the pending outgoing pieces without joining them (no copy).
+
+        Concatenated in order, they equal what :meth:`data_to_send` would have returned.
+        """
+        out, self._out = self._out, []
+        return out
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the transport, split anywhere.
 

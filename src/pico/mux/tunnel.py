@@ -40,6 +40,7 @@ from pico.mux.websocket import (
     FrameDecoder,
     WebSocketError,
     encode_frame,
+    frame_pieces,
 )
 
 _log = log.get_logger("mux")
@@ -47,6 +48,11 @@ _log = log.get_logger("mux")
 # A WebSocket frame carries at most this much; bigger flushes are split. The peer's frame
 # limit (MAX_MESSAGE_SIZE) protects its memory from a hostile sender.
 _MAX_SEND_FRAME = 1024 * 1024
+# Above this many bytes unsent on the connection, stream sources are paused.
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+# Flushes up to this size are joined into one frame and one write (a copy is cheaper than
+# a vector of small pieces).
+_SMALL_FRAME = 64 * 1024
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # The most one stream may have in flight towards us. When its consumer stalls (a client that
 # stops reading), up to this much lands in memory before the peer is stopped, so it is the
@@ -123,7 +129,9 @@ class MuxStream:
         except MuxError:
             return
         self.tunnel.wake_writer()
-        if not self._write_paused and session.buffered(self.stream_id) > 0:
+        if not self._write_paused and (
+            session.buffered(self.stream_id) > 0 or self.tunnel.write_blocked
+        ):
             self._write_paused = True
             if self.receiver is not None:
                 self.receiver.pause_writing()
@@ -187,7 +195,7 @@ class MuxStream:
         elif kind == 2:
             self.receiver = None
             receiver.connection_lost(value if isinstance(value, ResetReason) else None)
-        elif kind == 3 and self._write_paused:
+        elif kind == 3 and self._write_paused and not self.tunnel.write_blocked:
             self._write_paused = False
             receiver.resume_writing()
 
@@ -229,6 +237,9 @@ class Tunnel(asyncio.Protocol):
         self.close_reason = ""
         self.on_goaway: Callable[[], None] | None = None
         self.transport: asyncio.Transport | None = None
+        # True while the connection's write buffer is above its high-water mark: every
+        # stream's source is paused, so a fast sender cannot pile data up in memory here.
+        self.write_blocked = False
         self.peer = ""
         self._loop = asyncio.get_running_loop()
         self._flush_handle: asyncio.Handle | None = None
@@ -317,6 +328,7 @@ class Tunnel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -345,6 +357,16 @@ class Tunnel(asyncio.Protocol):
         self.close("connection closed by peer")
         return False
 
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        session = self.session
+        for stream in list(self.streams.values()):
+            if stream._write_paused and session.buffered(stream.stream_id) == 0:
+                stream._dispatch(3, None)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.close(f"connection lost: {exc}" if exc else "connection closed by peer")
@@ -356,21 +378,28 @@ class Tunnel(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        data = self.session.data_to_send()
+        parts = self.session.take_output()
         if self._control:
             control, self._control = self._control, []
             transport.write(b"".join(control))
-        if not data:
+        if not parts:
             return
-        mask = self.client
-        if len(data) <= _MAX_SEND_FRAME:
-            transport.write(encode_frame(OP_BINARY, data, mask=mask))
+        size = sum(map(len, parts))
+        if size <= _SMALL_FRAME:
+            transport.write(encode_frame(OP_BINARY, b"".join(parts), mask=self.client))
             return
-        view = memoryview(data)
-        for i in range(0, len(view), _MAX_SEND_FRAME):
-            transport.write(
-                encode_frame(OP_BINARY, bytes(view[i : i + _MAX_SEND_FRAME]), mask=mask)
-            )
+        # Big flushes: frames of up to _MAX_SEND_FRAME, written as vectors of the session's
+        # pieces (masked piece by piece on the client), so the payload is never joined.
+        group: list[bytes | memoryview] = []
+        group_size = 0
+        for part in parts:
+            group.append(part)
+            group_size += len(part)
+            if group_size >= _MAX_SEND_FRAME:
+                transport.writelines(frame_pieces(OP_BINARY, group, group_size, mask=self.client))
+                group, group_size = [], 0
+        if group:
+            transport.writelines(frame_pieces(OP_BINARY, group, group_size, mask=self.client))
 
     def _shutdown(self) -> None:
         for timer in (self._ping_timer, self._pong_deadline):

@@ -44,7 +44,7 @@ class WebSocketError(Exception):
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR `data` with the 4-byte `mask` repeated."""
     if _c_apply_mask is not None:
-        return bytes(_c_apply_mask(data, mask))
+        return _c_apply_mask(data, mask)
     n = len(data)
     if n == 0:
         return b""
@@ -63,21 +63,51 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
 
 
+def frame_header(opcode: int, length: int, *, mask_key: bytes | None) -> bytes:
+    """The header of one final frame of `length` payload bytes (with the mask key, if any)."""
+    first = 0x80 | opcode
+    mask_bit = 0x80 if mask_key is not None else 0
+    if length < 126:
+        head = bytes((first, mask_bit | length))
+    elif length < 65536:
+        head = bytes((first, mask_bit | 126)) + _SHORT.pack(length)
+    else:
+        head = bytes((first, mask_bit | 127)) + _LONG.pack(length)
+    return head + mask_key if mask_key is not None else head
+
+
+def encode_frame_parts(opcode: int, payload: bytes, *, mask: bool) -> tuple[bytes, bytes]:
+    """One final frame as (header, payload) without joining them (no copy of a big payload)."""
+    if not mask:
+        return frame_header(opcode, len(payload), mask_key=None), payload
+    key = os.urandom(4)
+    return frame_header(opcode, len(payload), mask_key=key), apply_mask(payload, key)
+
+
+def frame_pieces(
+    opcode: int, pieces: list[bytes | memoryview], size: int, *, mask: bool
+) -> list[bytes | memoryview]:
+    """One frame whose payload is `pieces` concatenated (`size` bytes), as a list to write.
+
+    With `mask`, each piece is masked with the key rotated to its offset in the payload, so the
+    payload is never joined into one buffer.
+    """
+    if not mask:
+        return [frame_header(opcode, size, mask_key=None), *pieces]
+    key = os.urandom(4)
+    out: list[bytes | memoryview] = [frame_header(opcode, size, mask_key=key)]
+    offset = 0
+    for piece in pieces:
+        shift = offset & 3
+        out.append(apply_mask(piece, key[shift:] + key[:shift] if shift else key))
+        offset += len(piece)
+    return out
+
+
 def encode_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
     """One final frame carrying `payload` (masked, as a client must)."""
-    n = len(payload)
-    first = 0x80 | opcode
-    mask_bit = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((first, mask_bit | n))
-    elif n < 65536:
-        head = bytes((first, mask_bit | 126)) + _SHORT.pack(n)
-    else:
-        head = bytes((first, mask_bit | 127)) + _LONG.pack(n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + apply_mask(payload, key)
+    head, body = encode_frame_parts(opcode, payload, mask=mask)
+    return head + body
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,6 +180,10 @@ class Node:
         ):
             self.metrics.add_collector(CounterCollector(name, doc, _reader(c, attr)))
 
+    def _on_node_gone(self, node_id: str) -> None:
+        self.node_upstreams.forget(node_id)
+        self.metrics.proxy.forget_node(node_id)
+
     def _proxy_addr_of(self, node_id: str) -> str | None:
         node = self.cluster.remotes.get(node_id)
         return node.proxy_addr if node is not None else None
@@ -256,7 +260,7 @@ class Node:
             ),
         )
         self.gossip.attach(gossiper)
-        self.syncer = ClusterSyncer(self.cluster, gossiper, self.node_upstreams.forget)
+        self.syncer = ClusterSyncer(self.cluster, gossiper, self._on_node_gone)
         self.syncer.publish_local()
         self.gossip.start()
         if cfg.cluster.join and not await self._join_once():
