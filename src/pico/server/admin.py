@@ -52,6 +52,7 @@ class AdminServer:
         r.add_get("/status/cluster/nodes", self.cluster_nodes)
         r.add_get("/status/cluster/nodes/{id}", self.cluster_node)
         r.add_get("/status/proxy/endpoints", self.proxy_endpoints)
+        r.add_get("/status/proxy/stats", self.proxy_stats)
         r.add_get("/status/gossip/nodes", self.gossip_nodes)
         r.add_get("/status/gossip/nodes/{id}", self.gossip_node)
         app.on_cleanup.append(self._close_client)
@@ -114,6 +115,25 @@ class AdminServer:
             for endpoint_id, ups in sorted(self.registry.endpoints().items())
         }
         return web.json_response(endpoints)
+
+    async def proxy_stats(self, request: web.Request) -> web.StreamResponse:
+        """Per endpoint on this node: its local upstreams and request counts since start."""
+        stats = self.metrics.proxy
+        endpoints = self.registry.endpoints()
+        names = sorted(set(endpoints) | set(stats.by_endpoint))
+        return web.json_response(
+            {
+                "node_id": self.cluster.local.id,
+                "endpoints": {
+                    name: {
+                        "upstreams": [u.addr for u in endpoints.get(name, [])],
+                        "requests": stats.by_endpoint.get(name, [0, 0])[0],
+                        "errors": stats.by_endpoint.get(name, [0, 0])[1],
+                    }
+                    for name in names
+                },
+            }
+        )
 
     async def gossip_nodes(self, request: web.Request) -> web.StreamResponse:
         if self.gossip_status is None:

@@ -26,6 +26,7 @@ _METHODS = frozenset(
 # Latency buckets from 1 ms to ~33 s: a tunnel hop is sub-millisecond, slow services take seconds.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _SIZE_BUCKETS = tuple(256 * 4**k for k in range(8))
+_MAX_TRACKED_ENDPOINTS = 10_000
 
 
 class NodeMetrics:
@@ -130,6 +131,9 @@ class ProxyStats(Collector):
         self.response_size = _Histogram(_SIZE_BUCKETS)
         self.forwarded_local = 0
         self.forwarded_remote: dict[str, int] = {}
+        # Requests per endpoint for the status API and dashboard (not a Prometheus label:
+        # endpoint names are unbounded). Capped: past the cap new endpoints are not counted.
+        self.by_endpoint: dict[str, list[int]] = {}
 
     def observe(self, record: RequestRecord) -> None:
         """Account one finished request."""
@@ -144,6 +148,14 @@ class ProxyStats(Collector):
             self.by_label[key] = series
         series[0][0] += 1
         series[1].observe(record.duration)
+        if record.endpoint:
+            counts = self.by_endpoint.get(record.endpoint)
+            if counts is None and len(self.by_endpoint) < _MAX_TRACKED_ENDPOINTS:
+                counts = self.by_endpoint[record.endpoint] = [0, 0]
+            if counts is not None:
+                counts[0] += 1
+                if record.status >= 500:
+                    counts[1] += 1
         self.request_size.observe(record.bytes_in)
         self.response_size.observe(record.bytes_out)
         if record.upstream:

@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 import secrets
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -26,10 +25,11 @@ from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
 from pico.gossip.transport import GossipTransport
 from pico.http.proxy import ConnectionTracker, ProxyConnection, ProxyLimits
+from pico.server import collectors
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
 from pico.server.forward import NodeUpstreams
-from pico.server.metrics import CounterCollector, GaugeCollector, NodeMetrics
+from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
 from pico.server.upstream import EndpointRegistry, UpstreamServer
@@ -110,7 +110,6 @@ class Node:
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._join_task: asyncio.Task[None] | None = None
         self._join_errors: list[str] = []
-        self._register_collectors()
         self.limits = ProxyLimits(
             max_header_bytes=config.proxy.max_header_bytes,
             read_header_timeout=config.proxy.read_header_timeout,
@@ -125,60 +124,7 @@ class Node:
         self.registry.listeners.append(self._on_endpoint_change)
         self.upstream_server.on_connect = lambda _: self.metrics.upstream_connects.inc()
         self.upstream_server.on_disconnect = lambda _: self.metrics.upstream_disconnects.inc()
-
-    def _register_collectors(self) -> None:
-        def nodes_by_status() -> list[tuple[tuple[str], float]]:
-            counts = {"active": 0, "unreachable": 0, "left": 0}
-            for node in self.cluster.nodes():
-                counts[node.status] += 1
-            return [((status,), float(n)) for status, n in counts.items()]
-
-        self.metrics.add_collector(
-            GaugeCollector(
-                "pico_cluster_nodes", "Known nodes by status.", ["status"], nodes_by_status
-            )
-        )
-        c = self.gossip.counters
-        for name, doc, attr in (
-            (
-                "pico_gossip_packet_bytes_inbound_total",
-                "Gossip UDP bytes received.",
-                "packet_bytes_in",
-            ),
-            (
-                "pico_gossip_packet_bytes_outbound_total",
-                "Gossip UDP bytes sent.",
-                "packet_bytes_out",
-            ),
-            ("pico_gossip_packets_inbound_total", "Gossip UDP packets received.", "packets_in"),
-            ("pico_gossip_packets_outbound_total", "Gossip UDP packets sent.", "packets_out"),
-            (
-                "pico_gossip_stream_bytes_inbound_total",
-                "Gossip TCP bytes received.",
-                "stream_bytes_in",
-            ),
-            (
-                "pico_gossip_stream_bytes_outbound_total",
-                "Gossip TCP bytes sent.",
-                "stream_bytes_out",
-            ),
-            (
-                "pico_gossip_connections_inbound_total",
-                "Gossip TCP connections accepted.",
-                "connections_in",
-            ),
-            (
-                "pico_gossip_connections_outbound_total",
-                "Gossip TCP connections made.",
-                "connections_out",
-            ),
-            (
-                "pico_gossip_decode_errors_total",
-                "Gossip packets dropped as malformed.",
-                "decode_errors",
-            ),
-        ):
-            self.metrics.add_collector(CounterCollector(name, doc, _reader(c, attr)))
+        collectors.register(self)
 
     def _on_node_gone(self, node_id: str) -> None:
         self.node_upstreams.forget(node_id)
@@ -409,7 +355,3 @@ def _gossip_meta(meta: object, now: float) -> dict[str, object]:
         "unreachable": getattr(meta, "unreachable", False),
         "expiry": None if expiry is None else round(max(0.0, expiry - now), 3),
     }
-
-
-def _reader(obj: object, attr: str) -> Callable[[], float]:
-    return lambda: float(getattr(obj, attr))

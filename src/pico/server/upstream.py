@@ -73,6 +73,11 @@ class TunnelUpstream:
         channel.set_receiver(_IdleStream(self, channel))
         self._idle.append((time.monotonic(), channel))
 
+    @property
+    def idle_count(self) -> int:
+        """Streams waiting in the keep-alive pool."""
+        return len(self._idle)
+
     def discard(self, stream: MuxStream) -> None:
         """Forget an idle stream that the service closed."""
         self._idle = [(t, s) for t, s in self._idle if s is not stream]
