@@ -344,6 +344,36 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------------------
 
 
+class HeaderFilter(_Model):
+    """Which headers an access log line shows (names are case-insensitive)."""
+
+    allow_list: StrList = Field(
+        default_factory=list,
+        description="Only these headers are logged (when set; block_list is then ignored).",
+    )
+    block_list: StrList = Field(
+        default_factory=list,
+        description="Headers never logged (e.g. authorization, cookie), when allow_list is empty.",
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> HeaderFilter:
+        if self.allow_list and self.block_list:
+            raise ValueError("allow_list and block_list cannot both be set")
+        return self
+
+
+class AccessLogConfig(_Model):
+    """``proxy.access_log``: one line per proxied request (subsystem ``proxy.access``)."""
+
+    disable: bool = Field(False, description="Turn the access log off.")
+    level: LogLevel = Field(
+        "info", description="Level of access log lines (5xx responses are logged at warn at least)."
+    )
+    request_headers: HeaderFilter = Field(default_factory=HeaderFilter)
+    response_headers: HeaderFilter = Field(default_factory=HeaderFilter)
+
+
 class ProxyConfig(_Model):
     """``proxy``: the HTTP listener clients send requests to."""
 
@@ -365,6 +395,7 @@ class ProxyConfig(_Model):
     idle_timeout: Duration = Field(
         300.0, description="Idle keep-alive client connections are closed after this (0 disables)."
     )
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
 
 
 class UpstreamConfig(_Model):

@@ -86,6 +86,7 @@ class Exchange:
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.response_headers: list[tuple[bytes, bytes]] = []  # as received, for the access log
         self.head_sent = False  # response head written to the client
         self.got_bytes = False  # any response byte received on this channel
         self.chunked_out = False
@@ -304,7 +305,7 @@ class Exchange:
             upgrade=upgrade,
         )
         self.head_sent = True
-        self.headers = []
+        self.response_headers, self.headers = self.headers, []
         self.conn.write(head)
         if no_body and not upgrade:
             self._complete()
@@ -434,5 +435,11 @@ class Exchange:
         label = upstream.label if upstream is not None else ""
         remote = upstream.remote if upstream is not None else False
         self.conn.finish_exchange(
-            self.request, status, self.bytes_out, label, remote=remote, close=close
+            self.request,
+            status,
+            self.bytes_out,
+            label,
+            remote=remote,
+            close=close,
+            response_headers=self.response_headers,
         )

@@ -19,7 +19,13 @@ import httptools
 from pico import log
 from pico.http.channel import Channel, ResetReason, Router
 from pico.http.exchange import Exchange, Request
-from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, endpoint_id, error_response
+from pico.http.head import (
+    ENDPOINT_HEADER,
+    FORWARD_HEADER,
+    Headers,
+    endpoint_id,
+    error_response,
+)
 from pico.http.timer import LazyTimer
 
 _log = log.get_logger("proxy")
@@ -66,6 +72,9 @@ class RequestRecord:
     upstream: str
     forwarded: bool
     remote: bool
+    client_ip: str = ""
+    request_headers: Headers = ()  # type: ignore[assignment]
+    response_headers: Headers = ()  # type: ignore[assignment]
 
 
 Observer = Callable[[RequestRecord], None]
@@ -441,7 +450,15 @@ class ProxyConnection(asyncio.Protocol):
     # -- called by the exchange ------------------------------------------------------------------
 
     def finish_exchange(
-        self, req: Request, status: int, bytes_out: int, upstream: str, *, remote: bool, close: bool
+        self,
+        req: Request,
+        status: int,
+        bytes_out: int,
+        upstream: str,
+        *,
+        remote: bool,
+        close: bool,
+        response_headers: Headers | None = None,
     ) -> None:
         """Record a finished request and move on to the next one (or close)."""
         if self._queue and self._queue[0] is req:
@@ -462,6 +479,9 @@ class ProxyConnection(asyncio.Protocol):
                     upstream=upstream,
                     forwarded=req.forwarded,
                     remote=remote,
+                    client_ip=self.client_ip,
+                    request_headers=req.headers,
+                    response_headers=response_headers or [],
                 )
             )
         if self._spliced is not None:

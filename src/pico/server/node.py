@@ -24,8 +24,15 @@ from pico import log
 from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
 from pico.gossip.transport import GossipTransport
-from pico.http.proxy import ConnectionTracker, ProxyConnection, ProxyLimits
+from pico.http.proxy import (
+    ConnectionTracker,
+    Observer,
+    ProxyConnection,
+    ProxyLimits,
+    RequestRecord,
+)
 from pico.server import collectors
+from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
 from pico.server.forward import NodeUpstreams
@@ -220,6 +227,19 @@ class Node:
             admin_addr=self.addrs.admin_advertise,
         )
 
+    def _observer(self) -> Observer:
+        """What happens after each request: metrics, and the access log unless disabled."""
+        metrics = self.metrics.observe
+        if self.config.proxy.access_log.disable:
+            return metrics
+        access = AccessLog(self.config.proxy.access_log)
+
+        def observe(record: RequestRecord) -> None:
+            metrics(record)
+            access(record)
+
+        return observe
+
     async def _bind_gossip(self, bind: str) -> tuple[str, int]:
         host, port = parse_host_port(bind, key="gossip.bind_addr")
         self.gossip.host, self.gossip.port = host, port
@@ -279,7 +299,7 @@ class Node:
         host, port = parse_host_port(bind, key="proxy.bind_addr")
         loop = asyncio.get_running_loop()
         router, limits, conns = self.router, self.limits, self.connections
-        observe = self.metrics.observe
+        observe = self._observer()
         try:
             server = await loop.create_server(
                 lambda: ProxyConnection(router, limits, observe, conns),
