@@ -124,3 +124,20 @@ async def test_admin_forward_query_reaches_the_named_node(h: Harness) -> None:
         async with http.get(admin_url(a) + f"/status/gossip/nodes/{b.node_id}") as resp:
             state = await resp.json()
         assert {e["key"] for e in state["entries"]} >= {"proxy_addr", "admin_addr"}
+
+
+async def test_forward_header_from_a_client_is_not_trusted(h: Harness) -> None:
+    node = await h.node()  # alone: no peer may mark a request as forwarded
+    port = await h.service(sample_app())
+    await h.agent(node, [f"ep/127.0.0.1:{port}"])
+    await h.tunnel_up(node, "ep")
+    async with aiohttp.ClientSession() as http:
+        headers = {
+            "x-pico-endpoint": "ep",
+            "x-pico-forward": "true",
+            "X-Forwarded-For": "10.9.9.9",
+        }
+        async with http.get(proxy_url(node) + "/echo", headers=headers) as resp:
+            assert resp.status == 200
+            # The client's own address is appended: a spoofed header cannot hide it.
+            assert resp.headers["x-seen-x-forwarded-for"] == "10.9.9.9, 127.0.0.1"

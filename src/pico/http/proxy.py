@@ -125,9 +125,13 @@ class ProxyConnection(asyncio.Protocol):
         limits: ProxyLimits,
         observer: Observer | None = None,
         connections: ConnectionTracker | None = None,
+        trusted_forwarder: Callable[[str], bool] | None = None,
     ) -> None:
         self.router = router
         self.connections = connections
+        # Says whether a client IP is another node of the cluster: only those may mark a
+        # request as forwarded (which keeps X-Forwarded-For as is and stops re-forwarding).
+        self.trusted_forwarder = trusted_forwarder
         self.limits = limits
         self.observer = observer
         self.loop = asyncio.get_running_loop()
@@ -341,7 +345,11 @@ class ProxyConnection(asyncio.Protocol):
             elif lname == ENDPOINT_HEADER:
                 endpoint_header = value
             elif lname == FORWARD_HEADER:
-                req.forwarded = value.strip().lower() == b"true"
+                req.forwarded = (
+                    value.strip().lower() == b"true"
+                    and self.trusted_forwarder is not None
+                    and self.trusted_forwarder(self.client_ip)
+                )
         # Request smuggling: a message whose length two parties could read differently.
         if len(content_lengths) > 1:
             raise _BadRequest(400, "conflicting Content-Length headers")

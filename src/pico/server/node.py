@@ -133,6 +133,14 @@ class Node:
         self.upstream_server.on_disconnect = lambda _: self.metrics.upstream_disconnects.inc()
         collectors.register(self)
 
+    def _is_peer(self, ip: str) -> bool:
+        """True if `ip` is the address of another node of the cluster."""
+        for node in self.cluster.remotes.values():
+            host = node.proxy_addr.rpartition(":")[0].strip("[]")
+            if host == ip:
+                return True
+        return False
+
     def _on_node_gone(self, node_id: str) -> None:
         self.node_upstreams.forget(node_id)
         self.metrics.proxy.forget_node(node_id)
@@ -302,7 +310,7 @@ class Node:
         observe = self._observer()
         try:
             server = await loop.create_server(
-                lambda: ProxyConnection(router, limits, observe, conns),
+                lambda: ProxyConnection(router, limits, observe, conns, self._is_peer),
                 host or None,
                 port,
                 reuse_address=True,
