@@ -395,6 +395,12 @@ class ProxyConfig(_Model):
     idle_timeout: Duration = Field(
         300.0, description="Idle keep-alive client connections are closed after this (0 disables)."
     )
+    upstream_wait: Duration = Field(
+        5.0,
+        description="How long a request waits for an upstream when its endpoint just lost all "
+        "of them (a node restarting or failing while its agents reconnect elsewhere) before "
+        "502; unknown endpoints are answered at once (0 disables).",
+    )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
 
 
@@ -441,10 +447,15 @@ class ClusterConfig(_Model):
     )
     join: StrList = Field(
         default_factory=list,
-        description="Addresses of cluster members (gossip or admin addresses) to join.",
+        description="Gossip addresses or DNS names of cluster members to join (every A/AAAA "
+        "record of a name is tried; the port defaults to the gossip port).",
+    )
+    join_timeout: Duration = Field(
+        60.0,
+        description="How long to keep retrying the join (with backoff) before giving up.",
     )
     abort_if_join_fails: bool = Field(
-        True, description="Exit if none of the join addresses can be reached."
+        True, description="Exit 1 if no member could be joined within join_timeout."
     )
 
     @model_validator(mode="after")

@@ -177,3 +177,62 @@ def test_getting_started_guide_and_sigkill_failover(procs: Procs, tmp_path: Path
     )
     assert last_failure < 10.0, f"requests failed for {last_failure:.1f}s after the kill"
     assert detected_after < 8.0
+
+
+def owner_of(endpoint: str) -> str | None:
+    """The id of the node holding a tunnel for `endpoint`, as the cluster sees it."""
+    for ip in NODES:
+        for node in nodes_view(ip):
+            if node["status"] != "active":
+                continue
+            status, body = http_get(f"http://{ip}:8002/status/cluster/nodes/{node['id']}")
+            if status == 200 and endpoint in (json.loads(body).get("endpoints") or {}):
+                return str(node["id"])
+    return None
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx not installed (.ci/run installs it)")
+def test_sigterm_moves_agents_without_failing_requests(procs: Procs, tmp_path: Path) -> None:
+    start_cluster(procs, tmp_path)
+    procs.start("service", [sys.executable, "-m", "tests.support.serve", "127.0.0.1", "4103"])
+    wait_until(lambda: http_ok("http://127.0.0.1:4103/"), what="service up")
+    procs.pico("agent", "--endpoints", "ep/127.0.0.1:4103", "--admin.bind-addr", "127.0.0.1:0")
+    wait_until(
+        lambda: all(
+            sum(int(n["endpoints"]) for n in nodes_view(ip)) == 1  # type: ignore[call-overload]
+            for ip in NODES
+        ),
+        what="endpoint gossiped to every node",
+    )
+    owner = owner_of("ep")
+    assert owner is not None
+    owner_index = int(owner.split("-")[1]) - 1
+    results: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            status, body = http_get("http://127.0.0.1:8000/", {"x-pico-endpoint": "ep"})
+            results.append(status)
+            if status != 200:
+                errors.append(f"{time.monotonic():.3f} {status} {body[:80]!r}")
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_until(lambda: len(results) >= 20, what="client running")
+        procs.procs[owner_index].signal(signal.SIGTERM)
+        assert procs.procs[owner_index].wait(timeout=30) == 0
+        wait_until(
+            lambda: (owner_of("ep") or owner) != owner, what="the agent moved to another node"
+        )
+        sent_before = len(results)
+        wait_until(lambda: len(results) >= sent_before + 50, what="traffic after the move")
+    finally:
+        stop.set()
+        thread.join()
+    failed = [s for s in results if s != 200]
+    print(f"\nSIGTERM of the tunnel's node: {len(failed)} of {len(results)} requests failed")
+    print("\n".join(errors[:20]))
+    assert failed == []

@@ -219,3 +219,36 @@ def test_1gib_download_and_upload_keep_node_memory_bounded(procs: Procs, tmp_pat
         )
     assert up.stdout == f"{GIB} ok", up.stdout + up.stderr
     assert peak[0] < RSS_LIMIT, f"node RSS peaked at {peak[0] / 2**20:.0f} MiB during upload"
+
+
+def test_node_exits_1_when_no_member_can_be_joined(procs: Procs) -> None:
+    node = procs.pico(
+        *server_args("127.0.0.1", "--cluster.join", "127.0.0.1:1", "--cluster.join-timeout", "2s"),
+        name="lonely",
+    )
+    assert node.wait(timeout=30) == 1
+    output = node.output()
+    assert "cluster.join: could not join any member: 127.0.0.1:1" in output
+
+
+def test_agent_exits_1_when_the_server_rejects_it(procs: Procs) -> None:
+    # A stand-in server answering the upgrade with 401, as a node with auth would.
+    script = (
+        "from aiohttp import web\n"
+        "async def deny(r): return web.json_response({'error': 'invalid token'}, status=401)\n"
+        "app = web.Application(); app.router.add_get('/{tail:.*}', deny)\n"
+        "web.run_app(app, host='127.0.0.1', port=4102, print=None)\n"
+    )
+    procs.start("fake-server", [sys.executable, "-c", script])
+    wait_until(lambda: http_get(f"http://{IP}:4102/")[0] == 401, what="fake server up")
+    agent = procs.pico(
+        "agent",
+        "--endpoints",
+        "ep/4000",
+        "--server.url",
+        f"http://{IP}:4102",
+        "--admin.bind-addr",
+        f"{IP}:0",
+    )
+    assert agent.wait(timeout=30) == 1
+    assert "server rejected endpoint 'ep': 401 invalid token" in agent.output()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import aiohttp
 
 from pico.server.node import Node
@@ -15,11 +18,11 @@ def gossip_addr(node: Node) -> str:
     return f"{host}:{port}"
 
 
-async def cluster(h: Harness, n: int = 3) -> list[Node]:
-    first = await h.node()
+async def cluster(h: Harness, n: int = 3, **sections: Any) -> list[Node]:
+    first = await h.node(**sections)
     nodes = [first]
     for _ in range(n - 1):
-        nodes.append(await h.node(cluster={"join": [gossip_addr(first)]}))
+        nodes.append(await h.node(cluster={"join": [gossip_addr(first)]}, **sections))
     for node in nodes:
         await wait_for(
             lambda node=node: (
@@ -95,7 +98,7 @@ async def test_requests_spread_over_every_node_with_the_endpoint(h: Harness) -> 
 
 
 async def test_stopped_node_is_seen_as_left_and_dropped_from_routing(h: Harness) -> None:
-    a, b, c = await cluster(h)
+    a, b, c = await cluster(h, proxy={"upstream_wait": "200ms"})
     port = await h.service(sample_app())
     await h.agent(a, [f"my-endpoint/127.0.0.1:{port}"])
     await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("my-endpoint") == 1)
@@ -141,3 +144,33 @@ async def test_forward_header_from_a_client_is_not_trusted(h: Harness) -> None:
             assert resp.status == 200
             # The client's own address is appended: a spoofed header cannot hide it.
             assert resp.headers["x-seen-x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
+
+
+async def test_request_waits_for_an_endpoint_whose_node_just_left(h: Harness) -> None:
+    a, b, c = await cluster(h)
+    port = await h.service(sample_app())
+    agent_a = await h.agent(a, [f"ep/127.0.0.1:{port}"])
+    await wait_for(lambda: c.cluster.remotes[a.node_id].endpoints.get("ep") == 1)
+    await agent_a.close()
+    await a.shutdown()  # its endpoint is gone cluster-wide: c has nowhere to send "ep"
+    await wait_for(lambda: c.cluster.remotes[a.node_id].status == "left", what="a left")
+    async with aiohttp.ClientSession() as http:
+        held = asyncio.ensure_future(
+            http.get(proxy_url(c) + "/whoami", headers={"x-pico-endpoint": "ep"})
+        )
+        await wait_for(lambda: c.router._waiting == 1, what="request held")
+        # The agent comes back on b (as through a load balancer): the held request goes there.
+        await h.agent(b, [f"ep/127.0.0.1:{port}"])
+        resp = await asyncio.wait_for(held, 10)
+        assert resp.status == 200
+        assert await resp.text() == "service"
+        resp.release()
+
+
+async def test_request_for_a_never_seen_endpoint_is_not_held(h: Harness) -> None:
+    a, _, _ = await cluster(h)
+    assert a.router.wait_for_upstream("never", lambda: None) is None
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(a), headers={"x-pico-endpoint": "never"}) as resp:
+            assert resp.status == 502
+            assert await resp.json() == {"error": "no available upstreams"}

@@ -38,13 +38,15 @@ def http_ok(url: str) -> bool:
 
 
 def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """GET `url`; returns (status, body) also for error statuses."""
+    """GET `url`; returns (status, body) also for error statuses, (0, b"") if unreachable."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except OSError:
+        return 0, b""  # not reachable (yet)
 
 
 class Proc:

@@ -7,12 +7,13 @@ back for reuse. A `Router` says which upstreams may serve an endpoint, best firs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from pico.mux.frame import ResetReason
 
 __all__ = [
+    "Cancellable",
     "Channel",
     "ChannelReceiver",
     "ResetReason",
@@ -68,8 +69,24 @@ class Upstream(Protocol):
         ...
 
 
+class Cancellable(Protocol):
+    """A registration that can be withdrawn."""
+
+    def cancel(self) -> None: ...
+
+
 class Router(Protocol):
     """Chooses the upstreams for a request."""
+
+    def wait_for_upstream(
+        self, endpoint_id: str, callback: Callable[[], None]
+    ) -> Cancellable | None:
+        """Call `callback` once an upstream of `endpoint_id` appears.
+
+        Returns None (no wait) unless the endpoint is known to have had upstreams recently,
+        so that a request for an unknown endpoint is answered at once.
+        """
+        ...
 
     def candidates(self, endpoint_id: str, forwarded: bool) -> Sequence[Upstream]:
         """Upstreams able to serve `endpoint_id`, in the order to try them.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from pico import log
-from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
+from pico.http.channel import Cancellable, Channel, ResetReason, Upstream, UpstreamUnavailable
 from pico.http.head import error_response, rewrite_request_head, rewrite_response_head
 
 if TYPE_CHECKING:
@@ -94,6 +94,12 @@ class Exchange:
         self.close_client = False
         self.done = False
         self.bytes_out = 0
+        self.body_ended = False  # the end of the request body went out on the channel
+        # Waiting for an upstream to (re)appear (a node restart or failure): the hold, and
+        # the answer to give if none appears in time.
+        self.hold: Cancellable | None = None
+        self.held_once = False
+        self.hold_failure = (502, "no available upstreams")
 
     # -- request side ----------------------------------------------------------------------------
 
@@ -108,7 +114,41 @@ class Exchange:
                 continue
             self._attach(upstream, channel, reused)
             return
-        self._fail(502, "upstream unreachable" if self.upstream else "no available upstreams")
+        failure = (502, "upstream unreachable" if self.upstream else "no available upstreams")
+        if not self._hold(failure):
+            self._fail(*failure)
+
+    def _hold(self, failure: tuple[int, str]) -> bool:
+        """Wait (once, bounded) for an upstream of an endpoint that just lost all of its own.
+
+        Only a request that never reached a service is held, and only if the router knows the
+        endpoint was served recently: an unknown endpoint still gets its 502 at once.
+        """
+        wait = self.conn.limits.upstream_wait
+        if self.held_once or wait <= 0 or self.replay is None or self.got_bytes:
+            return False
+        if self.request.forwarded:
+            return False  # the node that forwarded it decided; answer it at once
+        hold = self.conn.router.wait_for_upstream(self.request.endpoint, self._hold_over)
+        if hold is None:
+            return False
+        self.held_once = True
+        self.hold = hold
+        self.hold_failure = failure
+        self.conn.response_timer.arm(wait)
+        return True
+
+    def _hold_over(self) -> None:
+        """An upstream of the endpoint appeared: route the request again."""
+        self.hold = None
+        if self.done:
+            return
+        self._cancel_timer()
+        req = self.request
+        self.candidates = list(self.conn.router.candidates(req.endpoint, req.forwarded))
+        self.upstream = None
+        self.retried_fresh = False
+        self.start()
 
     def _attach(self, upstream: Upstream, channel: Channel, reused: bool) -> None:
         req = self.request
@@ -125,11 +165,10 @@ class Exchange:
             channel.pause_reading()
         else:
             channel.resume_reading()
-        if self.replay is not None and self.replay:
-            for chunk in self.replay:
-                channel.write(chunk)
-        else:
-            head = rewrite_request_head(
+        # The head is rendered for this upstream (a retry may go to another node, or come back
+        # to a local tunnel); the body sent so far is replayed after it.
+        channel.write(
+            rewrite_request_head(
                 req.method,
                 req.url,
                 req.headers,
@@ -139,12 +178,16 @@ class Exchange:
                 forwarded=req.forwarded,
                 mark_forward=upstream.remote,
             )
-            self._send(head)
-            body, req.body = req.body, []
-            for chunk in body:
-                self.send_body(chunk)
-            if req.body_done:
-                self.end_body()
+        )
+        for chunk in self.replay or ():
+            channel.write(chunk)
+        body, req.body = req.body, []
+        if body:
+            self.conn.release_held_body(req)
+        for chunk in body:
+            self.send_body(chunk)
+        if req.body_done and not self.body_ended:
+            self.end_body()
         if not self.conn.response_timer.armed:
             self._arm_timer()
 
@@ -158,8 +201,11 @@ class Exchange:
         self.channel.write(data)
 
     def send_body(self, data: bytes) -> None:
-        """Relay a piece of the client's request body."""
-        if self.channel is None or self.done:
+        """Relay a piece of the client's request body (kept until a channel is attached)."""
+        if self.done:
+            return
+        if self.channel is None:
+            self.conn.hold_body(self.request, data)
             return
         if self.request.chunked:
             self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy, one frame
@@ -168,8 +214,9 @@ class Exchange:
 
     def end_body(self) -> None:
         """The client's request body is complete."""
-        if self.channel is None or self.done:
+        if self.channel is None or self.done or self.body_ended:
             return
+        self.body_ended = True
         if self.request.chunked:
             self._send(b"0\r\n\r\n")
         if self.request.expects_body and not self.head_sent:
@@ -371,8 +418,11 @@ class Exchange:
             if self.candidates:
                 self.start()
                 return
-            status, message = _DIAL_FAILURES[reason]
-            self._fail(status, message)
+            # Only a node that could not be reached is worth waiting out (its agents are
+            # moving); a service that refuses connections will not be fixed by waiting.
+            upstream_remote = self.upstream is not None and self.upstream.remote
+            if not (upstream_remote and self._hold(_DIAL_FAILURES[reason])):
+                self._fail(*_DIAL_FAILURES[reason])
             return
         if self.reused and replayable and not self.retried_fresh:
             # An idle pooled stream the service had already closed: retry once on a fresh one.
@@ -413,8 +463,13 @@ class Exchange:
         self.conn.response_timer.arm(self.conn.limits.response_timeout)
 
     def on_timeout(self) -> None:
-        """The response head did not arrive within `proxy.timeout`."""
+        """The response head did not arrive within `proxy.timeout` (or a hold ran out)."""
         if self.done or self.head_sent:
+            return
+        if self.hold is not None:
+            self.hold.cancel()
+            self.hold = None
+            self._fail(*self.hold_failure)
             return
         req = self.request
         if not req.body_done and req.bytes_in != self.progress_mark:
@@ -429,6 +484,9 @@ class Exchange:
 
     def _cancel_timer(self) -> None:
         self.conn.response_timer.cancel()
+        if self.hold is not None and self.done:
+            self.hold.cancel()
+            self.hold = None
 
     def _record(self, status: int, *, close: bool = False) -> None:
         upstream = self.upstream

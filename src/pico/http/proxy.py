@@ -53,6 +53,9 @@ class ProxyLimits:
     replay_limit: int = 64 * 1024
     # Bytes of pipelined requests buffered before we stop reading the client.
     pipeline_limit: int = 256 * 1024
+    # How long a request may wait for an upstream when its endpoint just lost all of them (a
+    # node restarting or dying, its agents reconnecting elsewhere); 0 answers 502 at once.
+    upstream_wait: float = 5.0
     # Client write buffer high-water mark; above it we stop crediting the upstream.
     write_high_water: int = 256 * 1024
 
@@ -364,11 +367,25 @@ class ProxyConnection(asyncio.Protocol):
         req.endpoint = endpoint_id(endpoint_header, host)
 
     def _hold(self, req: Request, n: int) -> None:
-        """Count `n` bytes of a request that waits behind the one in flight."""
+        """Count `n` bytes of a request that waits (behind the one in flight, or for an
+        upstream); past the pipeline limit the client is not read until they are sent."""
         req.held += n
         self._pipelined += n
         if self._pipelined > self.limits.pipeline_limit:
             self._pause(_PAUSE_PIPELINE)
+
+    def hold_body(self, req: Request, data: bytes) -> None:
+        """Keep body bytes of the request in flight until its exchange has a channel."""
+        req.body.append(data)
+        self._hold(req, len(data))
+
+    def release_held_body(self, req: Request) -> None:
+        """The request's waiting bytes are being sent: take them off the budget."""
+        if req.held:
+            self._pipelined -= req.held
+            req.held = 0
+            if self._pipelined <= self.limits.pipeline_limit:
+                self._resume(_PAUSE_PIPELINE)
 
     def _start_next(self) -> None:
         """Start the queued requests in turn until one is in flight or the queue is empty."""
@@ -380,18 +397,13 @@ class ProxyConnection(asyncio.Protocol):
         try:
             while self._queue and self._exchange is None and not self._closing:
                 req = self._queue[0]
-                if req.held:
-                    self._pipelined -= req.held
-                    req.held = 0
-                    if self._pipelined <= self.limits.pipeline_limit:
-                        self._resume(_PAUSE_PIPELINE)
+                self.release_held_body(req)
                 if not req.endpoint:
                     self._respond_error(req, 400, "missing endpoint id")
                     continue
+                # With no candidates the exchange answers 502, or holds the request briefly if
+                # the endpoint just lost its upstreams (a node restarting or failing).
                 candidates = self.router.candidates(req.endpoint, req.forwarded)
-                if not candidates:
-                    self._respond_error(req, 502, "no available upstreams")
-                    continue
                 exchange = Exchange(self, req, list(candidates))
                 self._exchange = exchange
                 exchange.start()

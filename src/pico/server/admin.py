@@ -1,4 +1,4 @@
-"""The admin port: health, readiness, Prometheus metrics and the status API.
+"""The admin port: the dashboard, health, readiness, Prometheus metrics and the status API.
 
 Every route honours `?forward=NODE_ID`: the request is proxied to that node's admin address
 (404 for an unknown id), so `pico status ... --forward ID` works through a load balancer.
@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pico import log
 from pico.server.cluster import ClusterState
+from pico.server.dashboard import serve_dashboard
 from pico.server.metrics import NodeMetrics
 from pico.server.upstream import EndpointRegistry
 
@@ -46,6 +47,7 @@ class AdminServer:
         """The aiohttp application."""
         app = web.Application(middlewares=[self._forward_middleware])
         r = app.router
+        r.add_get("/", serve_dashboard)
         r.add_get("/health", self.health)
         r.add_get("/ready", self.ready_handler)
         r.add_get("/metrics", self.metrics_handler)

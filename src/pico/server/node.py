@@ -122,6 +122,7 @@ class Node:
             read_header_timeout=config.proxy.read_header_timeout,
             idle_timeout=config.proxy.idle_timeout,
             response_timeout=config.proxy.timeout,
+            upstream_wait=config.proxy.upstream_wait,
         )
         self.connections = ConnectionTracker()
         self.addrs: BoundAddrs | None = None
@@ -130,7 +131,7 @@ class Node:
         self._stopped = asyncio.Event()
         self.registry.listeners.append(self._on_endpoint_change)
         self.upstream_server.on_connect = lambda _: self.metrics.upstream_connects.inc()
-        self.upstream_server.on_disconnect = lambda _: self.metrics.upstream_disconnects.inc()
+        self.upstream_server.on_disconnect = self._on_tunnel_closed
         collectors.register(self)
 
     def _is_peer(self, ip: str) -> bool:
@@ -175,7 +176,22 @@ class Node:
             ],
         }
 
+    def _on_remote_endpoint(self, endpoint_id: str, available: bool) -> None:
+        if available:
+            self.router.endpoint_available(endpoint_id)
+        else:
+            self.router.endpoint_lost(endpoint_id)
+
+    def _on_tunnel_closed(self, endpoint_id: str, graceful: bool) -> None:
+        self.metrics.upstream_disconnects.inc()
+        if not graceful:
+            # Not a goodbye: the agent is likely reconnecting (maybe to another node), so
+            # requests for the endpoint may wait for it briefly.
+            self.router.endpoint_lost(endpoint_id)
+
     def _on_endpoint_change(self, endpoint_id: str, count: int) -> None:
+        if count > self.cluster.local.endpoints.get(endpoint_id, 0):
+            self.router.endpoint_available(endpoint_id)
         self.cluster.set_local_endpoint(endpoint_id, count)
         if self.syncer is not None:
             self.syncer.local_endpoint_changed(endpoint_id, count)
@@ -221,7 +237,9 @@ class Node:
             ),
         )
         self.gossip.attach(gossiper)
-        self.syncer = ClusterSyncer(self.cluster, gossiper, self._on_node_gone)
+        self.syncer = ClusterSyncer(
+            self.cluster, gossiper, self._on_node_gone, self._on_remote_endpoint
+        )
         self.syncer.publish_local()
         self.gossip.start()
         if cfg.cluster.join and not await self._join_once():
@@ -269,10 +287,12 @@ class Node:
         return False
 
     async def _join_retry(self) -> None:
-        """Retry the join with backoff (1 s doubling to 30 s, about a minute in all)."""
+        """Retry the join with backoff (1 s doubling to 30 s) until `cluster.join_timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.cluster.join_timeout
         delay = 1.0
-        for _ in range(6):
-            await asyncio.sleep(delay)
+        while loop.time() < deadline:
+            await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
             if await self._join_once():
                 return
             delay = min(delay * 2, 30.0)
@@ -281,6 +301,8 @@ class Node:
             _log.error("aborting: cluster join failed", errors=self._join_errors)
             if not self.fatal.done():
                 self.fatal.set_result(message)
+        else:
+            _log.warn("giving up joining; running alone until a member joins us")
 
     @staticmethod
     def _advertise(bound: tuple[str, int]) -> str:

@@ -46,10 +46,14 @@ class ClusterSyncer:
         cluster: ClusterState,
         gossiper: Gossiper,
         on_node_gone: Callable[[str], None] | None = None,
+        on_endpoint: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.cluster = cluster
         self.gossiper = gossiper
         self.on_node_gone = on_node_gone
+        # Told (endpoint id, True) when a remote node starts serving an endpoint and
+        # (endpoint id, False) when one stops (key deleted, node unreachable or left).
+        self.on_endpoint = on_endpoint
         self._pending: dict[str, _Pending] = {}
 
     def publish_local(self) -> None:
@@ -104,10 +108,13 @@ class ClusterSyncer:
                 _log.warn("bad endpoint count in gossip", node_id=node_id, key=key, value=value)
                 return
             endpoints = node.endpoints if node is not None else pending.endpoints  # type: ignore[union-attr]
+            endpoint_id = key[len(ENDPOINT_PREFIX) :]
             if count > 0:
-                endpoints[key[len(ENDPOINT_PREFIX) :]] = count
+                endpoints[endpoint_id] = count
             else:
-                endpoints.pop(key[len(ENDPOINT_PREFIX) :], None)
+                endpoints.pop(endpoint_id, None)
+            if node is not None and node.status == "active":
+                self._notify(endpoint_id, count > 0)
             return
         if key not in ("proxy_addr", "admin_addr"):
             _log.debug("ignoring unknown gossip key", node_id=node_id, key=key)
@@ -127,6 +134,9 @@ class ClusterSyncer:
                 endpoints=pending.endpoints,
             )
             _log.info("node joined", node_id=node_id, proxy_addr=pending.proxy_addr)
+            if pending.status == "active":
+                for endpoint_id in pending.endpoints:
+                    self._notify(endpoint_id, True)
 
     def _deleted(self, node_id: str, key: str) -> None:
         if not key.startswith(ENDPOINT_PREFIX):
@@ -135,15 +145,23 @@ class ClusterSyncer:
         pending = self._pending.get(node_id)
         endpoints = node.endpoints if node is not None else pending.endpoints if pending else None
         if endpoints is not None:
-            endpoints.pop(key[len(ENDPOINT_PREFIX) :], None)
+            endpoint_id = key[len(ENDPOINT_PREFIX) :]
+            if endpoints.pop(endpoint_id, None) is not None and node is not None:
+                self._notify(endpoint_id, False)
 
     def _set_status(self, node_id: str, status: NodeStatus) -> None:
         node = self.cluster.remotes.get(node_id)
         if node is not None:
             if node.status != status:
                 _log.info("node status changed", node_id=node_id, status=status)
+                for endpoint_id in node.endpoints:
+                    self._notify(endpoint_id, status == "active")
             node.status = status
         elif node_id in self._pending:
             self._pending[node_id].status = status
         if status == "left" and self.on_node_gone is not None:
             self.on_node_gone(node_id)
+
+    def _notify(self, endpoint_id: str, available: bool) -> None:
+        if self.on_endpoint is not None:
+            self.on_endpoint(endpoint_id, available)

@@ -40,6 +40,7 @@ class TunnelUpstream:
         self.tunnel = tunnel
         self.addr = addr
         self.connected_at = time.time()
+        self.graceful = False  # the agent said goodbye (GoAway) before the tunnel closed
         self._idle: list[tuple[float, MuxStream]] = []
 
     @property
@@ -188,7 +189,7 @@ class UpstreamServer:
         ping_interval: float = 15.0,
         ping_timeout: float = 15.0,
         on_connect: Callable[[str], None] | None = None,
-        on_disconnect: Callable[[str], None] | None = None,
+        on_disconnect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.registry = registry
         self.ping_interval = ping_interval
@@ -220,6 +221,7 @@ class UpstreamServer:
 
         def on_goaway() -> None:
             # The agent is stopping: route new requests elsewhere at once.
+            upstream.graceful = True
             self.registry.remove(upstream)
             upstream.close_idle()
 
@@ -249,7 +251,7 @@ class UpstreamServer:
                 reason=upstream.tunnel.close_reason,
             )
             if self.on_disconnect:
-                self.on_disconnect(upstream.endpoint_id)
+                self.on_disconnect(upstream.endpoint_id, upstream.graceful)
 
     def tunnels(self) -> Sequence[TunnelUpstream]:
         """Every open tunnel."""
