@@ -66,6 +66,16 @@ class GossipConfig:
             raise ValueError("max_delta_packets must be at least 1")
 
 
+@dataclass(slots=True)
+class GossipStats:
+    """Entries carried by datagrams, in and out (for metrics; digests count entries offered)."""
+
+    digest_entries_in: int = 0
+    digest_entries_out: int = 0
+    delta_entries_in: int = 0
+    delta_entries_out: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A datagram to send to ``addr``, the peer's advertised gossip address ("host:port")."""
@@ -108,6 +118,8 @@ class Gossiper:
             distribution=self.config.failure_distribution,
         )
         self._next_maintenance: float | None = None
+        self.stats = GossipStats()
+        self._state_size = 0
 
     @property
     def node_id(self) -> str:
@@ -177,6 +189,7 @@ class Gossiper:
         if not targets:
             return []
         digest = self._digest_packet(request=True)
+        self.stats.digest_entries_out += self._state_size * (len(targets) - 1)
         return [Outgoing(addr, digest) for addr in targets]
 
     def _detect_failures(self, now: float, live: list[str], unreachable: list[str]) -> None:
@@ -196,6 +209,8 @@ class Gossiper:
 
     def _digest_packet(self, *, request: bool) -> bytes:
         digest = self._state.digest()
+        self._state_size = len(digest)
+        self.stats.digest_entries_out += len(digest)
         own, others = digest[0], digest[1:]
         self._rng.shuffle(others)
         return codec.encode_digest(
@@ -213,18 +228,23 @@ class Gossiper:
         if sender == self.node_id:
             return []
         self._contact(sender)
+        stats = self.stats
         if isinstance(message, codec.Delta):
+            stats.delta_entries_in += sum(len(n.entries) for n in message.nodes)
             self._state.apply_delta(message.nodes, now)
             self._heard_from(sender, now)
             return []
+        stats.digest_entries_in += len(message.entries)
         self._state.apply_digest(message.entries, now)
         self._heard_from(sender, now)
+        delta = self._state.delta(message.entries)
+        stats.delta_entries_out += sum(len(n.entries) for n in delta)
         replies = [
             Outgoing(message.addr, packet)
             for packet in codec.encode_delta(
                 self.node_id,
                 self.addr,
-                self._state.delta(message.entries),
+                delta,
                 self.config.max_packet_size,
                 self.config.max_delta_packets,
             )

@@ -52,6 +52,17 @@ def register(node: Node) -> None:
             CounterCollector(f"pico_gossip_{name}_total", doc, _reader(counters, attr))
         )
 
+    for direction in ("inbound", "outbound"):
+        for kind in ("digest", "delta"):
+            attr = f"{kind}_entries_{'in' if direction == 'inbound' else 'out'}"
+            metrics.add_collector(
+                CounterCollector(
+                    f"pico_gossip_{kind}_entries_{direction}_total",
+                    f"Gossip {kind} entries {'received' if direction == 'inbound' else 'sent'}.",
+                    _stats_reader(node, attr),
+                )
+            )
+
     def gossip_entries() -> Samples:
         counts: dict[tuple[str, str], int] = {}
         if node.syncer is None:
@@ -121,3 +132,12 @@ def register(node: Node) -> None:
 
 def _reader(obj: object, attr: str) -> Callable[[], float]:
     return lambda: float(getattr(obj, attr))
+
+
+def _stats_reader(node: Node, attr: str) -> Callable[[], float]:
+    def read() -> float:
+        if node.syncer is None:  # gossip not started yet
+            return 0.0
+        return float(getattr(node.gossip.gossiper.stats, attr))
+
+    return read

@@ -122,13 +122,25 @@ class _Histogram:
         return cumulative, self.total
 
 
+class _Series:
+    """Everything kept for one (status, method) pair."""
+
+    __slots__ = ("count", "latency", "request_size", "response_size")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.latency = _Histogram(_LATENCY_BUCKETS)
+        self.request_size = _Histogram(_SIZE_BUCKETS)
+        self.response_size = _Histogram(_SIZE_BUCKETS)
+
+
 class ProxyStats(Collector):
     """Request counts, latency and size histograms, and forwarding counts of the proxy port."""
 
     def __init__(self) -> None:
-        self.by_label: dict[tuple[int, str], tuple[list[int], _Histogram]] = {}
-        self.request_size = _Histogram(_SIZE_BUCKETS)
-        self.response_size = _Histogram(_SIZE_BUCKETS)
+        # Keyed by (status, method as received); unusual methods share the "OTHER" series.
+        # httptools only accepts the methods it knows, so the key set is bounded.
+        self.by_label: dict[tuple[int, str], _Series] = {}
         self.forwarded_local = 0
         self.forwarded_remote: dict[str, int] = {}
         # Requests per endpoint for the status API and dashboard (not a Prometheus label:
@@ -143,11 +155,12 @@ class ProxyStats(Collector):
             method = record.method if record.method in _METHODS else "OTHER"
             series = self.by_label.get((record.status, method))
             if series is None:
-                series = ([0], _Histogram(_LATENCY_BUCKETS))
-                self.by_label[(record.status, method)] = series
+                series = self.by_label[(record.status, method)] = _Series()
             self.by_label[key] = series
-        series[0][0] += 1
-        series[1].observe(record.duration)
+        series.count += 1
+        series.latency.observe(record.duration)
+        series.request_size.observe(record.bytes_in)
+        series.response_size.observe(record.bytes_out)
         if record.endpoint:
             counts = self.by_endpoint.get(record.endpoint)
             if counts is None and len(self.by_endpoint) < _MAX_TRACKED_ENDPOINTS:
@@ -156,8 +169,6 @@ class ProxyStats(Collector):
                 counts[0] += 1
                 if record.status >= 500:
                     counts[1] += 1
-        self.request_size.observe(record.bytes_in)
-        self.response_size.observe(record.bytes_out)
         if record.upstream:
             if record.remote:
                 remote = self.forwarded_remote
@@ -170,34 +181,44 @@ class ProxyStats(Collector):
         self.forwarded_remote.pop(node_id, None)
 
     def collect(self) -> Iterator[Metric]:
+        labels = ["status", "method"]
         requests = CounterMetricFamily(
             "pico_proxy_requests",
             "Requests handled by the proxy port, by response status and method.",
-            labels=["status", "method"],
+            labels=labels,
         )
-        latency = HistogramMetricFamily(
-            "pico_proxy_request_latency_seconds",
-            "Time from the request head to the end of the response, by status and method.",
-            labels=["status", "method"],
-        )
-        seen: set[int] = set()
-        for (status, method), (count, hist) in sorted(self.by_label.items()):
-            if id(hist) in seen or (method not in _METHODS and method != "OTHER"):
-                continue
-            seen.add(id(hist))
-            labels = [str(status), method]
-            requests.add_metric(labels, count[0])
-            buckets, total = hist.family_samples()
-            latency.add_metric(labels, buckets, total)
+        histograms = [
+            (
+                HistogramMetricFamily(
+                    "pico_proxy_request_latency_seconds",
+                    "Time from the request head to the end of the response.",
+                    labels=labels,
+                ),
+                "latency",
+            ),
+            (
+                HistogramMetricFamily(
+                    "pico_proxy_request_size_bytes", "Request body bytes received.", labels=labels
+                ),
+                "request_size",
+            ),
+            (
+                HistogramMetricFamily(
+                    "pico_proxy_response_size_bytes", "Response body bytes sent.", labels=labels
+                ),
+                "response_size",
+            ),
+        ]
+        for (status, method), series in sorted(self.by_label.items()):
+            if method not in _METHODS and method != "OTHER":
+                continue  # an alias of the OTHER series
+            values = [str(status), method]
+            requests.add_metric(values, series.count)
+            for family, attr in histograms:
+                buckets, total = getattr(series, attr).family_samples()
+                family.add_metric(values, buckets, total)
         yield requests
-        yield latency
-        for name, doc, hist in (
-            ("pico_proxy_request_size_bytes", "Request body bytes received.", self.request_size),
-            ("pico_proxy_response_size_bytes", "Response body bytes sent.", self.response_size),
-        ):
-            family = HistogramMetricFamily(name, doc)
-            buckets, total = hist.family_samples()
-            family.add_metric([], buckets, total)
+        for family, _ in histograms:
             yield family
         yield CounterMetricFamily(
             "pico_proxy_forwarded_local",
