@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from pico.devtools.nginx import nginx_binary
 from pico.devtools.nginx import render as render_nginx
 from tests.support.procs import Procs, http_get, http_ok, server_args, wait_until
+from tests.support.procs import shell as run_shell
 
 pytestmark = pytest.mark.e2e
 
@@ -25,32 +25,9 @@ JOIN = ",".join(f"{ip}:8003" for ip in NODES)
 NGINX = nginx_binary()
 
 
-@pytest.fixture
-def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(p.dump())
-
-
 def shell(command: str) -> str:
-    """Run a command line as a user types it, with our `pico` first on PATH."""
-    import subprocess
-
-    bindir = str(Path(sys.executable).parent)
-    out = subprocess.run(
-        command,
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": f"{bindir}:/usr/bin:/bin"},
-    )
-    return out.stdout
+    """A command line's output, run as a user types it."""
+    return run_shell(command).stdout
 
 
 def start_cluster(procs: Procs, tmp_path: Path) -> None:

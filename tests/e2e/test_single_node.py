@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from tests.support.procs import (
     http_ok,
     rss_monitor,
     server_args,
+    shell,
     wait_until,
 )
 from tests.support.services import pattern
@@ -28,33 +28,8 @@ pytestmark = pytest.mark.e2e
 IP = "127.0.0.1"
 
 
-@pytest.fixture
-def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.stop_all()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(p.dump())
-
-
 def run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-
-
-def shell(command: str) -> subprocess.CompletedProcess[str]:
-    """Run a command line as a user would type it (with our `pico` on PATH)."""
-    bindir = str(Path(sys.executable).parent)
-    return subprocess.run(
-        command,
-        shell=True,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"PATH": f"{bindir}:/usr/bin:/bin"},
-    )
 
 
 def start_node(procs: Procs, *extra: str) -> None:

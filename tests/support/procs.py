@@ -155,3 +155,16 @@ def rss_monitor(pid: int, interval: float = 0.05) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
+
+
+def shell(command: str) -> subprocess.CompletedProcess[str]:
+    """Run a command line as a user types it, with our `pico` first on PATH."""
+    bindir = str(Path(sys.executable).parent)
+    return subprocess.run(
+        command,
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": f"{bindir}:/usr/bin:/bin"},
+    )
