@@ -206,7 +206,7 @@ class EndpointLink:
         )
         moved = asyncio.Event()
         tunnel.on_goaway = moved.set
-        tunnel.attach(transport, rest)
+        tunnel.attach(transport, rest, resume=True)
         self.tunnel = tunnel
         m.connected.labels(endpoint_id).set(1)
         m.connects.labels(endpoint_id).inc()

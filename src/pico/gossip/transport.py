@@ -25,6 +25,8 @@ _log = log.get_logger("gossip")
 _TCP_TIMEOUT = 10.0
 # What one TCP join/leave message may make us buffer (a join carries the full state).
 _MAX_STREAM_MESSAGE = 16 << 20
+# Join/leave exchanges handled at once; more are refused.
+_MAX_STREAMS = 64
 
 
 @dataclass
@@ -153,9 +155,9 @@ class GossipTransport:
             await asyncio.sleep(g.next_tick_delay())
             try:
                 self._send(g.tick(self._loop.time()))
-            except GossipError as exc:  # pragma: no cover - the core raises only on bad input
-                _log.error("gossip round failed", error=str(exc))
-            self._flush_events()
+                self._flush_events()
+            except Exception as exc:  # a bug here must not stop gossip: peers would drop us
+                _log.error("gossip round failed", error=repr(exc))
 
     def _on_datagram(self, data: bytes) -> None:
         if self._gossiper is None:
@@ -229,6 +231,9 @@ class GossipTransport:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self.counters.connections_in += 1
+        if len(self._handlers) >= _MAX_STREAMS:
+            writer.close()  # a join/leave storm (or an attack): drop the excess
+            return
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -251,16 +256,24 @@ class GossipTransport:
             writer.close()
 
     async def _read_message(self, reader: asyncio.StreamReader, *, reply: bool) -> bytes:
-        buf = b""
+        buf = bytearray()
+        tried_at = 0
         while True:
             chunk = await reader.read(65536)
             if not chunk:
                 raise GossipDecodeError("connection closed mid-message")
             buf += chunk
             self.counters.stream_bytes_in += len(chunk)
-            n = stream_message_length(buf, reply=reply, max_size=_MAX_STREAM_MESSAGE)
+            if len(buf) > _MAX_STREAM_MESSAGE:
+                raise GossipDecodeError(f"message larger than {_MAX_STREAM_MESSAGE} bytes")
+            # Parsing restarts from the beginning: only retry once the buffer has doubled
+            # (linear work in all), or a peer could make each small read re-parse megabytes.
+            if len(buf) < 2 * tried_at:
+                continue
+            tried_at = len(buf)
+            n = stream_message_length(bytes(buf), reply=reply, max_size=_MAX_STREAM_MESSAGE)
             if n is not None:
-                return buf[:n]
+                return bytes(buf[:n])
 
     async def _exchange(self, host: str, port: int, data: bytes) -> bytes:
         self.counters.connections_out += 1

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 _log = log.get_logger("proxy")
 
+# A request that may have reached the service is only re-sent if repeating it is harmless.
+# A response head bigger than this is refused (502): it protects the node's memory.
+_MAX_RESPONSE_HEAD = 256 * 1024
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
 _DIAL_FAILURES = {
     ResetReason.REFUSED: (502, "upstream unreachable"),
     ResetReason.UNREACHABLE: (502, "upstream unreachable"),
@@ -95,6 +100,10 @@ class Exchange:
         self.done = False
         self.bytes_out = 0
         self.body_ended = False  # the end of the request body went out on the channel
+        self.head_bytes = 0  # response bytes received before the head was complete
+        self.feeding = False  # inside parser.feed_data
+        self.retire: tuple[Channel, bool] | None = None  # channel decision after the feed
+        self.stray_bytes = False  # the upstream sent more than one response
         # Waiting for an upstream to (re)appear (a node restart or failure): the hold, and
         # the answer to give if none appears in time.
         self.hold: Cancellable | None = None
@@ -108,7 +117,10 @@ class Exchange:
         while self.candidates:
             upstream = self.candidates[0]
             try:
-                channel, reused = upstream.open_channel(fresh=self.retried_fresh)
+                # A non-idempotent request never rides a pooled connection the service may
+                # have closed meanwhile: it could not be retried safely.
+                fresh = self.retried_fresh or self.request.method not in _IDEMPOTENT
+                channel, reused = upstream.open_channel(fresh=fresh)
             except UpstreamUnavailable:
                 self.candidates.pop(0)
                 continue
@@ -232,7 +244,14 @@ class Exchange:
         if parser is None:
             parser = self.parser = httptools.HttpResponseParser(self)
         conn = self.conn
+        if not self.head_sent:
+            # httptools buffers an unfinished header line whole: bound the head by raw bytes.
+            self.head_bytes += len(data)
+            if self.head_bytes > _MAX_RESPONSE_HEAD:
+                self._broken("response head too large")
+                return
         corked = conn.cork()
+        self.feeding = True
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -246,6 +265,10 @@ class Exchange:
         except httptools.HttpParserError as exc:
             self._broken(f"malformed response from upstream: {exc}")
         finally:
+            self.feeding = False
+            retire, self.retire = self.retire, None
+            if retire is not None:
+                self._retire(retire[0], retire[1] and not self.stray_bytes)
             if corked:
                 conn.uncork()
 
@@ -295,14 +318,21 @@ class Exchange:
 
     # -- response parsing (httptools callbacks) --------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.stray_bytes = True  # another response after ours: the channel is unusable
+
     def on_status(self, reason: bytes) -> None:
-        self.reason += reason
+        if not self.done:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_sent:
+        if not self.head_sent and not self.done:
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.done:
+            return
         assert self.parser is not None
         status = self.parser.get_status_code()
         req = self.request
@@ -396,11 +426,19 @@ class Exchange:
                 and self.parser is not None
                 and self.parser.should_keep_alive()
             )
-            if reusable and self.upstream is not None:
-                self.upstream.release_channel(channel)
+            if self.feeding:
+                # Bytes after this response may still be in the chunk being parsed: decide
+                # once it is done (a channel with stray bytes must not be reused).
+                self.retire = (channel, reusable)
             else:
-                channel.reset(ResetReason.NORMAL)
+                self._retire(channel, reusable)
         self._record(self.status, close=self.close_client)
+
+    def _retire(self, channel: Channel, reusable: bool) -> None:
+        if reusable and self.upstream is not None and not channel.closed:
+            self.upstream.release_channel(channel)
+        else:
+            channel.reset(ResetReason.NORMAL)
 
     def _channel_failed(self, reason: ResetReason | None) -> None:
         """The channel ended before the response did."""
@@ -424,7 +462,12 @@ class Exchange:
             if not (upstream_remote and self._hold(_DIAL_FAILURES[reason])):
                 self._fail(*_DIAL_FAILURES[reason])
             return
-        if self.reused and replayable and not self.retried_fresh:
+        if (
+            self.reused
+            and replayable
+            and not self.retried_fresh
+            and self.request.method in _IDEMPOTENT
+        ):
             # An idle pooled stream the service had already closed: retry once on a fresh one.
             self.retried_fresh = True
             self.start()
@@ -455,7 +498,8 @@ class Exchange:
         self.done = True
         self._cancel_timer()
         req = self.request
-        close = not req.keep_alive or not req.body_done or req.upgrade is not None
+        unread = req.expects_body and not req.body_done
+        close = not req.keep_alive or unread or req.upgrade is not None
         self.conn.write(error_response(status, message, close=close))
         self._record(status, close=close)
 

@@ -25,6 +25,7 @@ from pico.http.head import (
     Headers,
     endpoint_id,
     error_response,
+    valid_endpoint_id,
 )
 from pico.http.timer import LazyTimer
 
@@ -233,7 +234,9 @@ class ProxyConnection(asyncio.Protocol):
         return bool(self._queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        # Release the loop timers now: a pending handle would keep this connection alive.
+        self._timer.close()
+        self.response_timer.close()
         self._closing = True
         if self._spliced is not None:
             self._spliced.reset(ResetReason.CANCELLED)
@@ -401,6 +404,9 @@ class ProxyConnection(asyncio.Protocol):
                 if not req.endpoint:
                     self._respond_error(req, 400, "missing endpoint id")
                     continue
+                if not valid_endpoint_id(req.endpoint):
+                    self._respond_error(req, 400, "invalid endpoint id")
+                    continue
                 # With no candidates the exchange answers 502, or holds the request briefly if
                 # the endpoint just lost its upstreams (a node restarting or failing).
                 candidates = self.router.candidates(req.endpoint, req.forwarded)
@@ -548,9 +554,13 @@ class ProxyConnection(asyncio.Protocol):
         self._write(data)
 
     def writelines(self, parts: tuple[bytes, ...]) -> None:
-        if self._cork is not None:
+        if self._cork is not None and sum(map(len, parts)) < _CORK_LIMIT:
             self._cork.extend(parts)
-        elif self.transport is not None:
+            return
+        if self._cork:
+            self.uncork()
+            self._cork = []
+        if self.transport is not None:
             self.transport.writelines(parts)
 
     @property

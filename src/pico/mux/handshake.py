@@ -106,6 +106,10 @@ class _ClientHandshake(asyncio.Protocol):
         elif self.headers.get("sec-websocket-accept") != self.expected_accept:
             self._fail(HandshakeError(502, "bad Sec-WebSocket-Accept from server"))
         elif not self.done.done():
+            # The server may send frames right after the 101; nobody reads them until the
+            # tunnel takes over the transport (which resumes reading), so stop reading here.
+            if self.transport is not None:
+                self.transport.pause_reading()
             self.done.set_result(rest)
 
     def _fail(self, exc: Exception) -> None:
@@ -146,7 +150,8 @@ async def open_websocket(
 ) -> tuple[asyncio.Transport, bytes]:
     """Connect to a ws:// or wss:// `url` and complete the upgrade.
 
-    Returns the transport and any bytes received past the handshake. Raises HandshakeError
+    Returns the transport, paused for reading, and any bytes received past the handshake:
+    pass both to `Tunnel.attach(transport, rest, resume=True)`. Raises HandshakeError
     when the server answers with an HTTP error, OSError/TimeoutError on network failures.
     """
     parts = urllib.parse.urlsplit(url)

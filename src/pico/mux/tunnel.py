@@ -40,6 +40,8 @@ from pico.mux.websocket import (
     FrameDecoder,
     WebSocketError,
     encode_frame,
+    encode_frame_parts,
+    frame_header,
     frame_pieces,
 )
 
@@ -59,6 +61,10 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # per-stream memory bound; it also caps one stream's throughput at max_window / RTT
 # (4 MiB at 50 ms is 80 MB/s).
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
+
+
+# What a MuxStream delivers to its receiver (queued until a receiver is attached).
+_DATA, _EOF, _LOST, _RESUME = 0, 1, 2, 3
 
 
 class StreamReceiver(Protocol):
@@ -153,6 +159,10 @@ class MuxStream:
         self.tunnel.forget(self.stream_id)
         self.tunnel.wake_writer()
 
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued locally, waiting for the peer's window."""
+        return self.tunnel.session.buffered(self.stream_id)
+
     def pause_reading(self) -> None:
         """Stop crediting the peer: it may send at most one more window of data."""
         self._reading_paused = True
@@ -165,13 +175,7 @@ class MuxStream:
             self.tunnel.session.consume(self.stream_id, n)
             self.tunnel.wake_writer()
 
-    def get_write_buffer_size(self) -> int:
-        """Bytes queued locally, waiting for the peer's window."""
-        return self.tunnel.session.buffered(self.stream_id)
-
     # -- events from the tunnel ------------------------------------------------------------------
-
-    _DATA, _EOF, _LOST, _RESUME = 0, 1, 2, 3
 
     def _dispatch(self, kind: int, value: object) -> None:
         receiver = self.receiver
@@ -180,7 +184,7 @@ class MuxStream:
                 self._buffered_events = []
             self._buffered_events.append((kind, value))
             return
-        if kind == 0:
+        if kind == _DATA:
             data = value
             assert isinstance(data, bytes)
             receiver.data_received(data)
@@ -190,12 +194,12 @@ class MuxStream:
                 self._unconsumed += len(data)
             else:
                 self.tunnel.session.consume(self.stream_id, len(data))
-        elif kind == 1:
+        elif kind == _EOF:
             receiver.eof_received()
-        elif kind == 2:
+        elif kind == _LOST:
             self.receiver = None
             receiver.connection_lost(value if isinstance(value, ResetReason) else None)
-        elif kind == 3 and self._write_paused and not self.tunnel.write_blocked:
+        elif kind == _RESUME and self._write_paused and not self.tunnel.write_blocked:
             self._write_paused = False
             receiver.resume_writing()
 
@@ -203,7 +207,7 @@ class MuxStream:
         if self._closed and self.receiver is None and self._buffered_events is None:
             return
         self._closed = True
-        self._dispatch(2, reason)
+        self._dispatch(_LOST, reason)
 
 
 class Tunnel(asyncio.Protocol):
@@ -252,12 +256,19 @@ class Tunnel(asyncio.Protocol):
 
     # -- public API ------------------------------------------------------------------------------
 
-    def attach(self, transport: asyncio.BaseTransport, initial: bytes = b"") -> None:
-        """Take over `transport` after the handshake; `initial` is data already read past it."""
+    def attach(
+        self, transport: asyncio.BaseTransport, initial: bytes = b"", *, resume: bool = False
+    ) -> None:
+        """Take over `transport` after the handshake; `initial` is data already read past it.
+
+        `resume` restarts reading on a transport the handshake paused (the client side).
+        """
         transport.set_protocol(self)
         self.connection_made(transport)
         if initial:
             self.data_received(initial)
+        if resume and self.transport is not None:
+            cast(asyncio.ReadTransport, transport).resume_reading()
 
     @property
     def usable(self) -> bool:
@@ -365,7 +376,7 @@ class Tunnel(asyncio.Protocol):
         session = self.session
         for stream in list(self.streams.values()):
             if stream._write_paused and session.buffered(stream.stream_id) == 0:
-                stream._dispatch(3, None)
+                stream._dispatch(_RESUME, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -378,6 +389,8 @@ class Tunnel(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        # Local actions (our FIN after the peer's, a reset) produce events too: deliver them.
+        self._handle_events()
         parts = self.session.take_output()
         if self._control:
             control, self._control = self._control, []
@@ -386,7 +399,11 @@ class Tunnel(asyncio.Protocol):
             return
         size = sum(map(len, parts))
         if size <= _SMALL_FRAME:
-            transport.write(encode_frame(OP_BINARY, b"".join(parts), mask=self.client))
+            if self.client:  # masked: one join, one mask, header and payload as a vector
+                transport.writelines(encode_frame_parts(OP_BINARY, b"".join(parts), mask=True))
+            else:
+                header = frame_header(OP_BINARY, size, mask_key=None)
+                transport.write(b"".join([header, *parts]))
             return
         # Big flushes: frames of up to _MAX_SEND_FRAME, written as vectors of the session's
         # pieces (masked piece by piece on the client), so the payload is never joined.
@@ -407,6 +424,8 @@ class Tunnel(asyncio.Protocol):
                 timer.cancel()
         self._ping_timer = self._pong_deadline = None
         self._close_streams()
+        self.session.close()
+        self.session.events_received()  # dropped: the streams were failed above
         transport = self.transport
         if transport is not None:
             if self._flush_handle is not None:
@@ -442,20 +461,20 @@ class Tunnel(asyncio.Protocol):
         self.close("ping timeout")
 
     def _handle_events(self) -> None:
+        if self._done.is_set():
+            return  # closed: streams were failed already; no new ones may start
         streams = self.streams
         for ev in self.session.events_received():
             t = type(ev)
             if t is DataReceived:
                 stream = streams.get(ev.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
-                    stream._dispatch(0, ev.data)  # type: ignore[union-attr]
-                else:
-                    # Data for a stream we reset locally: credit it so the window stays whole.
-                    self.session.consume(ev.stream_id, len(ev.data))  # type: ignore[union-attr]
+                    stream._dispatch(_DATA, ev.data)  # type: ignore[union-attr]
+
             elif t is SendWindowAvailable:
                 stream = streams.get(ev.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
-                    stream._dispatch(3, None)
+                    stream._dispatch(_RESUME, None)
             elif t is StreamOpened:
                 stream = MuxStream(self, ev.stream_id)  # type: ignore[union-attr]
                 streams[ev.stream_id] = stream  # type: ignore[union-attr]
@@ -467,7 +486,7 @@ class Tunnel(asyncio.Protocol):
             elif t is StreamEnded:
                 stream = streams.get(ev.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
-                    stream._dispatch(1, None)
+                    stream._dispatch(_EOF, None)
             elif t is StreamReset:
                 stream = self.forget(ev.stream_id)  # type: ignore[union-attr]
                 if stream is not None:

@@ -129,7 +129,6 @@ class FrameDecoder:
         self.expect_mask = expect_mask
         self.max_frame = max_frame
         self._buf = bytearray()
-        self.closed = False
 
     def feed(self, data: bytes) -> tuple[list[bytes], list[ControlFrame]]:
         """Decode what `data` completes. Returns (stream payloads, control frames).
@@ -192,8 +191,7 @@ class FrameDecoder:
                     raise WebSocketError("control frame too long or fragmented")
                 controls.append(ControlFrame(opcode, payload))
                 if opcode == OP_CLOSE:
-                    self.closed = True
-                    break
+                    break  # nothing after a close frame is read
             elif opcode == OP_TEXT:
                 raise WebSocketError("text frame on a binary tunnel")
             else:

@@ -20,8 +20,12 @@ from pico.server.upstream import EndpointRegistry
 
 _log = log.get_logger("admin")
 
-# A forwarded admin request must not hang the CLI forever.
-_FORWARD_TIMEOUT = 15.0
+# A forwarded admin request must not hang: shorter than the CLI's own 15 s, so the CLI
+# gets our 504 rather than its own timeout.
+_FORWARD_TIMEOUT = 10.0
+# Bounds what a forwarded answer can make this node hold in memory.
+_MAX_FORWARD_BODY = 32 << 20
+_HOP_HEADER = "x-pico-admin-forwarded"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,6 +75,11 @@ class AdminServer:
         target = request.query.get("forward")
         if not target or target in (self.cluster.local.id, "local"):
             return await handler(request)
+        if request.headers.get(_HOP_HEADER):
+            # Forwarded once already and still not at its target: the target's advertised
+            # admin address leads elsewhere (a load balancer?). Stop instead of looping.
+            message = f"node {target!r} is not reachable at its advertised admin address"
+            return web.json_response({"error": message}, status=508)
         node = self.cluster.node(target)
         if node is None:
             return web.json_response({"error": f"unknown node {target!r}"}, status=404)
@@ -81,9 +90,15 @@ class AdminServer:
         url = f"http://{node.admin_addr}{request.rel_url}"
         try:
             async with self._client.request(
-                request.method, url, allow_redirects=False, data=await request.read()
+                request.method,
+                url,
+                allow_redirects=False,
+                data=await request.read(),
+                headers={_HOP_HEADER: "1"},
             ) as resp:
-                body = await resp.read()
+                body = await resp.content.read(_MAX_FORWARD_BODY + 1)
+                if len(body) > _MAX_FORWARD_BODY:
+                    return web.json_response({"error": "response too large"}, status=502)
                 headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type",)}
                 return web.Response(status=resp.status, body=body, headers=headers)
         except TimeoutError:

@@ -21,6 +21,8 @@ _CONNECT_TIMEOUT = 3.0
 # Idle connections kept per node, and how long one may sit idle (the peer's idle timeout is
 # much longer, so a pooled connection is almost never closed under us).
 _POOL_SIZE = 64
+# Request bytes held while the connection is being set up, before the client is paused.
+_PENDING_LIMIT = 256 * 1024
 _POOL_IDLE = 30.0
 
 
@@ -33,6 +35,8 @@ class TcpChannel(asyncio.Protocol):
         self.receiver: ChannelReceiver | None = None
         self.transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._pending_paused = False
         self._eof_pending = False
         self._closed = False
         self._paused = False
@@ -73,6 +77,10 @@ class TcpChannel(asyncio.Protocol):
             return
         if self.transport is None:
             self._pending.append(bytes(data))
+            self._pending_size += len(data)
+            if self._pending_size > _PENDING_LIMIT and self.receiver is not None:
+                self._pending_paused = True
+                self.receiver.pause_writing()  # hold the client until the connection is up
         else:
             self.transport.write(data)
 
@@ -115,6 +123,11 @@ class TcpChannel(asyncio.Protocol):
         pending, self._pending = self._pending, []
         if pending:
             t.write(b"".join(pending))
+        self._pending_size = 0
+        if self._pending_paused:
+            self._pending_paused = False
+            if self.receiver is not None:
+                self.receiver.resume_writing()
         if self._eof_pending and t.can_write_eof():
             t.write_eof()
         if self._paused:
@@ -136,7 +149,9 @@ class TcpChannel(asyncio.Protocol):
         self._closed = True
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
-            receiver.connection_lost(None if exc is None else ResetReason.UNREACHABLE)
+            # The connection was up: the request may have reached the node, so this is not a
+            # dial failure (which would make the engine send it elsewhere).
+            receiver.connection_lost(None if exc is None else ResetReason.CANCELLED)
 
     def pause_writing(self) -> None:
         if self.receiver is not None:

@@ -161,7 +161,7 @@ class ProxyStats(Collector):
         series.latency.observe(record.duration)
         series.request_size.observe(record.bytes_in)
         series.response_size.observe(record.bytes_out)
-        if record.endpoint:
+        if record.upstream:  # only endpoints that exist: clients choose the names
             counts = self.by_endpoint.get(record.endpoint)
             if counts is None and len(self.by_endpoint) < _MAX_TRACKED_ENDPOINTS:
                 counts = self.by_endpoint[record.endpoint] = [0, 0]

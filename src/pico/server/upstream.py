@@ -280,7 +280,8 @@ class UpstreamServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-# The upgrade request head must arrive quickly and be small: this port faces the internet.
+# The upgrade request must arrive quickly and be small: this port faces the internet (the
+# limit counts every byte before the upgrade, body included: an upgrade request has none).
 _MAX_HEAD = 16 * 1024
 _HEAD_TIMEOUT = 10.0
 _PATH_PREFIX = "/pico/v1/upstream/"
@@ -310,29 +311,24 @@ class _UpgradeRequest(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
+        # httptools buffers an unfinished header line whole and reports it only once complete:
+        # bound the head by the raw bytes received, or one endless line grows without limit.
+        self.size += len(data)
+        if self.size > _MAX_HEAD:
+            self._respond(431, "request header fields too large")
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
-            if self.error is not None and self.error[0] == 431:
-                self._respond(*self.error)
-            else:
-                self._respond(400, f"malformed request: {exc}")
+            self._respond(400, f"malformed request: {exc}")
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value))
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def _count(self, n: int) -> None:
-        self.size += n
-        if self.size > _MAX_HEAD:
-            self.error = (431, "request header fields too large")
-            raise ValueError("head too large")
 
     def on_headers_complete(self) -> None:
         path = urllib.parse.unquote(self.url.decode("latin-1").split("?", 1)[0])
