@@ -1,4 +1,4 @@
-"""Serving an aiohttp application on a configured `host:port` (admin and upstream ports)."""
+"""Serving an aiohttp app on a configured `host:port` (the admin ports of nodes and agents)."""
 
 from __future__ import annotations
 

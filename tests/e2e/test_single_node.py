@@ -227,3 +227,34 @@ def test_agent_exits_1_when_the_server_rejects_it(procs: Procs) -> None:
     )
     assert agent.wait(timeout=30) == 1
     assert "server rejected endpoint 'ep': 401 invalid token" in agent.output()
+
+
+def test_agent_sigterm_lets_the_request_finish_and_exits_0(procs: Procs) -> None:
+    start_node(procs)
+    procs.start("service", [sys.executable, "-m", "tests.support.serve", IP, "4104"])
+    wait_until(lambda: http_ok(f"http://{IP}:4104/"), what="service up")
+    agent = procs.pico("agent", "--endpoints", f"slow/{IP}:4104", "--admin.bind-addr", f"{IP}:9102")
+    wait_until(lambda: b"slow" in http_get(f"http://{IP}:8002/status/proxy/endpoints")[1])
+    result: dict[str, tuple[int, bytes]] = {}
+    client = threading.Thread(
+        target=lambda: result.update(
+            slow=http_get(f"http://{IP}:8000/slow?delay=2", {"x-pico-endpoint": "slow"})
+        )
+    )
+    client.start()
+    wait_until(
+        lambda: (
+            b'pico_agent_active_streams{endpoint="slow"} 1.0'
+            in http_get(f"http://{IP}:9102/metrics")[1]
+        ),
+        what="request in flight",
+    )
+    agent.signal(signal.SIGTERM)
+    # GoAway: the node stops routing to the agent at once, the request in flight finishes.
+    wait_until(
+        lambda: b"slow" not in http_get(f"http://{IP}:8002/status/proxy/endpoints")[1],
+        what="endpoint unregistered",
+    )
+    client.join(timeout=30)
+    assert result["slow"] == (200, b"slow")
+    assert agent.wait(timeout=30) == 0
