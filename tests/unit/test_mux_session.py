@@ -314,7 +314,7 @@ def test_go_away_blocks_new_streams_on_both_sides_but_existing_streams_continue(
     assert received_bytes(server.events_received(), sid) == b"still works"
 
 
-def test_incoming_syn_after_go_away_is_refused_with_rst_going_away() -> None:
+def test_incoming_syn_after_go_away_is_rejected_as_never_dispatched() -> None:
     client, server = make_pair()
     sid = client.open_stream()
     client.send(sid, b"early")
@@ -324,7 +324,7 @@ def test_incoming_syn_after_go_away_is_refused_with_rst_going_away() -> None:
     assert server.events_received() == []
     assert server.stream_count == 0
     assert client.events_received() == [
-        StreamReset(sid, ResetReason.GOING_AWAY),
+        StreamReset(sid, ResetReason.REJECTED),
         StreamClosed(sid),
     ]
 

@@ -239,7 +239,7 @@ class EndpointLink:
 
     def _on_stream(self, stream: MuxStream) -> None:
         if self.stopping:
-            stream.reset(ResetReason.GOING_AWAY)
+            stream.reset(ResetReason.REJECTED)  # never reached the service: the node retries
             return
         self.agent.metrics.streams.labels(self.spec.endpoint_id).inc()
         task = asyncio.get_running_loop().create_task(self._dial(stream))

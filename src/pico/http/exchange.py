@@ -26,6 +26,7 @@ _MAX_RESPONSE_HEAD = 256 * 1024
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _DIAL_FAILURES = {
+    ResetReason.REJECTED: (502, "upstream unreachable"),
     ResetReason.REFUSED: (502, "upstream unreachable"),
     ResetReason.UNREACHABLE: (502, "upstream unreachable"),
     ResetReason.TIMEOUT: (504, "upstream timeout"),
@@ -458,8 +459,11 @@ class Exchange:
                 return
             # Only a node that could not be reached is worth waiting out (its agents are
             # moving); a service that refuses connections will not be fixed by waiting.
-            upstream_remote = self.upstream is not None and self.upstream.remote
-            if not (upstream_remote and self._hold(_DIAL_FAILURES[reason])):
+            # An agent that is leaving (REJECTED) is worth waiting out too: it reconnects.
+            waitable = reason == ResetReason.REJECTED or (
+                self.upstream is not None and self.upstream.remote
+            )
+            if not (waitable and self._hold(_DIAL_FAILURES[reason])):
                 self._fail(*_DIAL_FAILURES[reason])
             return
         if (

@@ -63,8 +63,9 @@ class ResetReason(IntEnum):
     TIMEOUT = 2  # connecting to the local service timed out
     UNREACHABLE = 3  # any other dial error
     PROTOCOL = 4
-    GOING_AWAY = 5
+    GOING_AWAY = 5  # the session closed under the stream (it may have reached a service)
     CANCELLED = 6
+    REJECTED = 7  # refused before reaching any service (the peer is going away): safe to retry
 
 
 class MuxProtocolError(Exception):

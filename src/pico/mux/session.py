@@ -388,7 +388,7 @@ class Session:
 
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
         """Queue GO_AWAY once. Afterwards :meth:`open_stream` raises and incoming SYNs are
-        refused with RST(GOING_AWAY); existing streams continue. No-op if closed."""
+        refused with RST(REJECTED); existing streams continue. No-op if closed."""
         if self._going_away or self._closed:
             return
         self._going_away = True
@@ -527,7 +527,7 @@ class Session:
                 raise MuxProtocolError(f"SYN reuses stream id {sid}")
             self._highest_peer_id = sid
             if self._going_away:
-                self._queue_rst(sid, ResetReason.GOING_AWAY)
+                self._queue_rst(sid, ResetReason.REJECTED)
                 return
             st = _Stream(sid, self._initial_window)
             self._streams[sid] = st
