@@ -171,6 +171,7 @@ def test_1gib_download_and_upload_keep_node_memory_bounded(procs: Procs, tmp_pat
             timeout=300,
         )
     assert down.stdout == f"200 {GIB}", down.stdout + down.stderr
+    print(f"\n1 GiB download: node RSS peaked at {peak[0] / 2**20:.0f} MiB")
     assert peak[0] < RSS_LIMIT, f"node RSS peaked at {peak[0] / 2**20:.0f} MiB during download"
 
     upload = tmp_path / "upload.bin"
@@ -193,6 +194,7 @@ def test_1gib_download_and_upload_keep_node_memory_bounded(procs: Procs, tmp_pat
             timeout=300,
         )
     assert up.stdout == f"{GIB} ok", up.stdout + up.stderr
+    print(f"1 GiB upload: node RSS peaked at {peak[0] / 2**20:.0f} MiB")
     assert peak[0] < RSS_LIMIT, f"node RSS peaked at {peak[0] / 2**20:.0f} MiB during upload"
 
 
