@@ -77,6 +77,39 @@ class Request:
 class Exchange:
     """One request carried through one channel, and its response relayed back."""
 
+    __slots__ = (
+        "body_ended",
+        "bytes_out",
+        "candidates",
+        "channel",
+        "chunked_out",
+        "close_client",
+        "conn",
+        "done",
+        "feeding",
+        "got_bytes",
+        "head_bytes",
+        "head_sent",
+        "headers",
+        "held_once",
+        "hold",
+        "hold_failure",
+        "parser",
+        "progress_mark",
+        "reason",
+        "replay",
+        "replay_size",
+        "request",
+        "response_headers",
+        "retire",
+        "retried_fresh",
+        "reused",
+        "status",
+        "stray_bytes",
+        "until_close",
+        "upstream",
+    )
+
     def __init__(self, conn: ProxyConnection, request: Request, candidates: list[Upstream]) -> None:
         self.conn = conn
         self.request = request
