@@ -72,17 +72,18 @@ def endpoint_id(endpoint_header: bytes | None, host: bytes | None) -> str:
 _COMMON_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive"})
 
 
-def connection_tokens(headers: Headers) -> set[bytes]:
-    """Lower-cased tokens of every Connection header."""
-    tokens: set[bytes] = set()
+def _drop_set(headers: Headers) -> frozenset[bytes]:
+    """Header names not to pass on: hop-by-hop ones plus any unusual Connection tokens."""
+    extra: set[bytes] | None = None
     for name, value in headers:
-        # Length first: this runs twice per request over every header.
+        # Length first (this runs twice per request over every header); the usual values
+        # (keep-alive, close, upgrade) name nothing beyond HOP_BY_HOP.
         if len(name) == 10 and name.lower() == b"connection":
             if value in _COMMON_CONNECTION_VALUES:
-                tokens.add(value.lower())
-            else:
-                tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
+                continue
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            extra = tokens if extra is None else extra | tokens
+    return HOP_BY_HOP if extra is None else HOP_BY_HOP | extra
 
 
 def rewrite_request_head(
@@ -103,7 +104,7 @@ def rewrite_request_head(
     another node forwarded already carries them and is passed unchanged. `mark_forward` adds
     `x-pico-forward: true` for the hop to another node.
     """
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    drop = _drop_set(headers)
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     xff: bytes | None = None
     host: bytes | None = None
@@ -154,8 +155,8 @@ def rewrite_response_head(
     upgrade: bool,
 ) -> bytes:
     """The response head to send to the client, as HTTP/1.1, without hop-by-hop headers."""
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    out = [b"HTTP/1.1 ", str(status).encode(), b" ", reason or _reason(status), b"\r\n"]
+    drop = _drop_set(headers)
+    out = [_status_line(status, reason)]
     for name, value in headers:
         if name.lower() in drop:
             continue
@@ -171,6 +172,20 @@ def rewrite_response_head(
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """`HTTP/1.1 <status> <reason>\\r\\n`, cached for the common (status, reason) pairs."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
+        if len(_STATUS_LINES) < 1024:  # reasons come from services: bound the cache
+            _STATUS_LINES[key] = line
+    return line
 
 
 def _reason(status: int) -> bytes:
