@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,25 +137,3 @@ class Harness:
                 await node.shutdown()
         for runner in self.runners:
             await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def harness() -> AsyncIterator[Harness]:
-    h = Harness()
-    try:
-        yield h
-    finally:
-        await h.close()
-
-
-async def raw_request(host: str, port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
-    """Send raw bytes and return everything the server sends until it closes (tests only)."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(-1), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
