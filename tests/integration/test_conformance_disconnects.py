@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 
 from pico.agent.agent import Agent
-from pico.mux.tunnel import DEFAULT_MAX_WINDOW, MuxStream
+from pico.mux.stream import MuxStream
+from pico.mux.tunnel import DEFAULT_MAX_WINDOW
 from pico.server.node import Node
 from tests.support.cluster import Harness, wait_for
 from tests.support.services import RawConnection, pattern, sample_app

@@ -24,7 +24,8 @@ from pico import log
 from pico.config import AgentConfig, EndpointSpec
 from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
-from pico.mux.tunnel import MuxStream, Tunnel
+from pico.mux.stream import MuxStream
+from pico.mux.tunnel import Tunnel
 from pico.webapp import serve_app
 
 _log = log.get_logger("agent")

@@ -20,7 +20,8 @@ from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailabl
 from pico.http.head import error_response, valid_endpoint_id
 from pico.mux.handshake import accept_response, upgrade_error
 from pico.mux.session import MuxError
-from pico.mux.tunnel import MuxStream, Tunnel
+from pico.mux.stream import MuxStream
+from pico.mux.tunnel import Tunnel
 
 _log = log.get_logger("upstream")
 
