@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from pico.http.channel import Cancellable, Channel, ChannelReceiver, ResetReason, Upstream
-from pico.http.proxy import ProxyConnection, ProxyLimits
+from pico.http.proxy import ProxyConnection
+from pico.http.settings import ProxyLimits
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 

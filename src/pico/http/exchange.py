@@ -14,6 +14,7 @@ import httptools
 from pico import log
 from pico.http.channel import Cancellable, Channel, ResetReason, Upstream, UpstreamUnavailable
 from pico.http.head import error_response, rewrite_request_head, rewrite_response_head
+from pico.http.request import Request
 
 if TYPE_CHECKING:
     from pico.http.proxy import ProxyConnection
@@ -31,47 +32,6 @@ _DIAL_FAILURES = {
     ResetReason.UNREACHABLE: (502, "upstream unreachable"),
     ResetReason.TIMEOUT: (504, "upstream timeout"),
 }
-
-
-class Request:
-    """One parsed client request and the body bytes waiting to be sent."""
-
-    __slots__ = (
-        "body",
-        "body_done",
-        "bytes_in",
-        "chunked",
-        "endpoint",
-        "expects_body",
-        "forwarded",
-        "headers",
-        "held",
-        "host",
-        "keep_alive",
-        "method",
-        "start",
-        "upgrade",
-        "url",
-        "version",
-    )
-
-    def __init__(self, start: float) -> None:
-        self.start = start
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.chunked = False
-        self.expects_body = False
-        self.upgrade: bytes | None = None
-        self.endpoint = ""
-        self.host = b""
-        self.forwarded = False
-        self.body: list[bytes] = []
-        self.held = 0  # bytes of this request counted in the pipeline budget
-        self.body_done = False
-        self.bytes_in = 0
 
 
 class Exchange:

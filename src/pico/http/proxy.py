@@ -11,22 +11,20 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
 import httptools
 
 from pico import log
 from pico.http.channel import Channel, ResetReason, Router
-from pico.http.exchange import Exchange, Request
+from pico.http.exchange import Exchange
 from pico.http.head import (
-    ENDPOINT_HEADER,
-    FORWARD_HEADER,
     Headers,
-    endpoint_id,
     error_response,
     valid_endpoint_id,
 )
+from pico.http.request import BadRequest, Request, inspect_head
+from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
 from pico.http.timer import LazyTimer
 
 _log = log.get_logger("proxy")
@@ -36,88 +34,6 @@ _CORK_LIMIT = 16 * 1024
 _PAUSE_CHANNEL = 1  # the upstream channel cannot take more request body yet
 _PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their turn
 _PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyLimits:
-    """Limits of the proxy port; each protects the node from one kind of slow or big client."""
-
-    # Request line plus headers; bigger heads get 431 (memory per connection is bounded).
-    max_header_bytes: int = 64 * 1024
-    # A client must send a complete head within this (slowloris protection); 0 disables.
-    read_header_timeout: float = 10.0
-    # An idle keep-alive client connection is closed after this; 0 disables.
-    idle_timeout: float = 300.0
-    # Bounds the wait for the upstream's response head only (never a streaming body); 0 disables.
-    response_timeout: float = 30.0
-    # Request bytes kept to replay on another upstream if the agent could not reach the service.
-    replay_limit: int = 64 * 1024
-    # Bytes of pipelined requests buffered before we stop reading the client.
-    pipeline_limit: int = 256 * 1024
-    # How long a request may wait for an upstream when its endpoint just lost all of them (a
-    # node restarting or dying, its agents reconnecting elsewhere); 0 answers 502 at once.
-    upstream_wait: float = 5.0
-    # Client write buffer high-water mark; above it we stop crediting the upstream.
-    write_high_water: int = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What an observer learns about a finished request (metrics, access log)."""
-
-    method: str
-    host: str
-    path: str
-    status: int
-    duration: float
-    bytes_in: int
-    bytes_out: int
-    endpoint: str
-    upstream: str
-    forwarded: bool
-    remote: bool
-    client_ip: str = ""
-    request_headers: Headers = ()  # type: ignore[assignment]
-    response_headers: Headers = ()  # type: ignore[assignment]
-
-
-Observer = Callable[[RequestRecord], None]
-
-
-class ConnectionTracker:
-    """The open client connections of a proxy port, for graceful shutdown."""
-
-    def __init__(self) -> None:
-        self._conns: set[ProxyConnection] = set()
-        self._empty = asyncio.Event()
-        self._empty.set()
-
-    def add(self, conn: ProxyConnection) -> None:
-        self._conns.add(conn)
-        self._empty.clear()
-
-    def discard(self, conn: ProxyConnection) -> None:
-        self._conns.discard(conn)
-        if not self._conns:
-            self._empty.set()
-
-    def __len__(self) -> int:
-        return len(self._conns)
-
-    def snapshot(self) -> list[ProxyConnection]:
-        """The connections open now."""
-        return list(self._conns)
-
-    async def wait_empty(self) -> None:
-        """Return once every connection has closed."""
-        await self._empty.wait()
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class ProxyConnection(asyncio.Protocol):
@@ -207,7 +123,7 @@ class ProxyConnection(asyncio.Protocol):
             self._on_upgrade_request(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, _BadRequest):
+            if isinstance(cause, BadRequest):
                 self._reject(cause.status, cause.message)
             else:
                 self._reject(400, f"malformed request: {exc}")
@@ -295,7 +211,10 @@ class ProxyConnection(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
-        self._inspect_headers(req)
+        inspect_head(req)
+        if req.forward_claimed:
+            trusted = self.trusted_forwarder
+            req.forwarded = trusted is not None and trusted(self.client_ip)
         if parser.should_upgrade():
             req.upgrade = next((v for n, v in req.headers if n.lower() == b"upgrade"), b"websocket")
         if not self._queue:
@@ -331,43 +250,7 @@ class ProxyConnection(asyncio.Protocol):
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > self.limits.max_header_bytes:
-            raise _BadRequest(431, "request header fields too large")
-
-    def _inspect_headers(self, req: Request) -> None:
-        content_lengths: set[bytes] = set()
-        endpoint_header: bytes | None = None
-        host: bytes | None = None
-        transfer_encoding: bytes | None = None
-        for name, value in req.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_lengths.add(value.strip())
-            elif lname == b"transfer-encoding":
-                transfer_encoding = value.strip().lower()
-            elif lname == b"host":
-                if host is not None:
-                    raise _BadRequest(400, "duplicate Host header")
-                host = value
-            elif lname == ENDPOINT_HEADER:
-                endpoint_header = value
-            elif lname == FORWARD_HEADER:
-                req.forwarded = (
-                    value.strip().lower() == b"true"
-                    and self.trusted_forwarder is not None
-                    and self.trusted_forwarder(self.client_ip)
-                )
-        # Request smuggling: a message whose length two parties could read differently.
-        if len(content_lengths) > 1:
-            raise _BadRequest(400, "conflicting Content-Length headers")
-        if transfer_encoding is not None:
-            if content_lengths:
-                raise _BadRequest(400, "both Content-Length and Transfer-Encoding")
-            if not transfer_encoding.endswith(b"chunked"):
-                raise _BadRequest(400, "unsupported Transfer-Encoding")
-            req.chunked = True
-        req.expects_body = req.chunked or any(v not in (b"0", b"") for v in content_lengths)
-        req.host = host or b""
-        req.endpoint = endpoint_id(endpoint_header, host)
+            raise BadRequest(431, "request header fields too large")
 
     def _hold(self, req: Request, n: int) -> None:
         """Count `n` bytes of a request that waits (behind the one in flight, or for an

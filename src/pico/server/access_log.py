@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pico import log
 from pico.config import AccessLogConfig, HeaderFilter
-from pico.http.proxy import RequestRecord
+from pico.http.settings import RequestRecord
 
 _RANK = {"debug": 0, "info": 1, "warn": 2, "error": 3}
 

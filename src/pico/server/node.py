@@ -24,13 +24,8 @@ from pico import log
 from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
 from pico.gossip.transport import GossipTransport
-from pico.http.proxy import (
-    ConnectionTracker,
-    Observer,
-    ProxyConnection,
-    ProxyLimits,
-    RequestRecord,
-)
+from pico.http.proxy import ProxyConnection
+from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
 from pico.server import collectors
 from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer

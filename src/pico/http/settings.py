@@ -1,0 +1,93 @@
+"""What the proxy engine is configured with and what it reports.
+
+`ProxyLimits` (each limit protects the node from one kind of slow or big client),
+`RequestRecord` (what an observer learns about each finished request: metrics, access log) and
+`ConnectionTracker` (the open client connections, for graceful shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pico.http.head import Headers
+
+if TYPE_CHECKING:
+    from pico.http.proxy import ProxyConnection
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Limits of the proxy port; each protects the node from one kind of slow or big client."""
+
+    # Request line plus headers; bigger heads get 431 (memory per connection is bounded).
+    max_header_bytes: int = 64 * 1024
+    # A client must send a complete head within this (slowloris protection); 0 disables.
+    read_header_timeout: float = 10.0
+    # An idle keep-alive client connection is closed after this; 0 disables.
+    idle_timeout: float = 300.0
+    # Bounds the wait for the upstream's response head only (never a streaming body); 0 disables.
+    response_timeout: float = 30.0
+    # Request bytes kept to replay on another upstream if the agent could not reach the service.
+    replay_limit: int = 64 * 1024
+    # Bytes of pipelined requests buffered before we stop reading the client.
+    pipeline_limit: int = 256 * 1024
+    # How long a request may wait for an upstream when its endpoint just lost all of them (a
+    # node restarting or dying, its agents reconnecting elsewhere); 0 answers 502 at once.
+    upstream_wait: float = 5.0
+    # Client write buffer high-water mark; above it we stop crediting the upstream.
+    write_high_water: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What an observer learns about a finished request (metrics, access log)."""
+
+    method: str
+    host: str
+    path: str
+    status: int
+    duration: float
+    bytes_in: int
+    bytes_out: int
+    endpoint: str
+    upstream: str
+    forwarded: bool
+    remote: bool
+    client_ip: str = ""
+    request_headers: Headers = ()  # type: ignore[assignment]
+    response_headers: Headers = ()  # type: ignore[assignment]
+
+
+Observer = Callable[[RequestRecord], None]
+
+
+class ConnectionTracker:
+    """The open client connections of a proxy port, for graceful shutdown."""
+
+    def __init__(self) -> None:
+        self._conns: set[ProxyConnection] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def add(self, conn: ProxyConnection) -> None:
+        self._conns.add(conn)
+        self._empty.clear()
+
+    def discard(self, conn: ProxyConnection) -> None:
+        self._conns.discard(conn)
+        if not self._conns:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def snapshot(self) -> list[ProxyConnection]:
+        """The connections open now."""
+        return list(self._conns)
+
+    async def wait_empty(self) -> None:
+        """Return once every connection has closed."""
+        await self._empty.wait()
