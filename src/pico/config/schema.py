@@ -1,0 +1,392 @@
+"""The schema: frozen pydantic models for ``pico server`` and ``pico agent``.
+
+Every field has a description (shown by ``-h``) and a default; validators turn bad values
+into errors that name the key.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, cast
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+from pico.config.values import _split_host_port, format_duration, parse_duration
+
+
+class _Kind:
+    """Metadata marker describing how a field is presented on the command line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+_DURATION = _Kind("duration")
+
+
+def _to_duration(value: object) -> float:
+    return parse_duration(cast("str | int | float", value))
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError(f"must not be negative (got {format_duration(value)})")
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0 (got {format_duration(value)})")
+    return value
+
+
+def _bind_addr(value: str) -> str:
+    _split_host_port(value)
+    return value
+
+
+def _advertise_addr(value: str) -> str:
+    if value == "":
+        return value
+    return _bind_addr(value)
+
+
+_NODE_ID = re.compile(r"[A-Za-z0-9._-]*")
+_ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _node_id(value: str) -> str:
+    if not _NODE_ID.fullmatch(value):
+        raise ValueError(f"invalid node id {value!r} (allowed characters: A-Z a-z 0-9 . _ -)")
+    return value
+
+
+def _split_list(value: object) -> object:
+    """Accept a comma-separated string (or a list of them) for list keys."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        out: list[object] = []
+        for item in value:
+            if isinstance(item, str):
+                out.extend(p.strip() for p in item.split(",") if p.strip())
+            else:
+                out.append(item)
+        return out
+    return value
+
+
+_LEVEL_ALIASES = {"warning": "warn", "err": "error"}
+
+
+def _log_level(value: object) -> object:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        v = _LEVEL_ALIASES.get(v, v)
+        if v not in ("debug", "info", "warn", "error"):
+            raise ValueError(f"invalid level {value!r} (use debug, info, warn or error)")
+        return v
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_to_duration), AfterValidator(_non_negative), _DURATION]
+PositiveDuration = Annotated[
+    float, BeforeValidator(_to_duration), AfterValidator(_positive), _DURATION
+]
+BindAddr = Annotated[str, AfterValidator(_bind_addr)]
+AdvertiseAddr = Annotated[str, AfterValidator(_advertise_addr)]
+NodeId = Annotated[str, AfterValidator(_node_id)]
+StrList = Annotated[list[str], BeforeValidator(_split_list)]
+LogLevel = Annotated[Literal["debug", "info", "warn", "error"], BeforeValidator(_log_level)]
+
+
+class _Model(BaseModel):
+    """Base for all config models: frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        # An empty YAML value (``proxy:`` or ``node_id:``) means "use the default".
+        if isinstance(data, Mapping):
+            return {k: v for k, v in data.items() if not (v is None and k in cls.model_fields)}
+        return data
+
+
+# ---------------------------------------------------------------------------
+# Server schema
+# ---------------------------------------------------------------------------
+
+
+class HeaderFilter(_Model):
+    """Which headers an access log line shows (names are case-insensitive)."""
+
+    allow_list: StrList = Field(
+        default_factory=list,
+        description="Only these headers are logged (when set; block_list is then ignored).",
+    )
+    block_list: StrList = Field(
+        default_factory=list,
+        description="Headers never logged (e.g. authorization, cookie), when allow_list is empty.",
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> HeaderFilter:
+        if self.allow_list and self.block_list:
+            raise ValueError("allow_list and block_list cannot both be set")
+        return self
+
+
+class AccessLogConfig(_Model):
+    """``proxy.access_log``: one line per proxied request (subsystem ``proxy.access``)."""
+
+    disable: bool = Field(False, description="Turn the access log off.")
+    level: LogLevel = Field(
+        "info", description="Level of access log lines (5xx responses are logged at warn at least)."
+    )
+    request_headers: HeaderFilter = Field(default_factory=HeaderFilter)
+    response_headers: HeaderFilter = Field(default_factory=HeaderFilter)
+
+
+class ProxyConfig(_Model):
+    """``proxy``: the HTTP listener clients send requests to."""
+
+    bind_addr: BindAddr = Field(":8000", description="Address the proxy server listens on.")
+    advertise_addr: AdvertiseAddr = Field(
+        "",
+        description="Proxy address advertised to other nodes (derived from bind_addr if empty).",
+    )
+    timeout: Duration = Field(
+        30.0,
+        description="Time to wait for the upstream response head before 504 (0 disables).",
+    )
+    max_header_bytes: int = Field(
+        65536, ge=1, description="Maximum size of a request head; larger heads get 431."
+    )
+    read_header_timeout: Duration = Field(
+        10.0, description="Time a client has to send a complete request head (0 disables)."
+    )
+    idle_timeout: Duration = Field(
+        300.0, description="Idle keep-alive client connections are closed after this (0 disables)."
+    )
+    upstream_wait: Duration = Field(
+        5.0,
+        description="How long a request waits for an upstream when its endpoint just lost all "
+        "of them (a node restarting or failing while its agents reconnect elsewhere) before "
+        "502; unknown endpoints are answered at once (0 disables).",
+    )
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+
+
+class UpstreamConfig(_Model):
+    """``upstream``: the listener agents connect to."""
+
+    bind_addr: BindAddr = Field(":8001", description="Address the upstream server listens on.")
+    advertise_addr: AdvertiseAddr = Field(
+        "", description="Upstream address advertised to other nodes (derived if empty)."
+    )
+
+
+class AdminConfig(_Model):
+    """``admin``: status, health and metrics endpoints."""
+
+    bind_addr: BindAddr = Field(":8002", description="Address the admin server listens on.")
+    advertise_addr: AdvertiseAddr = Field(
+        "", description="Admin address advertised to other nodes (derived if empty)."
+    )
+
+
+class GossipConfig(_Model):
+    """``gossip``: cluster membership and state propagation."""
+
+    bind_addr: BindAddr = Field(":8003", description="Address gossip listens on (TCP and UDP).")
+    advertise_addr: AdvertiseAddr = Field(
+        "", description="Gossip address advertised to other nodes (derived if empty)."
+    )
+    interval: PositiveDuration = Field(0.5, description="Interval between gossip rounds.")
+    max_packet_size: int = Field(
+        1400, ge=512, description="Maximum size of a gossip UDP packet in bytes."
+    )
+    expiry: Duration = Field(
+        60.0, description="How long a dead or left node is remembered before it is forgotten."
+    )
+
+
+class ClusterConfig(_Model):
+    """``cluster``: node identity and joining."""
+
+    node_id: NodeId = Field("", description="Unique node ID (random if empty).")
+    node_id_prefix: NodeId = Field(
+        "", description="Node ID prefix; a random suffix is appended (cannot be used with node_id)."
+    )
+    join: StrList = Field(
+        default_factory=list,
+        description="Gossip addresses or DNS names of cluster members to join (every A/AAAA "
+        "record of a name is tried; the port defaults to the gossip port).",
+    )
+    join_timeout: Duration = Field(
+        60.0,
+        description="How long to keep retrying the join (with backoff) before giving up.",
+    )
+    abort_if_join_fails: bool = Field(
+        True, description="Exit 1 if no member could be joined within join_timeout."
+    )
+
+    @model_validator(mode="after")
+    def _check_ids(self) -> ClusterConfig:
+        if self.node_id and self.node_id_prefix:
+            raise ValueError("cluster.node_id and cluster.node_id_prefix cannot both be set")
+        return self
+
+
+class ServerSection(_Model):
+    """``server`` (server side): process-level settings."""
+
+    graceful_shutdown_timeout: PositiveDuration = Field(
+        60.0, description="Maximum time to drain connections on shutdown."
+    )
+
+
+class LogConfig(_Model):
+    """``log``: structured JSON logs on stderr."""
+
+    level: LogLevel = Field("info", description="Minimum log level: debug, info, warn or error.")
+    subsystems: StrList = Field(
+        default_factory=list,
+        description="Subsystems logged at every level regardless of log.level (exact match).",
+    )
+
+
+class ServerConfig(_Model):
+    """Configuration of ``pico server``."""
+
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    gossip: GossipConfig = Field(default_factory=GossipConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    server: ServerSection = Field(default_factory=ServerSection)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------
+# Agent schema
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """A parsed agent endpoint: requests for ``endpoint_id`` go to ``host:port``."""
+
+    endpoint_id: str
+    host: str
+    port: int
+
+
+def parse_endpoint(value: str) -> EndpointSpec:
+    """Parse "id/addr" (addr: "host:port" or a bare port -> localhost); ValueError if bad."""
+    parts = value.split("/")
+    if len(parts) != 2:
+        raise ValueError(f"invalid endpoint {value!r} (expected <endpoint-id>/<addr>)")
+    endpoint_id, addr = parts[0].strip(), parts[1].strip()
+    if not _ENDPOINT_ID.fullmatch(endpoint_id):
+        raise ValueError(
+            f"invalid endpoint id {endpoint_id!r} in {value!r} "
+            "(1-128 characters of A-Z a-z 0-9 . _ -)"
+        )
+    if addr.isdigit():
+        host, port = "localhost", int(addr)
+    else:
+        try:
+            host, port = _split_host_port(addr)
+        except ValueError:
+            raise ValueError(
+                f"invalid endpoint address {addr!r} in {value!r} (expected host:port or port)"
+            ) from None
+        host = host or "localhost"
+    if not 1 <= port <= 65535:
+        raise ValueError(f"invalid endpoint port {port} in {value!r} (1-65535)")
+    return EndpointSpec(endpoint_id, host, port)
+
+
+def _endpoint(value: str) -> str:
+    parse_endpoint(value)
+    return value
+
+
+def _http_url(value: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"invalid URL {value!r} (must be http://host[:port] or https://...)")
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ValueError(f"invalid URL {value!r}: bad port") from None
+    return value
+
+
+class AgentServerSection(_Model):
+    """``server`` (agent side): how to reach the Pico server."""
+
+    url: Annotated[str, AfterValidator(_http_url)] = Field(
+        "http://localhost:8001", description="Pico server upstream URL (http or https)."
+    )
+    heartbeat_interval: PositiveDuration = Field(
+        10.0, description="Interval between heartbeats to the server."
+    )
+    heartbeat_timeout: PositiveDuration = Field(
+        10.0, description="Reconnect if a heartbeat is not answered within this time."
+    )
+
+
+class AgentAuthConfig(_Model):
+    """``auth`` (agent side)."""
+
+    api_key: str = Field("", description="API key (JWT) sent as 'Authorization: Bearer <key>'.")
+
+
+class ForwarderConfig(_Model):
+    """``forwarder``: requests to the local services."""
+
+    timeout: Duration = Field(
+        10.0, description="Timeout per request to the local service; 504 when exceeded."
+    )
+
+
+class AgentAdminConfig(_Model):
+    """``admin`` (agent side): health and metrics."""
+
+    bind_addr: BindAddr = Field(":9000", description="Address the agent admin server listens on.")
+
+
+class AgentConfig(_Model):
+    """Configuration of ``pico agent``."""
+
+    endpoints: Annotated[
+        list[Annotated[str, AfterValidator(_endpoint)]], BeforeValidator(_split_list)
+    ] = Field(
+        default_factory=list,
+        description="Endpoints to register, each '<endpoint-id>/<addr>' (addr: host:port or port).",
+    )
+    server: AgentServerSection = Field(default_factory=AgentServerSection)
+    auth: AgentAuthConfig = Field(default_factory=AgentAuthConfig)
+    forwarder: ForwarderConfig = Field(default_factory=ForwarderConfig)
+    admin: AgentAdminConfig = Field(default_factory=AgentAdminConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    def parsed_endpoints(self) -> list[EndpointSpec]:
+        """The endpoints as :class:`EndpointSpec` values."""
+        return [parse_endpoint(e) for e in self.endpoints]
