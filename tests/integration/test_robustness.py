@@ -20,9 +20,35 @@ EP = {"x-pico-endpoint": "ep"}
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def serve(handler: Handler) -> tuple[asyncio.Server, int]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, int(server.sockets[0].getsockname()[1])
+class FakeService:
+    """A raw TCP service for one test; `close()` ends it and every connection it accepted."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.writers.add(writer)
+            try:
+                await self.handler(reader, writer)
+            finally:
+                writer.close()
+
+        self.server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+
+
+async def serve(handler: Handler) -> tuple[FakeService, int]:
+    service = FakeService(handler)
+    return service, await service.start()
 
 
 async def test_post_that_reached_a_crashing_service_is_never_sent_twice(h: Harness) -> None:
@@ -96,6 +122,7 @@ async def test_stray_bytes_after_a_response_are_never_served(h: Harness) -> None
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
         assert await asyncio.wait_for(reader.readexactly(2), 10) == b"hi"
     writer.close()
+    await writer.wait_closed()
     server.close()
 
 
@@ -117,6 +144,7 @@ async def test_endless_header_on_the_upstream_port_gets_431(h: Harness) -> None:
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(-1), 10)
     writer.close()
+    await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 431 ")
 
 
