@@ -174,3 +174,28 @@ async def test_request_for_a_never_seen_endpoint_is_not_held(h: Harness) -> None
         async with http.get(proxy_url(a), headers={"x-pico-endpoint": "never"}) as resp:
             assert resp.status == 502
             assert await resp.json() == {"error": "no available upstreams"}
+
+
+async def test_new_endpoint_is_routable_from_other_nodes_before_the_next_gossip_round(
+    h: Harness,
+) -> None:
+    # Rounds every 30 s: only the push on registration can tell the other nodes in time.
+    first = await h.node(gossip={"interval": "30s"})
+    others = [
+        await h.node(gossip={"interval": "30s"}, cluster={"join": [gossip_addr(first)]})
+        for _ in range(2)
+    ]
+    port = await h.service(sample_app())
+    await h.agent(first, [f"ep/127.0.0.1:{port}"])
+    for node in others:
+        await wait_for(
+            lambda node=node: (
+                node.cluster.remotes.get(first.node_id) is not None  # type: ignore[misc]
+                and node.cluster.remotes[first.node_id].endpoints.get("ep") == 1
+            ),
+            timeout=5,
+            what="endpoint pushed",
+        )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(others[0]), headers={"x-pico-endpoint": "ep"}) as resp:
+            assert resp.status == 200

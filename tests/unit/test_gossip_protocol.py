@@ -125,3 +125,29 @@ def test_config_rejects_nonsense() -> None:
         GossipConfig(interval=0)
     with pytest.raises(ValueError):
         GossipConfig(max_packet_size=100)
+
+
+def test_push_spreads_a_local_change_without_waiting_for_a_round() -> None:
+    a, b, c = make("a"), make("b"), make("c")
+    for peer in (b, c):
+        a.handle_join_reply(peer.handle_join(a.join_request(0.0), 0.0), 0.0)
+    peers = {"b:7946": b, "c:7946": c}
+    a.upsert("endpoint:ep", "1")
+    pushed = a.push(0.0)
+    assert sorted(o.addr for o in pushed) == ["b:7946", "c:7946"]
+    # Each peer answers with its digest; a's answer to that carries the new key.
+    for out in pushed:
+        peer = peers[out.addr]
+        for reply in peer.receive_datagram(out.data, 0.0):
+            for back in a.receive_datagram(reply.data, 0.0):
+                peer.receive_datagram(back.data, 0.0)
+    for peer in (b, c):
+        assert NodeUpdated("a", "endpoint:ep", "1") in peer.events()
+
+
+def test_push_is_silent_alone_and_after_leaving() -> None:
+    a, b = make("a"), make("b")
+    assert a.push(0.0) == []
+    a.handle_join_reply(b.handle_join(a.join_request(0.0), 0.0), 0.0)
+    a.leave_request(0.0)
+    assert a.push(0.0) == []

@@ -95,6 +95,7 @@ class GossipTransport:
         self._rounds: asyncio.Task[None] | None = None
         self._resolved: dict[str, tuple[str, int]] = {}
         self._resolving: set[str] = set()
+        self._push_scheduled = False
         self._handlers: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_event_loop()
 
@@ -146,6 +147,20 @@ class GossipTransport:
             self._tcp.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._tcp.wait_closed(), 1.0)
+
+    def push_soon(self) -> None:
+        """Spread local changes now rather than at the next round (once per loop iteration)."""
+        if self._gossiper is None or self._push_scheduled or self._udp is None:
+            return
+        self._push_scheduled = True
+        self._loop.call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_scheduled = False
+        try:
+            self._send(self.gossiper.push(self._loop.time()))
+        except Exception as exc:  # pragma: no cover - defensive, like the rounds loop
+            _log.error("gossip push failed", error=repr(exc))
 
     # -- rounds ----------------------------------------------------------------------------------
 

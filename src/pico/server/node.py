@@ -190,6 +190,9 @@ class Node:
         self.cluster.set_local_endpoint(endpoint_id, count)
         if self.syncer is not None:
             self.syncer.local_endpoint_changed(endpoint_id, count)
+            # Peers learn about a new or lost upstream at once, not at the next round:
+            # requests for a just-registered endpoint then work from any node.
+            self.gossip.push_soon()
         counts = self.registry.counts()
         self.metrics.registered_endpoints.set(len(counts))
         self.metrics.connected_upstreams.set(sum(counts.values()))
