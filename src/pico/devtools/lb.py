@@ -19,7 +19,8 @@ _HIGH_WATER = 256 * 1024
 class _Half(asyncio.Protocol):
     """One side of a spliced pair: what it reads, the peer writes, with backpressure."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: set[_Half] | None = None) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.peer: _Half | None = None
         self.pending: list[bytes] = []
@@ -28,6 +29,8 @@ class _Half(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=_HIGH_WATER)
+        if self.owner is not None:
+            self.owner.add(self)
 
     def attach(self, peer: _Half) -> None:
         self.peer = peer
@@ -59,6 +62,8 @@ class _Half(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.owner is not None:
+            self.owner.discard(self)
         peer = self.peer
         if peer is not None and peer.transport is not None:
             if exc is None:
@@ -84,15 +89,21 @@ class TcpLoadBalancer:
         self._next = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[_Half] = set()  # every open connection, both sides
 
     async def start(self) -> None:
         """Start listening."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._accept, *self.listen, reuse_address=True)
 
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        assert self._server is not None, "start() first"
+        return int(self._server.sockets[0].getsockname()[1])
+
     def _accept(self) -> _Half:
-        client = _Client(self)
-        return client
+        return _Client(self)
 
     def _connect_later(self, client: _Half) -> None:
         task = asyncio.get_running_loop().create_task(self._connect(client))
@@ -107,7 +118,8 @@ class TcpLoadBalancer:
             host, port = self.backends[(start + i) % n]
             try:
                 _, backend = await asyncio.wait_for(
-                    loop.create_connection(_Half, host, port), _CONNECT_TIMEOUT
+                    loop.create_connection(lambda: _Half(self._conns), host, port),
+                    _CONNECT_TIMEOUT,
                 )
             except (OSError, TimeoutError):
                 continue
@@ -122,17 +134,20 @@ class TcpLoadBalancer:
             client.transport.abort()
 
     async def close(self) -> None:
-        """Stop listening and cancel pending connects."""
+        """Stop listening, cancel pending connects and drop every open connection."""
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._conns):
+            if conn.transport is not None:
+                conn.transport.abort()
 
 
 class _Client(_Half):
     def __init__(self, lb: TcpLoadBalancer) -> None:
-        super().__init__()
+        super().__init__(lb._conns)
         self.lb = lb
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
