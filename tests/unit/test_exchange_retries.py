@@ -92,7 +92,7 @@ class FakeRouter:
         return list(self.upstreams)
 
     def wait_for_upstream(
-        self, endpoint_id: str, callback: Callable[[], None]
+        self, endpoint_id: str, callback: Callable[[], None], *, known: bool = False
     ) -> Cancellable | None:
         return None
 
@@ -136,3 +136,104 @@ async def test_stream_lost_after_reaching_a_service_is_not_retried() -> None:
     )
     assert status == b"HTTP/1.1 502 Bad Gateway"
     assert log == ["CANCELLED"]
+
+
+async def test_request_another_node_could_not_deliver_is_sent_to_the_next_candidate() -> None:
+    from pico.server.forward import NodeUpstream
+
+    loop = asyncio.get_running_loop()
+    log: list[str] = []
+    # Node B: its only upstream is an agent that is leaving.
+    node_b = await loop.create_server(
+        lambda: ProxyConnection(
+            FakeRouter([FakeUpstream("leaving", "REJECTED", log)]),
+            ProxyLimits(),
+            trusted_forwarder=lambda ip: True,
+        ),
+        "127.0.0.1",
+        0,
+    )
+    b_port = node_b.sockets[0].getsockname()[1]
+    # Node A: gossip says B has the endpoint; another upstream has it too.
+    status = await request_through(
+        [NodeUpstream("node-b", f"127.0.0.1:{b_port}"), FakeUpstream("healthy", "ok", log)]
+    )
+    node_b.close()
+    assert status == b"HTTP/1.1 200 OK"
+    assert log == ["REJECTED", "ok"]
+
+
+class HoldingRouter(FakeRouter):
+    """Knows the endpoint but never sees it come back: every hold runs out."""
+
+    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+        super().__init__(upstreams)
+        self.held = asyncio.Event()
+
+    def wait_for_upstream(
+        self, endpoint_id: str, callback: Callable[[], None], *, known: bool = False
+    ) -> Cancellable | None:
+        self.held.set()
+
+        class Handle:
+            def cancel(self) -> None:
+                pass
+
+        return Handle()
+
+
+async def test_body_bytes_of_held_requests_do_not_stall_the_connection() -> None:
+    loop = asyncio.get_running_loop()
+    log: list[str] = []
+    router = HoldingRouter([FakeUpstream("leaving", "REJECTED", log)])
+    limits = ProxyLimits(upstream_wait=0.2, pipeline_limit=100)
+    server = await loop.create_server(lambda: ProxyConnection(router, limits), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\nContent-Length: 60\r\n\r\n"
+    for _ in range(3):  # 3 x 60 body bytes arrive while the request is held
+        router.upstreams = [FakeUpstream("leaving", "REJECTED", log)]
+        router.held.clear()
+        writer.write(head + b"a")
+        await asyncio.wait_for(router.held.wait(), 5)
+        writer.write(b"b" * 59)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert answer.startswith(b"HTTP/1.1 502 ")
+        await reader.readuntil(b"\n")  # the JSON body
+    # The connection still reads: a next request is answered (here: another 502).
+    router.upstreams = []
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert answer.startswith(b"HTTP/1.1 ")
+    writer.close()
+    server.close()
+
+
+class RollingRouter(FakeRouter):
+    """An agent is being replaced: the new one registers just after the request started."""
+
+    def __init__(self, old: Upstream, new: Upstream) -> None:
+        super().__init__([old])
+        self.new = new
+
+    def candidates(self, endpoint_id: str, forwarded: bool) -> Sequence[Upstream]:
+        current = list(self.upstreams)
+        self.upstreams = [*self.upstreams, self.new]  # registered meanwhile
+        return current
+
+
+async def test_upstream_registered_while_the_request_was_tried_elsewhere_is_used_at_once() -> None:
+    log: list[str] = []
+    old, new = FakeUpstream("old", "REJECTED", log), FakeUpstream("new", "ok", log)
+    loop = asyncio.get_running_loop()
+    router = RollingRouter(old, new)
+    server = await loop.create_server(
+        lambda: ProxyConnection(router, ProxyLimits(upstream_wait=30)), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n")
+    # Well before the 30 s hold would end: the new upstream is tried straight away.
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert log == ["REJECTED", "ok"]
+    writer.close()
+    server.close()

@@ -96,6 +96,7 @@ class GossipTransport:
         self._resolved: dict[str, tuple[str, int]] = {}
         self._resolving: set[str] = set()
         self._push_scheduled = False
+        self._last_push = float("-inf")
         self._handlers: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_event_loop()
 
@@ -143,20 +144,31 @@ class GossipTransport:
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._udp is not None:
             self._udp.close()
+            self._udp = None
         if self._tcp is not None:
             self._tcp.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._tcp.wait_closed(), 1.0)
 
     def push_soon(self) -> None:
-        """Spread local changes now rather than at the next round (once per loop iteration)."""
+        """Spread local changes now rather than at the next round.
+
+        At most one push per half interval: a wave of agents reconnecting here would
+        otherwise flood peers (and look like a burst of heartbeats to their failure
+        detectors). Changes made meanwhile go out with a trailing push.
+        """
         if self._gossiper is None or self._push_scheduled or self._udp is None:
             return
         self._push_scheduled = True
-        self._loop.call_soon(self._push)
+        spacing = self.gossiper.config.interval / 2
+        delay = max(0.0, self._last_push + spacing - self._loop.time())
+        self._loop.call_later(delay, self._push)
 
     def _push(self) -> None:
         self._push_scheduled = False
+        if self._udp is None:
+            return
+        self._last_push = self._loop.time()
         try:
             self._send(self.gossiper.push(self._loop.time()))
         except Exception as exc:  # pragma: no cover - defensive, like the rounds loop

@@ -79,12 +79,13 @@ class Router(Protocol):
     """Chooses the upstreams for a request."""
 
     def wait_for_upstream(
-        self, endpoint_id: str, callback: Callable[[], None]
+        self, endpoint_id: str, callback: Callable[[], None], *, known: bool = False
     ) -> Cancellable | None:
         """Call `callback` once an upstream of `endpoint_id` appears.
 
-        Returns None (no wait) unless the endpoint is known to have had upstreams recently,
-        so that a request for an unknown endpoint is answered at once.
+        Returns None (no wait) unless the endpoint is known to have had upstreams recently
+        (or the caller knows it, `known`), so that a request for an unknown endpoint is
+        answered at once.
         """
         ...
 

@@ -13,7 +13,12 @@ import httptools
 
 from pico import log
 from pico.http.channel import Cancellable, Channel, ResetReason, Upstream, UpstreamUnavailable
-from pico.http.head import error_response, rewrite_request_head, rewrite_response_head
+from pico.http.head import (
+    UNDELIVERED_HEADER,
+    error_response,
+    rewrite_request_head,
+    rewrite_response_head,
+)
 from pico.http.request import Request
 
 if TYPE_CHECKING:
@@ -66,6 +71,8 @@ class Exchange:
         "reused",
         "status",
         "stray_bytes",
+        "tried",
+        "undelivered",
         "until_close",
         "upstream",
     )
@@ -98,10 +105,12 @@ class Exchange:
         self.feeding = False  # inside parser.feed_data
         self.retire: tuple[Channel, bool] | None = None  # channel decision after the feed
         self.stray_bytes = False  # the upstream sent more than one response
+        self.undelivered = False  # the node we forwarded to answered "not delivered"
         # Waiting for an upstream to (re)appear (a node restart or failure): the hold, and
         # the answer to give if none appears in time.
         self.hold: Cancellable | None = None
         self.held_once = False
+        self.tried: set[int] = set()  # ids of the upstreams this request was sent to
         self.hold_failure = (502, "no available upstreams")
 
     # -- request side ----------------------------------------------------------------------------
@@ -118,13 +127,14 @@ class Exchange:
             except UpstreamUnavailable:
                 self.candidates.pop(0)
                 continue
+            self.tried.add(id(upstream))
             self._attach(upstream, channel, reused)
             return
         failure = (502, "upstream unreachable" if self.upstream else "no available upstreams")
         if not self._hold(failure):
-            self._fail(*failure)
+            self._fail(*failure, undelivered=True)
 
-    def _hold(self, failure: tuple[int, str]) -> bool:
+    def _hold(self, failure: tuple[int, str], *, known: bool = False) -> bool:
         """Wait (once, bounded) for an upstream of an endpoint that just lost all of its own.
 
         Only a request that never reached a service is held, and only if the router knows the
@@ -133,9 +143,24 @@ class Exchange:
         wait = self.conn.limits.upstream_wait
         if self.held_once or wait <= 0 or self.replay is None or self.got_bytes:
             return False
-        if self.request.forwarded:
+        req = self.request
+        if req.forwarded:
             return False  # the node that forwarded it decided; answer it at once
-        hold = self.conn.router.wait_for_upstream(self.request.endpoint, self._hold_over)
+        # An upstream may have appeared while this request was trying the others (an agent
+        # re-registered, gossip announced another node): use it now rather than wait.
+        fresh = [
+            u
+            for u in self.conn.router.candidates(req.endpoint, req.forwarded)
+            if id(u) not in self.tried
+        ]
+        if fresh:
+            self.held_once = True
+            self.candidates = fresh
+            self.retried_fresh = False
+            self.start()
+            return True
+        # `known`: the upstream refused it while leaving, which proves the endpoint is served.
+        hold = self.conn.router.wait_for_upstream(req.endpoint, self._hold_over, known=known)
         if hold is None:
             return False
         self.held_once = True
@@ -260,6 +285,8 @@ class Exchange:
             self._broken(f"malformed response from upstream: {exc}")
         finally:
             self.feeding = False
+            if self.undelivered:
+                self._reroute()
             retire, self.retire = self.retire, None
             if retire is not None:
                 self._retire(retire[0], retire[1] and not self.stray_bytes)
@@ -340,6 +367,16 @@ class Exchange:
                 )
             self.headers, self.reason = [], b""
             return
+        if (
+            status >= 500
+            and self.upstream is not None
+            and self.upstream.remote
+            and any(n.lower() == UNDELIVERED_HEADER for n, _ in self.headers)
+        ):
+            # The other node could not deliver it either (its agent left, its endpoint moved):
+            # no service saw the request, so route it again here instead of passing the 502 on.
+            self.undelivered = True
+            return
         self._cancel_timer()
         self.status = status
         chunked = False
@@ -382,7 +419,7 @@ class Exchange:
             self._complete()
 
     def on_body(self, body: bytes) -> None:
-        if self.done:
+        if self.done or self.undelivered:
             return
         self.bytes_out += len(body)
         if self.chunked_out:
@@ -392,6 +429,8 @@ class Exchange:
             self.conn.write(body)
 
     def on_message_complete(self) -> None:
+        if self.undelivered:
+            return
         if self.status and not self.done and self.status != 101:
             self._complete()
 
@@ -428,6 +467,15 @@ class Exchange:
                 self._retire(channel, reusable)
         self._record(self.status, close=self.close_client)
 
+    def _reroute(self) -> None:
+        """The node we forwarded to could not deliver the request: try the next candidate."""
+        self.undelivered = False
+        self.got_bytes = False  # what came back was only the other node's "not delivered"
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reset(ResetReason.NORMAL)  # its answer (an error) is not needed
+        self._channel_failed(ResetReason.REJECTED)
+
     def _retire(self, channel: Channel, reusable: bool) -> None:
         if reusable and self.upstream is not None and not channel.closed:
             self.upstream.release_channel(channel)
@@ -456,8 +504,9 @@ class Exchange:
             waitable = reason == ResetReason.REJECTED or (
                 self.upstream is not None and self.upstream.remote
             )
-            if not (waitable and self._hold(_DIAL_FAILURES[reason])):
-                self._fail(*_DIAL_FAILURES[reason])
+            rejected = reason == ResetReason.REJECTED
+            if not (waitable and self._hold(_DIAL_FAILURES[reason], known=rejected)):
+                self._fail(*_DIAL_FAILURES[reason], undelivered=True)
             return
         if (
             self.reused
@@ -491,13 +540,15 @@ class Exchange:
         self._record(self.status or 502, close=True)
         self.conn.abort()
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, *, undelivered: bool = False) -> None:
         self.done = True
         self._cancel_timer()
         req = self.request
         unread = req.expects_body and not req.body_done
         close = not req.keep_alive or unread or req.upgrade is not None
-        self.conn.write(error_response(status, message, close=close))
+        # Tell the node that forwarded the request that no service saw it: it may try another.
+        mark = undelivered and req.forwarded
+        self.conn.write(error_response(status, message, close=close, undelivered=mark))
         self._record(status, close=close)
 
     def _arm_timer(self) -> None:
@@ -510,7 +561,7 @@ class Exchange:
         if self.hold is not None:
             self.hold.cancel()
             self.hold = None
-            self._fail(*self.hold_failure)
+            self._fail(*self.hold_failure, undelivered=True)
             return
         req = self.request
         if not req.body_done and req.bytes_in != self.progress_mark:

@@ -13,6 +13,8 @@ import orjson
 
 ENDPOINT_HEADER = b"x-pico-endpoint"
 FORWARD_HEADER = b"x-pico-forward"
+# On an error from a node to the node that forwarded the request: no service saw it.
+UNDELIVERED_HEADER = b"x-pico-undelivered"
 
 _ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -195,8 +197,11 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
-def error_response(status: int, message: str, *, close: bool) -> bytes:
-    """A complete JSON error response: `{"error": message}` plus a newline."""
+def error_response(status: int, message: str, *, close: bool, undelivered: bool = False) -> bytes:
+    """A complete JSON error response: `{"error": message}` plus a newline.
+
+    `undelivered` marks, for the node that forwarded the request, that no service saw it.
+    """
     body = orjson.dumps({"error": message}) + b"\n"
     head = (
         b"HTTP/1.1 %d %s\r\n"
@@ -204,6 +209,8 @@ def error_response(status: int, message: str, *, close: bool) -> bytes:
         b"X-Content-Type-Options: nosniff\r\n"
         b"Content-Length: %d\r\n" % (status, _reason(status), len(body))
     )
+    if undelivered:
+        head += UNDELIVERED_HEADER + b": true\r\n"
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + body

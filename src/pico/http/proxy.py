@@ -370,6 +370,7 @@ class ProxyConnection(asyncio.Protocol):
         response_headers: Headers | None = None,
     ) -> None:
         """Record a finished request and move on to the next one (or close)."""
+        self.release_held_body(req)  # body bytes it was holding no longer count
         if self._queue and self._queue[0] is req:
             self._queue.popleft()
         self._exchange = None

@@ -107,6 +107,7 @@ class Tunnel(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
         self._ping_opaque = -1
+        self._barriers: dict[int, asyncio.Future[None]] = {}
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -170,11 +171,33 @@ class Tunnel(asyncio.Protocol):
     async def drain_and_close(self, timeout: float) -> None:
         """Send GoAway, wait up to `timeout` for open streams to finish, then close."""
         self.go_away()
+        loop = self._loop
+        deadline = loop.time() + timeout
+        # Barrier: once the peer answers a ping sent after our GoAway, it has seen the GoAway,
+        # and any stream it opened before that has reached us (and was rejected as
+        # never dispatched, so it is retried): closing now cuts nothing in flight.
+        await self._ping_barrier(min(timeout, self.ping_timeout))
         if self.streams:
             self._no_streams.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._no_streams.wait(), timeout)
+                await asyncio.wait_for(self._no_streams.wait(), max(0.0, deadline - loop.time()))
         self.close("closed by local side")
+
+    async def _ping_barrier(self, timeout: float) -> None:
+        if self._done.is_set() or timeout <= 0:
+            return
+        try:
+            opaque = self.session.send_ping()
+        except MuxError:
+            return
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._barriers[opaque] = waiter
+        self.wake_writer()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._barriers.pop(opaque, None)
 
     def close(self, reason: str = "closed") -> None:
         """Stop the tunnel; `run()` returns soon after."""
@@ -350,6 +373,9 @@ class Tunnel(asyncio.Protocol):
                 if stream is not None:
                     stream._lost(None)
             elif t is PongReceived:
+                barrier = self._barriers.pop(ev.opaque, None)  # type: ignore[union-attr]
+                if barrier is not None and not barrier.done():
+                    barrier.set_result(None)
                 if ev.opaque == self._ping_opaque and self._pong_deadline is not None:  # type: ignore[union-attr]
                     self._pong_deadline.cancel()
                     self._pong_deadline = None

@@ -68,9 +68,11 @@ class NodeRouter:
     # -- waiting for an upstream -------------------------------------------------------------
 
     def wait_for_upstream(
-        self, endpoint_id: str, callback: Callable[[], None]
+        self, endpoint_id: str, callback: Callable[[], None], *, known: bool = False
     ) -> Cancellable | None:
-        if self._waiting >= _MAX_WAITERS or not self._recently_served(endpoint_id):
+        if self._waiting >= _MAX_WAITERS:
+            return None
+        if not known and not self._recently_served(endpoint_id):
             return None
         waiter = _Waiter(self, endpoint_id, callback)
         self._waiters.setdefault(endpoint_id, []).append(waiter)
