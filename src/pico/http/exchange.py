@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 _log = log.get_logger("proxy")
 
-# A request that may have reached the service is only re-sent if repeating it is harmless.
 # A response head bigger than this is refused (502): it protects the node's memory.
 _MAX_RESPONSE_HEAD = 256 * 1024
+# A request that may have reached the service is only re-sent if repeating it is harmless.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _DIAL_FAILURES = {
