@@ -129,7 +129,8 @@ def test_data_flows_both_ways_in_order() -> None:
 
 
 def test_large_send_is_split_into_frames_of_at_most_max_frame_payload() -> None:
-    client, _server, sid = open_pair()
+    # A window big enough for the whole send, so only the frame size limit splits it.
+    client, _server, sid = open_pair(initial_window=4 * MAX_FRAME_PAYLOAD)
     client.send(sid, b"x" * (3 * MAX_FRAME_PAYLOAD + 5))
     data_frames = [f for f in frames(client.data_to_send()) if f[1] == FrameType.DATA]
     assert [f[4] for f in data_frames] == [MAX_FRAME_PAYLOAD] * 3 + [5]

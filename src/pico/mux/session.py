@@ -43,7 +43,7 @@ __all__ = [
 
 DEFAULT_WINDOW = 256 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
-MAX_FRAME_PAYLOAD = 64 * 1024  # we never send DATA frames larger than this
+MAX_FRAME_PAYLOAD = 256 * 1024  # we never send DATA frames larger than this (one initial window)
 MAX_RECV_PAYLOAD = 16 * 1024 * 1024  # a DATA frame announcing more than this is an error
 _MAX_U32 = 0xFFFFFFFF
 
