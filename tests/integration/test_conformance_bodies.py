@@ -11,24 +11,15 @@ import aiohttp
 from aiohttp import web
 
 from pico.server.node import Node
-from tests.support.cluster import Harness, proxy_url
-from tests.support.services import PEERS, RawConnection, pattern, sample_app
+from tests.support.cluster import Harness, connect, proxy_url
+from tests.support.services import PEERS, pattern
 
 HOST = b"Host: ep.example.com\r\n"
 
 
 async def start(h: Harness) -> tuple[Node, web.Application]:
-    node = await h.node()
-    app = sample_app()
-    port = await h.service(app)
-    await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
+    node, _, app = await h.with_service()
     return node, app
-
-
-async def connect(node: Node) -> RawConnection:
-    assert node.addrs is not None
-    return await RawConnection.open(*node.addrs.proxy)
 
 
 async def test_content_length_request_body_reaches_service_intact(h: Harness) -> None:

@@ -12,23 +12,15 @@ from pico.agent.agent import Agent
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import DEFAULT_MAX_WINDOW
 from pico.server.node import Node
-from tests.support.cluster import Harness, wait_for
-from tests.support.services import RawConnection, pattern, sample_app
+from tests.support.cluster import Harness, connect, wait_for
+from tests.support.services import RawConnection, pattern
 
 HOST = b"Host: ep.example.com\r\n"
 
 
 async def start(h: Harness) -> tuple[Node, Agent]:
-    node = await h.node()
-    port = await h.service(sample_app())
-    running = await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
+    node, running, _ = await h.with_service()
     return node, running.agent
-
-
-async def connect(node: Node) -> RawConnection:
-    assert node.addrs is not None
-    return await RawConnection.open(*node.addrs.proxy)
 
 
 def busy_streams(node: Node) -> list[MuxStream]:

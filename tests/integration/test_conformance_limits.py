@@ -12,23 +12,14 @@ from typing import Any
 import pytest
 
 from pico.server.node import Node
-from tests.support.cluster import Harness, wait_for
-from tests.support.services import RawConnection, sample_app
+from tests.support.cluster import Harness, connect, wait_for
 
 HOST = b"Host: ep.example.com\r\n"
 
 
 async def start(h: Harness, **proxy: Any) -> Node:
-    node = await h.node(proxy=proxy) if proxy else await h.node()
-    port = await h.service(sample_app())
-    await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
+    node, _, _ = await h.with_service(proxy=proxy) if proxy else await h.with_service()
     return node
-
-
-async def connect(node: Node) -> RawConnection:
-    assert node.addrs is not None
-    return await RawConnection.open(*node.addrs.proxy)
 
 
 async def assert_rejected(node: Node, request: bytes, status: int = 400) -> dict[str, Any]:

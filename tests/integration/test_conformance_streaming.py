@@ -11,24 +11,17 @@ import aiohttp
 import websockets
 
 from pico.server.node import Node
-from tests.support.cluster import Harness, proxy_url
-from tests.support.services import RawConnection, sample_app
+from tests.support.cluster import Harness, connect, proxy_url
 
 HOST = b"Host: ep.example.com\r\n"
-EP = {"x-pico-endpoint": "ep"}
 
 
 async def start(h: Harness, **proxy: Any) -> Node:
-    node = await h.node(proxy=proxy) if proxy else await h.node()
-    port = await h.service(sample_app())
-    await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
+    node, _, _ = await h.with_service(proxy=proxy) if proxy else await h.with_service()
     return node
 
 
-async def connect(node: Node) -> RawConnection:
-    assert node.addrs is not None
-    return await RawConnection.open(*node.addrs.proxy)
+EP = {"x-pico-endpoint": "ep"}
 
 
 async def test_sse_event_reaches_client_before_the_service_writes_the_next(h: Harness) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from pico.agent.agent import Agent
 from pico.config import AgentConfig, ServerConfig, load_config_dict
 from pico.server.node import Node
+from tests.support.services import RawConnection, sample_app
 
 
 def server_config(**sections: Any) -> ServerConfig:
@@ -122,6 +123,15 @@ class Harness:
         assert server is not None
         return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
+    async def with_service(self, **sections: Any) -> tuple[Node, RunningAgent, web.Application]:
+        """A node with the sample service registered as endpoint `ep` through an agent."""
+        node = await self.node(**sections)
+        app = sample_app()
+        port = await self.service(app)
+        running = await self.agent(node, [f"ep/127.0.0.1:{port}"])
+        await self.tunnel_up(node, "ep")
+        return node, running, app
+
     async def tunnel_up(self, node: Node, endpoint: str, count: int = 1) -> None:
         await wait_for(
             lambda: node.registry.counts().get(endpoint, 0) >= count,
@@ -137,3 +147,9 @@ class Harness:
                 await node.shutdown()
         for runner in self.runners:
             await runner.cleanup()
+
+
+async def connect(node: Node) -> RawConnection:
+    """A raw client connection to the node's proxy port."""
+    assert node.addrs is not None
+    return await RawConnection.open(*node.addrs.proxy)
