@@ -61,7 +61,6 @@ NODE_BLOCK = (
 )
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx not installed (.ci/run installs it)")
 def test_getting_started_guide_and_sigkill_failover(procs: Procs, tmp_path: Path) -> None:
     start_cluster(procs, tmp_path)
     wait_until(
@@ -168,7 +167,6 @@ def owner_of(endpoint: str) -> str | None:
     return None
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx not installed (.ci/run installs it)")
 def test_sigterm_moves_agents_without_failing_requests(procs: Procs, tmp_path: Path) -> None:
     start_cluster(procs, tmp_path)
     procs.start("service", [sys.executable, "-m", "tests.support.serve", "127.0.0.1", "4103"])
