@@ -349,7 +349,9 @@ def test_every_dashboard_file_has_expected_panel_titles() -> None:
     assert sorted(p.name for p in DASHBOARD_FILES) == sorted(EXPECTED)
 
 
-@pytest.mark.parametrize("path", [DASHBOARDS / name for name in sorted(EXPECTED)], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [DASHBOARDS / name for name in sorted(EXPECTED)], ids=lambda p: p.name
+)
 def test_panel_titles_match_spec(path: Path) -> None:
     expected = EXPECTED[path.name]
     by_row: dict[str | None, list[str]] = {}
