@@ -104,7 +104,7 @@ def normalise(events: list[Event]) -> list[Event]:
             and isinstance(last, DataReceived)
             and last.stream_id == event.stream_id
         ):
-            merged[-1] = DataReceived(event.stream_id, last.data + event.data)
+            merged[-1] = DataReceived(event.stream_id, memoryview(bytes(last.data) + event.data))
         else:
             merged.append(event)
     return merged

@@ -541,7 +541,11 @@ def test_frames_split_at_every_byte_are_reassembled() -> None:
     data = client.data_to_send()
     for i in range(len(data)):
         server.receive_data(data[i : i + 1])
-    assert server.events_received() == [DataReceived(sid, b"split me")]
+    # The payload is delivered as it arrives: one event per received piece, in order.
+    events = server.events_received()
+    assert [type(ev) for ev in events] == [DataReceived] * len(b"split me")
+    assert {ev.stream_id for ev in events} == {sid}
+    assert b"".join(ev.data for ev in events) == b"split me"
     assert len(frames(server.data_to_send())) == 1  # the pong
 
 
@@ -556,3 +560,39 @@ def test_constructor_rejects_bad_windows() -> None:
         Session(client=True, initial_window=0)
     with pytest.raises(ValueError):
         Session(client=True, initial_window=DEFAULT_WINDOW, max_window=DEFAULT_WINDOW - 1)
+
+
+def test_delivered_data_never_aliases_a_writable_buffer() -> None:
+    client, server, sid = open_pair()
+    client.send(sid, b"payload")
+    wire = bytearray(client.data_to_send())
+    server.receive_data(wire)
+    wire[:] = b"\0" * len(wire)  # the caller reuses its buffer
+    (event,) = server.events_received()
+    assert isinstance(event, DataReceived) and bytes(event.data) == b"payload"
+    assert event.data.readonly
+
+
+def test_fin_applies_after_a_payload_cut_across_calls() -> None:
+    _, server, sid = open_pair()
+    wire = encode_header(FrameType.DATA, Flags.FIN, sid, 10) + b"0123456789"
+    server.receive_data(wire[:-4])
+    first = server.events_received()
+    assert [type(ev) for ev in first] == [DataReceived]  # no StreamEnded before the last byte
+    server.receive_data(wire[-4:])
+    assert [type(ev) for ev in server.events_received()] == [DataReceived, StreamEnded]
+
+
+def test_payload_for_a_stream_reset_mid_frame_is_dropped() -> None:
+    client, server, sid = open_pair()
+    client.send(sid, b"a" * 100)
+    wire = client.data_to_send()
+    server.receive_data(wire[:50])
+    server.events_received()
+    server.reset_stream(sid)
+    assert server.events_received() == [StreamClosed(sid)]
+    server.receive_data(wire[50:])
+    assert server.events_received() == []
+    client.send_ping()
+    server.receive_data(client.data_to_send())  # the frame boundary was kept: still in sync
+    assert not server.closed

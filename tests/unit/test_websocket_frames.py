@@ -61,6 +61,55 @@ def test_any_split_of_the_byte_stream_yields_the_same_payload(
     assert [(c.opcode, c.payload) for c in pings] == [(OP_PING, b"hi")]
 
 
+@given(
+    chunks=st.lists(st.binary(max_size=3000), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=30000), max_size=10),
+    mask=st.booleans(),
+)
+def test_control_frames_between_cut_data_frames_keep_their_order(
+    chunks: list[bytes], cuts: list[int], mask: bool
+) -> None:
+    # Data payloads are handed out piece by piece as they arrive (never reassembled), with
+    # the mask key carried across cuts; pings between data frames are still seen whole.
+    wire = b"".join(
+        encode_frame(OP_BINARY, c, mask=mask) + encode_frame(OP_PING, b"%d" % i, mask=mask)
+        for i, c in enumerate(chunks)
+    )
+    decoder = FrameDecoder(expect_mask=mask)
+    got: list[bytes | memoryview] = []
+    pings = []
+    points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    for a, b in itertools.pairwise(points):
+        payloads, controls = decoder.feed(wire[a:b])
+        assert all(len(p) for p in payloads)
+        got += payloads
+        pings += controls
+    assert b"".join(got) == b"".join(chunks)
+    assert [c.payload for c in pings] == [b"%d" % i for i in range(len(chunks))]
+
+
+def test_unmasked_pieces_are_views_that_never_change() -> None:
+    wire = bytearray(encode_frame(OP_BINARY, b"x" * 1000, mask=False))
+    decoder = FrameDecoder(expect_mask=False)
+    first, _ = decoder.feed(wire[:500])
+    wire[:] = b"\0" * len(wire)  # the caller reuses its buffer
+    assert bytes(first[0]) == b"x" * (500 - 4)
+    payloads, _ = decoder.feed(bytes(encode_frame(OP_BINARY, b"y" * 10, mask=False)))
+    assert isinstance(payloads[0], memoryview) and payloads[0].readonly
+
+
+def test_nothing_after_a_close_frame_is_decoded() -> None:
+    decoder = FrameDecoder(expect_mask=False)
+    wire = encode_frame(OP_CLOSE, b"\x03\xe8", mask=False) + encode_frame(
+        OP_BINARY, b"late", mask=False
+    )
+    payloads, controls = decoder.feed(wire[:3])
+    assert (payloads, controls) == ([], [])
+    payloads, controls = decoder.feed(wire[3:])
+    assert payloads == [] and [c.opcode for c in controls] == [OP_CLOSE]
+    assert decoder.feed(encode_frame(OP_BINARY, b"more", mask=False)) == ([], [])
+
+
 def test_unmasked_client_frame_is_rejected() -> None:
     with pytest.raises(WebSocketError, match="unmasked"):
         FrameDecoder(expect_mask=True).feed(encode_frame(OP_BINARY, b"x", mask=False))

@@ -115,7 +115,7 @@ class _StreamSide:
     def __init__(self, service: _ServiceSide) -> None:
         self.service = service
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.service.transport is not None:
             self.service.transport.write(data)
 

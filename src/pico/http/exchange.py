@@ -255,7 +255,7 @@ class Exchange:
 
     # -- channel receiver ------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.done:
             return
         self.got_bytes = True

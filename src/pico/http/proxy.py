@@ -508,7 +508,7 @@ class _Splice:
     def __init__(self, conn: ProxyConnection) -> None:
         self.conn = conn
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.conn.write(data)
 
     def eof_received(self) -> None:

@@ -46,6 +46,7 @@ MAX_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_PAYLOAD = 256 * 1024  # we never send DATA frames larger than this (one initial window)
 MAX_RECV_PAYLOAD = 16 * 1024 * 1024  # a DATA frame announcing more than this is an error
 _MAX_U32 = 0xFFFFFFFF
+_FRAME_START = HEADER_SIZE + 1  # the longest piece ever buffered: an RST header and reason
 
 _DATA = int(FrameType.DATA)
 _WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
@@ -74,10 +75,14 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Payload bytes, in order. The caller must later call ``consume(stream_id, len(data))``."""
+    """Payload bytes, in order. The caller must later call ``consume(stream_id, len(data))``.
+
+    A read-only view on the bytes given to ``receive_data`` (no copy); one DATA frame may
+    arrive as several events.
+    """
 
     stream_id: int
-    data: bytes
+    data: memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +195,12 @@ class Session:
         self._peer_parity = 0 if client else 1
         self._highest_peer_id = 0
         self._streams: dict[int, _Stream] = {}
-        self._inbuf = bytearray()
+        self._inbuf = bytearray()  # a cut frame start (fewer than _FRAME_START bytes)
+        # The DATA frame whose payload is arriving: bytes still to come, its stream (None
+        # when they are dropped) and whether it carries FIN.
+        self._payload_left = 0
+        self._payload_stream: _Stream | None = None
+        self._payload_fin = False
         self._out: list[bytes | memoryview] = []
         self._events: list[Event] = []
         self._closed = False
@@ -251,21 +261,37 @@ class Session:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the transport, split anywhere.
 
+        DATA payloads are delivered as they arrive, as views on ``data`` (no copy), so a
+        frame split over several calls yields several :class:`DataReceived` events. A
+        writable buffer (a bytearray or a view on one) is copied first: delivered views
+        must never change under the application.
+
         Never raises on bad peer input: a protocol violation produces
         :class:`ConnectionTerminated`, closes the session and queues GO_AWAY(protocol error).
         Ignored once the session is closed.
         """
         if self._closed or not data:
             return
+        view = memoryview(data)
+        if not view.readonly:
+            view = memoryview(bytes(view))
         try:
-            if self._inbuf:
-                self._inbuf += data
-                used = self._parse(self._inbuf)
-                del self._inbuf[:used]
-            else:
-                used = self._parse(data)
-                if used < len(data):
-                    self._inbuf += memoryview(data)[used:]
+            inbuf = self._inbuf
+            if inbuf:
+                # A frame start (header, maybe an RST reason) was cut: complete it from the
+                # front of `data`, parse the joined few bytes, then go on in `data` itself.
+                have = len(inbuf)
+                take = min(len(view), _FRAME_START - have)
+                head = bytes(inbuf) + view[:take]
+                used = self._parse(memoryview(head))
+                if used <= have:  # still incomplete: everything given fits in the buffer
+                    inbuf[have:] = view[:take]
+                    return
+                inbuf.clear()
+                view = view[used - have :]
+            used = self._parse(view)
+            if used < len(view):
+                inbuf += view[used:]  # a cut frame start: fewer than _FRAME_START bytes
         except MuxProtocolError as exc:
             self._fail(str(exc))
         if self._closed:
@@ -461,42 +487,74 @@ class Session:
         if st.fin_sent:
             self._maybe_finished(st)
 
-    def _parse(self, buf: bytes | bytearray | memoryview) -> int:
-        """Handle every complete frame in ``buf``; return the number of bytes used."""
+    def _parse(self, view: memoryview) -> int:
+        """Handle the frames in ``view``; return the number of bytes used.
+
+        DATA payloads are delivered piece by piece as they arrive. Only a cut frame start
+        (a header, or an RST frame's reason byte) is left unused for the caller to keep.
+        """
         pos = 0
-        end = len(buf)
-        with memoryview(buf) as view:
-            while end - pos >= HEADER_SIZE:
-                version, ftype, flags, sid, length = _unpack_from(view, pos)
-                if version != PROTOCOL_VERSION:
-                    raise MuxProtocolError(f"unsupported protocol version {version} (expected 0)")
-                if ftype == _DATA:
-                    if length > MAX_RECV_PAYLOAD:
+        end = len(view)
+        while pos < end:
+            left = self._payload_left
+            if left:
+                n = end - pos
+                if n > left:
+                    n = left
+                self._deliver(view[pos : pos + n], left - n)
+                pos += n
+                continue
+            if end - pos < HEADER_SIZE:
+                break
+            version, ftype, flags, sid, length = _unpack_from(view, pos)
+            if version != PROTOCOL_VERSION:
+                raise MuxProtocolError(f"unsupported protocol version {version} (expected 0)")
+            if ftype == _DATA:
+                if length > MAX_RECV_PAYLOAD:
+                    raise MuxProtocolError(
+                        f"DATA frame length {length} exceeds the maximum {MAX_RECV_PAYLOAD}"
+                    )
+                if flags & _RST:
+                    if length > 1:
                         raise MuxProtocolError(
-                            f"DATA frame length {length} exceeds the maximum {MAX_RECV_PAYLOAD}"
+                            f"RST frame carries {length} bytes (at most 1 allowed)"
                         )
-                    frame_end = pos + HEADER_SIZE + length
-                    if frame_end > end:
+                    if end - pos < HEADER_SIZE + length:
                         break
-                    payload = bytes(view[pos + HEADER_SIZE : frame_end])
-                    pos = frame_end
-                    self._on_stream_frame(ftype, flags, sid, length, payload)
-                elif ftype == _WINDOW_UPDATE:
-                    pos += HEADER_SIZE
-                    self._on_stream_frame(ftype, flags, sid, length, b"")
-                elif ftype == _PING:
-                    pos += HEADER_SIZE
-                    self._on_ping(flags, sid, length)
-                elif ftype == _GO_AWAY:
-                    pos += HEADER_SIZE
-                    if sid != 0:
-                        raise MuxProtocolError(f"GO_AWAY frame on stream {sid} (must be 0)")
-                    if not self._peer_going_away:
-                        self._peer_going_away = True
-                        self._events.append(GoAwayReceived(length))
-                else:
-                    raise MuxProtocolError(f"unknown frame type {ftype}")
+                    reason = view[pos + HEADER_SIZE] if length else int(ResetReason.NORMAL)
+                    pos += HEADER_SIZE + length
+                    self._on_stream_frame(ftype, flags, sid, length, reason)
+                    continue
+                pos += HEADER_SIZE
+                self._on_stream_frame(ftype, flags, sid, length, 0)
+            elif ftype == _WINDOW_UPDATE:
+                pos += HEADER_SIZE
+                self._on_stream_frame(ftype, flags, sid, length, 0)
+            elif ftype == _PING:
+                pos += HEADER_SIZE
+                self._on_ping(flags, sid, length)
+            elif ftype == _GO_AWAY:
+                pos += HEADER_SIZE
+                if sid != 0:
+                    raise MuxProtocolError(f"GO_AWAY frame on stream {sid} (must be 0)")
+                if not self._peer_going_away:
+                    self._peer_going_away = True
+                    self._events.append(GoAwayReceived(length))
+            else:
+                raise MuxProtocolError(f"unknown frame type {ftype}")
         return pos
+
+    def _deliver(self, piece: memoryview, left: int) -> None:
+        """The next bytes of the DATA frame being received; ``left`` bytes of it follow."""
+        self._payload_left = left
+        st = self._payload_stream
+        if st is not None and st.stream_id in self._streams:
+            st.unconsumed += len(piece)
+            self._events.append(DataReceived(st.stream_id, piece))
+            if not left and self._payload_fin:
+                self._on_fin(st)
+        if not left:
+            self._payload_stream = None
 
     def _on_ping(self, flags: int, sid: int, opaque: int) -> None:
         if sid != 0:
@@ -514,12 +572,17 @@ class Session:
             return sid <= self._highest_peer_id
         return sid < self._next_id
 
-    def _on_stream_frame(
-        self, ftype: int, flags: int, sid: int, length: int, payload: bytes
-    ) -> None:
+    def _on_stream_frame(self, ftype: int, flags: int, sid: int, length: int, reason: int) -> None:
+        """A DATA or WINDOW_UPDATE header (``reason``: an RST frame's reason byte).
+
+        A DATA frame's payload follows through :meth:`_deliver`; its FIN applies after it.
+        """
         if sid == 0:
             raise MuxProtocolError(f"{FrameType(ftype).name} frame on stream 0")
         st = self._streams.get(sid)
+        data = ftype == _DATA and not flags & _RST
+        if data:
+            self._payload_left = length  # the payload is consumed even when it is dropped
         if flags & _SYN:
             if sid & 1 != self._peer_parity:
                 raise MuxProtocolError(f"SYN for stream {sid} has the wrong parity for the peer")
@@ -539,19 +602,14 @@ class Session:
             raise MuxProtocolError(f"{FrameType(ftype).name} frame for stream {sid} never opened")
 
         if flags & _RST:
-            reason = ResetReason.NORMAL
-            if ftype == _DATA and length:
-                if length != 1:
-                    raise MuxProtocolError(f"RST frame carries {length} bytes (at most 1 allowed)")
-                reason = _RESET_REASONS.get(payload[0], ResetReason.NORMAL)
             del self._streams[sid]
             st.queue.clear()
             st.queued = 0
-            self._events.append(StreamReset(sid, reason))
+            self._events.append(StreamReset(sid, _RESET_REASONS.get(reason, ResetReason.NORMAL)))
             self._events.append(StreamClosed(sid))
             return
 
-        if ftype == _DATA:
+        if data:
             if length:
                 if st.fin_received:
                     raise MuxProtocolError(f"DATA on stream {sid} after the peer's FIN")
@@ -561,8 +619,9 @@ class Session:
                         f"({length} bytes, {st.recv_avail} allowed)"
                     )
                 st.recv_avail -= length
-                st.unconsumed += length
-                self._events.append(DataReceived(sid, payload))
+                self._payload_stream = st
+                self._payload_fin = bool(flags & _FIN)
+                return  # FIN, if any, once the payload is in
         elif length:
             window = st.send_window + length
             if window > _MAX_U32:
@@ -573,8 +632,12 @@ class Session:
                 if not st.queued and not st.fin_pending:
                     self._events.append(SendWindowAvailable(sid))
 
-        if flags & _FIN and not st.fin_received:
+        if flags & _FIN:
+            self._on_fin(st)
+
+    def _on_fin(self, st: _Stream) -> None:
+        if not st.fin_received:
             st.fin_received = True
-            self._events.append(StreamEnded(sid))
-            if sid in self._streams:
+            self._events.append(StreamEnded(st.stream_id))
+            if st.stream_id in self._streams:
                 self._maybe_finished(st)

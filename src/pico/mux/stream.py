@@ -23,7 +23,9 @@ _DATA, _EOF, _LOST, _RESUME = 0, 1, 2, 3
 class StreamReceiver(Protocol):
     """Callbacks a MuxStream delivers to (the shape of asyncio.Protocol)."""
 
-    def data_received(self, data: bytes) -> None: ...
+    def data_received(self, data: bytes | memoryview) -> None:
+        """The next bytes of the stream: a read-only view the receiver may keep."""
+
     def eof_received(self) -> None: ...
     def connection_lost(self, reason: ResetReason | None) -> None: ...
     def pause_writing(self) -> None: ...
@@ -139,7 +141,7 @@ class MuxStream:
             return
         if kind == _DATA:
             data = value
-            assert isinstance(data, bytes)
+            assert isinstance(data, memoryview)
             receiver.data_received(data)
             if self._closed:
                 return

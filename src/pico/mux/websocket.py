@@ -33,6 +33,9 @@ OP_PONG = 0xA
 _DATA_OPCODES = (OP_CONTINUATION, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
+# The longest frame start ever buffered: a 14-byte header and a 125-byte control payload.
+_LONGEST_START = 14 + 125
+
 _SHORT = struct.Struct(">H")
 _LONG = struct.Struct(">Q")
 
@@ -122,33 +125,78 @@ class FrameDecoder:
     """Incremental decoder: bytes in, stream bytes and control frames out.
 
     `expect_mask` is true on the server side (clients must mask) and false on the client side.
-    `max_frame` bounds the payload of one frame, and so the memory a peer can make us buffer.
+    `max_frame` bounds the payload of one frame. A data frame's payload is handed out as it
+    arrives, piece by piece (unmasked as it goes), so a big frame is never reassembled:
+    unmasked pieces are views on the bytes given to `feed` (no copy at all). Only a cut
+    header or control frame (at most 139 bytes) is ever buffered.
     """
 
     def __init__(self, *, expect_mask: bool, max_frame: int = 16 << 20) -> None:
         self.expect_mask = expect_mask
         self.max_frame = max_frame
-        self._buf = bytearray()
+        self._buf = bytearray()  # a cut header or control frame
+        self._left = 0  # payload bytes of the current data frame still to come
+        self._key: bytes | None = None  # its mask key, rotated to the next byte's offset
+        self._closed = False  # a close frame was read: nothing after it is
 
-    def feed(self, data: bytes) -> tuple[list[bytes], list[ControlFrame]]:
-        """Decode what `data` completes. Returns (stream payloads, control frames).
+    def feed(self, data: bytes) -> tuple[list[bytes | memoryview], list[ControlFrame]]:
+        """Decode what `data` completes. Returns (stream payload pieces, control frames).
 
         Raises WebSocketError on a framing violation; the connection must then be closed.
         """
-        # Fast path: nothing buffered, so parse `data` in place instead of copying it first.
-        buf: bytes | bytearray
-        if self._buf:
-            self._buf += data
-            buf = self._buf
-        else:
-            buf = data
-        payloads: list[bytes] = []
+        payloads: list[bytes | memoryview] = []
         controls: list[ControlFrame] = []
+        if self._closed or not data:
+            return payloads, controls
+        view = memoryview(data)
+        if not view.readonly:  # pieces are views on `data`: it must not change under them
+            view = memoryview(bytes(view))
+        buf = self._buf
+        if buf:
+            # Complete the cut frame start from the front of `data`, decode the joined bytes,
+            # then go on in `data` itself.
+            have = len(buf)
+            take = min(len(view), _LONGEST_START - have)
+            head = bytes(buf) + view[:take]
+            used = self._decode(memoryview(head), payloads, controls)
+            if used <= have:  # still incomplete: all of `data` fits in the buffer
+                buf[have:] = view[:take]
+                return payloads, controls
+            buf.clear()
+            view = view[used - have :]
+        used = self._decode(view, payloads, controls)
+        if used < len(view) and not self._closed:
+            buf += view[used:]
+        return payloads, controls
+
+    def _decode(
+        self, view: memoryview, payloads: list[bytes | memoryview], controls: list[ControlFrame]
+    ) -> int:
+        """Decode frames from `view`; return the bytes used (a cut frame start is not)."""
         pos = 0
-        end = len(buf)
-        while end - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
+        end = len(view)
+        while pos < end:
+            left = self._left
+            if left:
+                n = end - pos
+                if n > left:
+                    n = left
+                piece = view[pos : pos + n]
+                key = self._key
+                if key is None:
+                    payloads.append(piece)
+                else:
+                    payloads.append(apply_mask(piece, key))
+                    shift = n & 3
+                    if shift:
+                        self._key = key[shift:] + key[:shift]
+                self._left = left - n
+                pos += n
+                continue
+            if end - pos < 2:
+                break
+            b0 = view[pos]
+            b1 = view[pos + 1]
             opcode = b0 & 0x0F
             if b0 & 0x70:
                 raise WebSocketError("reserved bits set (no extension was negotiated)")
@@ -162,42 +210,38 @@ class FrameDecoder:
             if length == 126:
                 if end - offset < 2:
                     break
-                length = _SHORT.unpack_from(buf, offset)[0]
+                length = _SHORT.unpack_from(view, offset)[0]
                 offset += 2
             elif length == 127:
                 if end - offset < 8:
                     break
-                length = _LONG.unpack_from(buf, offset)[0]
+                length = _LONG.unpack_from(view, offset)[0]
                 offset += 8
             if length > self.max_frame:
                 raise WebSocketError(f"frame of {length} bytes exceeds the {self.max_frame} limit")
-            key = b""
+            key = None
             if masked:
                 if end - offset < 4:
                     break
-                key = bytes(buf[offset : offset + 4])
+                key = bytes(view[offset : offset + 4])
                 offset += 4
-            if end - offset < length:
-                break
-            raw = memoryview(buf)[offset : offset + length]
-            payload = apply_mask(raw, key) if masked else bytes(raw)
-            raw.release()
-            pos = offset + length
             if opcode in _DATA_OPCODES:
-                if payload:
-                    payloads.append(payload)
+                pos = offset
+                self._left = length
+                self._key = key
             elif opcode in _CONTROL_OPCODES:
                 if length > 125 or not b0 & 0x80:
                     raise WebSocketError("control frame too long or fragmented")
-                controls.append(ControlFrame(opcode, payload))
+                if end - offset < length:
+                    break
+                raw = view[offset : offset + length]
+                pos = offset + length
+                controls.append(ControlFrame(opcode, apply_mask(raw, key) if key else bytes(raw)))
                 if opcode == OP_CLOSE:
-                    break  # nothing after a close frame is read
+                    self._closed = True  # nothing after a close frame is read
+                    return end
             elif opcode == OP_TEXT:
                 raise WebSocketError("text frame on a binary tunnel")
             else:
                 raise WebSocketError(f"unknown opcode {opcode:#x}")
-        if buf is self._buf:
-            del self._buf[:pos]
-        elif pos < end:
-            self._buf = bytearray(memoryview(buf)[pos:])
-        return payloads, controls
+        return pos

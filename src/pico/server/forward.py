@@ -171,7 +171,7 @@ class _Idle:
         self.pool = pool
         self.channel = channel
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.pool.discard(self.channel)
         self.channel.reset(ResetReason.NORMAL)
 

@@ -100,7 +100,7 @@ class _IdleStream:
         self.upstream = upstream
         self.stream = stream
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         # Unsolicited bytes from an idle service connection: it cannot be reused safely.
         self.upstream.discard(self.stream)
         self.stream.reset(ResetReason.NORMAL)
