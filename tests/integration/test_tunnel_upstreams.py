@@ -7,9 +7,13 @@ import asyncio
 import json
 import os
 import socket
+from collections.abc import Iterable
 
 import aiohttp
+import pytest
 
+from pico.mux.tunnel import Tunnel
+from pico.mux.websocket import ZERO_KEY, FrameDecoder
 from pico.server.node import Node
 from tests.support.cluster import Harness, proxy_url, wait_for
 from tests.support.services import crashing_service, one_shot_service, sample_app
@@ -189,3 +193,74 @@ async def test_invalid_endpoint_id_on_the_upstream_route_gets_400_json(h: Harnes
             assert resp.status == 400
             assert resp.headers["Content-Type"].startswith("application/json")
             assert "invalid endpoint id" in (await resp.json())["error"]
+
+
+@pytest.mark.parametrize("mask_frames", [False, True])
+async def test_bodies_cross_the_tunnel_intact_with_either_mask_mode(
+    h: Harness, mask_frames: bool
+) -> None:
+    # Zero-key frames (the default) and random-key frames (server.mask_frames) both carry
+    # multi-megabyte bodies both ways, byte for byte.
+    node = await h.node()
+    port = await h.service(sample_app())
+    await h.agent(node, [f"ep/127.0.0.1:{port}"], server={"mask_frames": mask_frames})
+    await h.tunnel_up(node, "ep")
+    body = os.urandom(3 * 1024 * 1024 + 7)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proxy_url(node) + "/echo", data=body, headers=EP) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.read() == body
+
+
+class _Capture(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def writelines(self, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        for part in parts:
+            self.out += part
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("random_mask", [False, True])
+@pytest.mark.parametrize("size", [100, 200_000])  # a small frame and a big, vectored one
+async def test_agent_frames_carry_the_mask_key_of_its_mode(random_mask: bool, size: int) -> None:
+    tunnel = Tunnel(client=True, ping_interval=0, random_mask=random_mask)
+    capture = _Capture()
+    tunnel.attach(capture)
+    stream = tunnel.open_stream()
+    stream.write(b"\x55" * size)
+    await asyncio.sleep(0)  # the flush runs at the end of this loop iteration
+    tunnel.close()
+    keys = []
+    wire = bytes(capture.out)
+    pos = 0
+    while pos < len(wire):
+        length = wire[pos + 1] & 0x7F
+        assert wire[pos + 1] & 0x80  # a client always sets the mask bit
+        offset = pos + 2 + {126: 2, 127: 8}.get(length, 0)
+        if length >= 126:
+            length = int.from_bytes(wire[pos + 2 : offset], "big")
+        keys.append(wire[offset : offset + 4])
+        pos = offset + 4 + length
+    assert keys
+    assert all((key != ZERO_KEY) == random_mask for key in keys)
+    decoded, _ = FrameDecoder(expect_mask=True).feed(wire)
+    assert b"\x55" * size in b"".join(decoded)

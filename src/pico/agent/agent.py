@@ -204,6 +204,7 @@ class EndpointLink:
             ping_interval=self.agent.config.server.heartbeat_interval,
             ping_timeout=self.agent.config.server.heartbeat_timeout,
             name=endpoint_id,
+            random_mask=self.agent.config.server.mask_frames,
         )
         moved = asyncio.Event()
         tunnel.on_goaway = moved.set

@@ -350,6 +350,13 @@ class AgentServerSection(_Model):
     heartbeat_timeout: PositiveDuration = Field(
         10.0, description="Reconnect if a heartbeat is not answered within this time."
     )
+    mask_frames: bool = Field(
+        False,
+        description="Mask tunnel frames with random keys (RFC 6455 client masking). Off: "
+        "frames carry the all-zero key, which saves copying every byte on both sides. Turn "
+        "it on when the agent reaches a plain-http server through a transparent HTTP proxy "
+        "that does not understand WebSocket.",
+    )
 
 
 class AgentAuthConfig(_Model):

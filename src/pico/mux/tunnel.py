@@ -38,6 +38,7 @@ from pico.mux.websocket import (
     OP_CLOSE,
     OP_PING,
     OP_PONG,
+    ZERO_KEY,
     FrameDecoder,
     WebSocketError,
     encode_frame,
@@ -83,9 +84,12 @@ class Tunnel(asyncio.Protocol):
         ping_timeout: float = 15.0,
         name: str = "",
         max_window: int = DEFAULT_MAX_WINDOW,
+        random_mask: bool = False,
     ) -> None:
         self.session = Session(client=client, max_window=max_window)
         self.client = client
+        # A client masks its frames: with random keys when `random_mask`, else with ZERO_KEY.
+        self.random_mask = client and random_mask
         self.decoder = FrameDecoder(expect_mask=not client, max_frame=MAX_MESSAGE_SIZE)
         self.name = name
         self.on_stream = on_stream
@@ -223,6 +227,7 @@ class Tunnel(asyncio.Protocol):
         self._schedule_ping()
 
     def data_received(self, data: bytes) -> None:
+        random_key = self.random_mask
         try:
             payloads, controls = self.decoder.feed(data)
         except WebSocketError as exc:
@@ -234,9 +239,13 @@ class Tunnel(asyncio.Protocol):
             session.receive_data(payload)
         for frame in controls:
             if frame.opcode == OP_PING:
-                self._control.append(encode_frame(OP_PONG, frame.payload, mask=self.client))
+                pong = encode_frame(OP_PONG, frame.payload, mask=self.client, random_key=random_key)
+                self._control.append(pong)
             elif frame.opcode == OP_CLOSE:
-                self._control.append(encode_frame(OP_CLOSE, frame.payload[:2], mask=self.client))
+                close = frame.payload[:2]
+                self._control.append(
+                    encode_frame(OP_CLOSE, close, mask=self.client, random_key=random_key)
+                )
                 self.close("websocket closed by peer")
         self._handle_events()
         self.wake_writer()
@@ -275,11 +284,13 @@ class Tunnel(asyncio.Protocol):
         if not parts:
             return
         size = sum(map(len, parts))
+        client = self.client
+        random_key = self.random_mask
         if size <= _SMALL_FRAME:
-            if self.client:  # masked: one join, one mask, header and payload as a vector
+            if random_key:  # one join, one mask, header and payload as a vector
                 transport.writelines(encode_frame_parts(OP_BINARY, b"".join(parts), mask=True))
             else:
-                header = frame_header(OP_BINARY, size, mask_key=None)
+                header = frame_header(OP_BINARY, size, mask_key=ZERO_KEY if client else None)
                 transport.write(b"".join([header, *parts]))
             return
         # Big flushes: frames of up to _MAX_SEND_FRAME, written as vectors of the session's
@@ -290,10 +301,14 @@ class Tunnel(asyncio.Protocol):
             group.append(part)
             group_size += len(part)
             if group_size >= _MAX_SEND_FRAME:
-                transport.writelines(frame_pieces(OP_BINARY, group, group_size, mask=self.client))
+                transport.writelines(
+                    frame_pieces(OP_BINARY, group, group_size, mask=client, random_key=random_key)
+                )
                 group, group_size = [], 0
         if group:
-            transport.writelines(frame_pieces(OP_BINARY, group, group_size, mask=self.client))
+            transport.writelines(
+                frame_pieces(OP_BINARY, group, group_size, mask=client, random_key=random_key)
+            )
 
     def _shutdown(self) -> None:
         for timer in (self._ping_timer, self._pong_deadline):

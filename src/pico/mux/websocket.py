@@ -23,6 +23,14 @@ except ImportError:  # pragma: no cover
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
+# The mask key of an agent that does not mask with random keys (the default; `server.mask_frames`
+# turns random keys on). XOR with zeros is the identity, so neither side copies the payload to
+# mask or unmask it: about a tenth of the CPU a relayed megabyte costs. Random keys exist so that
+# a script in a browser cannot choose the bytes a WebSocket-unaware transparent proxy sees; the
+# agent is not a browser, its payload comes from the operator's own service, and over TLS no
+# proxy sees the bytes at all.
+ZERO_KEY = b"\0\0\0\0"
+
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -79,24 +87,38 @@ def frame_header(opcode: int, length: int, *, mask_key: bytes | None) -> bytes:
     return head + mask_key if mask_key is not None else head
 
 
-def encode_frame_parts(opcode: int, payload: bytes, *, mask: bool) -> tuple[bytes, bytes]:
-    """One final frame as (header, payload) without joining them (no copy of a big payload)."""
+def encode_frame_parts(
+    opcode: int, payload: bytes, *, mask: bool, random_key: bool = True
+) -> tuple[bytes, bytes]:
+    """One final frame as (header, payload) without joining them (no copy of a big payload).
+
+    With `mask` and not `random_key`, the frame is masked with the all-zero key: well-formed
+    for any WebSocket peer or proxy, and neither side touches the payload (see ZERO_KEY).
+    """
     if not mask:
         return frame_header(opcode, len(payload), mask_key=None), payload
+    if not random_key:
+        return frame_header(opcode, len(payload), mask_key=ZERO_KEY), payload
     key = os.urandom(4)
     return frame_header(opcode, len(payload), mask_key=key), apply_mask(payload, key)
 
 
 def frame_pieces(
-    opcode: int, pieces: list[bytes | memoryview], size: int, *, mask: bool
+    opcode: int,
+    pieces: list[bytes | memoryview],
+    size: int,
+    *,
+    mask: bool,
+    random_key: bool = True,
 ) -> list[bytes | memoryview]:
     """One frame whose payload is `pieces` concatenated (`size` bytes), as a list to write.
 
     With `mask`, each piece is masked with the key rotated to its offset in the payload, so the
-    payload is never joined into one buffer.
+    payload is never joined into one buffer; without `random_key` the key is ZERO_KEY and the
+    pieces go out as they are.
     """
-    if not mask:
-        return [frame_header(opcode, size, mask_key=None), *pieces]
+    if not mask or not random_key:
+        return [frame_header(opcode, size, mask_key=ZERO_KEY if mask else None), *pieces]
     key = os.urandom(4)
     out: list[bytes | memoryview] = [frame_header(opcode, size, mask_key=key)]
     offset = 0
@@ -107,9 +129,9 @@ def frame_pieces(
     return out
 
 
-def encode_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
+def encode_frame(opcode: int, payload: bytes, *, mask: bool, random_key: bool = True) -> bytes:
     """One final frame carrying `payload` (masked, as a client must)."""
-    head, body = encode_frame_parts(opcode, payload, mask=mask)
+    head, body = encode_frame_parts(opcode, payload, mask=mask, random_key=random_key)
     return head + body
 
 
@@ -225,6 +247,8 @@ class FrameDecoder:
                     break
                 key = bytes(view[offset : offset + 4])
                 offset += 4
+                if key == ZERO_KEY:
+                    key = None  # XOR with zeros: hand the payload out as it is
             if opcode in _DATA_OPCODES:
                 pos = offset
                 self._left = length
@@ -236,7 +260,8 @@ class FrameDecoder:
                     break
                 raw = view[offset : offset + length]
                 pos = offset + length
-                controls.append(ControlFrame(opcode, apply_mask(raw, key) if key else bytes(raw)))
+                payload = apply_mask(raw, key) if key is not None else bytes(raw)
+                controls.append(ControlFrame(opcode, payload))
                 if opcode == OP_CLOSE:
                     self._closed = True  # nothing after a close frame is read
                     return end
