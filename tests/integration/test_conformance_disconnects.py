@@ -139,10 +139,11 @@ async def test_slow_reader_keeps_node_buffers_bounded_and_download_completes(
         got += len(chunk)
 
     def agent_blocked() -> bool:
-        # Flow control reached the agent: its stream holds bytes the node has no window for.
+        # Flow control reached the agent: its stream holds bytes the node has no window for
+        # or, splicing, it has no window left and stopped reading the service.
         tunnel = agent.links[0].tunnel
         return tunnel is not None and any(
-            s.get_write_buffer_size() > 0 for s in tunnel.streams.values()
+            s.get_write_buffer_size() > 0 or s.send_window() == 0 for s in tunnel.streams.values()
         )
 
     await wait_for(agent_blocked, what="the agent stopped by the mux window")

@@ -8,6 +8,7 @@ and stops with a clear message when the server rejects it (400, 401, 403).
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from typing import Any, cast
 
@@ -22,6 +23,7 @@ from prometheus_client import (
 
 from pico import log
 from pico.config import AgentConfig, EndpointSpec
+from pico.mux import splice
 from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.stream import MuxStream
@@ -106,6 +108,115 @@ class _ServiceSide(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.stream.resume_reading()
 
+    def pause_source(self) -> None:
+        """The stream cannot take more (window or tunnel full): stop reading the service."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_source(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+
+class _SplicedServiceSide(_ServiceSide):
+    """A service connection whose bytes reach the tunnel by splice(2), never read into Python.
+
+    The loop's transport still writes the request to the service; reading goes through a
+    duplicate descriptor: socket -> pipe -> tunnel socket (see pico.mux.splice).
+    """
+
+    def __init__(self, stream: MuxStream, on_done: Any) -> None:
+        super().__init__(stream, on_done)
+        self._loop = asyncio.get_running_loop()
+        self._fd = -1
+        self._pipe: splice.Pipe | None = None
+        self._paused = False
+        self._reading = False
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Splice reads, the loop must not. uvloop starts reading right after this method
+        # returns, whatever it was told here: pause again before its first poll.
+        reader = cast(asyncio.Transport, transport)
+        reader.pause_reading()
+        self._loop.call_soon(reader.pause_reading)
+        sock = transport.get_extra_info("socket")
+        self._fd = os.dup(sock.fileno())
+        self._pipe = pipe = splice.Pipe()
+        pipe.on_drained = self._watch
+        super().connection_made(transport)
+        self._watch()
+
+    def data_received(self, data: bytes) -> None:
+        # The loop read before its pause took effect: these bytes go first, as bytes (the
+        # stream then pauses the splice until they are framed).
+        if self.transport is not None:
+            self.transport.pause_reading()
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._pipe is not None:
+            self._pipe.release()
+        super().connection_lost(exc)
+
+    def pause_source(self) -> None:
+        self._paused = True
+        self._unwatch()
+
+    def resume_source(self) -> None:
+        self._paused = False
+        self._watch()
+
+    def _watch(self) -> None:
+        pipe = self._pipe
+        if self._reading or self._fd < 0 or self._eof or self._paused or pipe is None:
+            return
+        if pipe.pending == 0 and not pipe.released:
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def _unwatch(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _readable(self) -> None:
+        pipe = self._pipe
+        stream = self.stream
+        assert pipe is not None
+        if stream.closed:
+            self._unwatch()
+            return
+        if pipe.pending or stream.get_write_buffer_size():
+            self._unwatch()  # watched again once the pipe is drained, or the stream resumes
+            return
+        window = stream.send_window()
+        if window <= 0 or stream.tunnel.write_blocked:
+            self._unwatch()
+            stream.pause_if_blocked()  # resume_source() follows
+            return
+        try:
+            n = pipe.fill(self._fd, min(window, splice.PIPE_SIZE))
+        except BlockingIOError:
+            return
+        except OSError:
+            # The service broke the connection mid-response: never replayed elsewhere.
+            self._unwatch()
+            stream.reset(ResetReason.CANCELLED)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if n == 0:
+            self._eof = True
+            self._unwatch()
+            stream.write_eof()
+            return
+        stream.write_chunk(splice.PipeChunk(pipe, n))
+
 
 class _StreamSide:
     """Receiver of the stream: writes into the service connection."""
@@ -133,12 +244,10 @@ class _StreamSide:
                 t.abort()
 
     def pause_writing(self) -> None:
-        if self.service.transport is not None:
-            self.service.transport.pause_reading()
+        self.service.pause_source()
 
     def resume_writing(self) -> None:
-        if self.service.transport is not None:
-            self.service.transport.resume_reading()
+        self.service.resume_source()
 
 
 class EndpointLink:
@@ -208,7 +317,7 @@ class EndpointLink:
         )
         moved = asyncio.Event()
         tunnel.on_goaway = moved.set
-        tunnel.attach(transport, rest, resume=True)
+        tunnel.attach(transport, rest, resume=True, direct=True)
         self.tunnel = tunnel
         m.connected.labels(endpoint_id).set(1)
         m.connects.labels(endpoint_id).inc()
@@ -253,11 +362,10 @@ class EndpointLink:
         spec = self.spec
         labels = self.agent.metrics
         active = labels.active_streams.labels(spec.endpoint_id)
+        side = _SplicedServiceSide if stream.tunnel.splicing else _ServiceSide
         try:
             await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _ServiceSide(stream, active.dec), spec.host, spec.port
-                ),
+                loop.create_connection(lambda: side(stream, active.dec), spec.host, spec.port),
                 self.agent.config.forwarder.timeout,
             )
             active.inc()

@@ -9,6 +9,7 @@ Both peers must use the same ``initial_window`` (yamux fixes it at 256 KiB).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sized
 from dataclasses import dataclass
 
 from pico.mux.frame import (
@@ -109,7 +110,8 @@ class StreamClosed:
 
 @dataclass(frozen=True, slots=True)
 class SendWindowAvailable:
-    """The stream's queued unsent bytes dropped to 0 after being > 0; resume reading."""
+    """The stream's queued unsent bytes dropped to 0 after being > 0, or credit arrived after
+    :meth:`Session.want_window`; resume reading."""
 
     stream_id: int
 
@@ -161,6 +163,7 @@ class _Stream:
         "send_window",
         "stream_id",
         "unconsumed",
+        "window_wait",
     )
 
     def __init__(self, stream_id: int, window: int) -> None:
@@ -175,6 +178,7 @@ class _Stream:
         self.recv_avail = window  # bytes the peer may still send us
         self.unconsumed = 0  # delivered to the app, not yet consumed
         self.pending_credit = 0  # consumed, not yet credited via WINDOW_UPDATE
+        self.window_wait = False  # want_window() was called: report the next credit
 
 
 class Session:
@@ -344,6 +348,36 @@ class Session:
         st.queue.append(memoryview(data))
         st.queued += n
         self._flush(st)
+
+    def send_sized(self, stream_id: int, payload: Sized) -> None:
+        """Frame `payload`, an object that is not bytes but knows its length, as one DATA frame.
+
+        It appears in the output as it is, after its header: the caller writes it out (a
+        pipe chunk is spliced). It must fit: nothing queued, at most :meth:`send_window` and
+        ``MAX_FRAME_PAYLOAD`` bytes. Raises :class:`MuxError` otherwise.
+        """
+        st = self._streams.get(stream_id)
+        if st is None:
+            raise MuxError(f"stream {stream_id} is not open")
+        if st.fin_pending:
+            raise MuxError(f"stream {stream_id} was ended locally")
+        n = len(payload)
+        if st.queued or n > st.send_window or n > MAX_FRAME_PAYLOAD:
+            raise MuxError(f"{n} bytes do not fit the send window of stream {stream_id}")
+        st.send_window -= n
+        self._out.append(_pack(PROTOCOL_VERSION, _DATA, 0, stream_id, n))
+        self._out.append(payload)  # type: ignore[arg-type]
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes the stream may send now (0 if unknown)."""
+        st = self._streams.get(stream_id)
+        return st.send_window if st is not None else 0
+
+    def want_window(self, stream_id: int) -> None:
+        """Emit :class:`SendWindowAvailable` when the peer next credits the stream."""
+        st = self._streams.get(stream_id)
+        if st is not None:
+            st.window_wait = True
 
     def buffered(self, stream_id: int) -> int:
         """Bytes queued on the stream but not yet framed (waiting for window); 0 if unknown."""
@@ -631,6 +665,9 @@ class Session:
                 self._flush(st)
                 if not st.queued and not st.fin_pending:
                     self._events.append(SendWindowAvailable(sid))
+            elif st.window_wait:
+                st.window_wait = False
+                self._events.append(SendWindowAvailable(sid))
 
         if flags & _FIN:
             self._on_fin(st)

@@ -14,6 +14,7 @@ from pico.mux.frame import ResetReason
 from pico.mux.session import MuxError
 
 if TYPE_CHECKING:
+    from pico.mux.splice import PipeChunk
     from pico.mux.tunnel import Tunnel
 
 # What a MuxStream delivers to its receiver (queued until a receiver is attached).
@@ -96,6 +97,39 @@ class MuxStream:
             self._write_paused = True
             if self.receiver is not None:
                 self.receiver.pause_writing()
+
+    def send_window(self) -> int:
+        """Bytes that may be sent now (see pause_if_blocked)."""
+        return 0 if self._closed else self.tunnel.session.send_window(self.stream_id)
+
+    def write_chunk(self, chunk: PipeChunk) -> None:
+        """Send bytes waiting in a pipe (at most send_window()); the tunnel splices them out."""
+        if self._closed:
+            chunk.pipe.drained(chunk.size)
+            return
+        tunnel = self.tunnel
+        try:
+            tunnel.session.send_sized(self.stream_id, chunk)
+        except MuxError:
+            chunk.pipe.drained(chunk.size)
+            return
+        tunnel.wake_writer()
+        self.pause_if_blocked()
+
+    def pause_if_blocked(self) -> None:
+        """Call receiver.pause_writing() if the send window or the tunnel is full (and
+        resume_writing() once it is not)."""
+        tunnel = self.tunnel
+        session = tunnel.session
+        if self._write_paused:
+            return
+        if session.send_window(self.stream_id) <= 0:
+            session.want_window(self.stream_id)
+        elif not tunnel.write_blocked:
+            return
+        self._write_paused = True
+        if self.receiver is not None:
+            self.receiver.pause_writing()
 
     def write_eof(self) -> None:
         """Half-close: the peer sees end of stream after the queued bytes."""

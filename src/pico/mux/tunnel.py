@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import cast
 
 from pico import log
+from pico.mux import splice
 from pico.mux.frame import ResetReason
 from pico.mux.session import (
     ConnectionTerminated,
@@ -112,22 +113,51 @@ class Tunnel(asyncio.Protocol):
         self._pong_deadline: asyncio.TimerHandle | None = None
         self._ping_opaque = -1
         self._barriers: dict[int, asyncio.Future[None]] = {}
+        self._direct: splice.DirectWriter | None = None
 
     # -- public API ------------------------------------------------------------------------------
 
     def attach(
-        self, transport: asyncio.BaseTransport, initial: bytes = b"", *, resume: bool = False
+        self,
+        transport: asyncio.BaseTransport,
+        initial: bytes = b"",
+        *,
+        resume: bool = False,
+        direct: bool = False,
     ) -> None:
         """Take over `transport` after the handshake; `initial` is data already read past it.
 
         `resume` restarts reading on a transport the handshake paused (the client side).
+        `direct` writes to the socket without the transport where splice(2) works (plain TCP
+        on Linux, frames not masked with random keys), so streams can send pipe chunks: see
+        `splicing`.
         """
         transport.set_protocol(self)
         self.connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if (
+            direct
+            and splice.supported()
+            and not self.random_mask
+            and sock is not None
+            and transport.get_extra_info("sslcontext") is None
+        ):
+            self._direct = splice.DirectWriter(
+                sock,
+                on_error=self._write_failed,
+                on_pause=self.pause_writing,
+                on_resume=self.resume_writing,
+                high=_WRITE_HIGH_WATER,
+            )
         if initial:
             self.data_received(initial)
         if resume and self.transport is not None:
             cast(asyncio.ReadTransport, transport).resume_reading()
+
+    @property
+    def splicing(self) -> bool:
+        """True when streams may send pipe chunks (MuxStream.write_chunk)."""
+        return self._direct is not None and not self._direct.closed
 
     @property
     def usable(self) -> bool:
@@ -278,6 +308,9 @@ class Tunnel(asyncio.Protocol):
         # Local actions (our FIN after the peer's, a reset) produce events too: deliver them.
         self._handle_events()
         parts = self.session.take_output()
+        if self._direct is not None:
+            self._write_direct(cast(list[splice.Piece], parts))  # may hold pipe chunks
+            return
         if self._control:
             control, self._control = self._control, []
             transport.write(b"".join(control))
@@ -310,6 +343,31 @@ class Tunnel(asyncio.Protocol):
                 frame_pieces(OP_BINARY, group, group_size, mask=client, random_key=random_key)
             )
 
+    def _write_direct(self, parts: list[splice.Piece]) -> None:
+        """Frames for the direct writer: each pipe chunk ends a frame, so it is spliced whole."""
+        assert self._direct is not None
+        out: list[splice.Piece] = []
+        if self._control:
+            out += self._control
+            self._control = []
+        run: list[splice.Piece] = []
+        size = 0
+        for part in parts:
+            run.append(part)
+            size += len(part)
+            if type(part) is splice.PipeChunk or size >= _MAX_SEND_FRAME:
+                out.append(frame_header(OP_BINARY, size, mask_key=ZERO_KEY))
+                out += run
+                run, size = [], 0
+        if run:
+            out.append(frame_header(OP_BINARY, size, mask_key=ZERO_KEY))
+            out += run
+        if out:
+            self._direct.write(out)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.close(f"connection lost: {exc}")
+
     def _shutdown(self) -> None:
         for timer in (self._ping_timer, self._pong_deadline):
             if timer is not None:
@@ -325,6 +383,8 @@ class Tunnel(asyncio.Protocol):
             self._flush()  # a GoAway or final RSTs still go out
             self.transport = None
             transport.close()
+        if self._direct is not None:
+            self._direct.close()
 
     def _close_streams(self) -> None:
         streams, self.streams = self.streams, {}

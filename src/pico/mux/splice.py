@@ -1,0 +1,237 @@
+"""Zero-copy relaying for the agent (Linux): service bytes move socket -> pipe -> tunnel socket
+with splice(2), so the agent never copies a response body into Python, nor into the kernel again.
+
+`Pipe` holds one stream's bytes in flight. `PipeChunk` is a mux DATA payload that lives in a
+pipe: the session frames it like bytes, and `DirectWriter` splices it out in order with the
+bytes around it. `DirectWriter` owns every write to the tunnel socket (through a duplicate of
+its descriptor), since the event loop's own transport would reorder bytes written behind its
+back. Reading the tunnel stays with the transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from pico import log
+
+_log = log.get_logger("mux")
+
+_SPLICE = getattr(os, "splice", None)
+_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+_NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# One pipe holds at most this much of a stream (also the largest chunk spliced into it).
+PIPE_SIZE = 256 * 1024
+_IOV_MAX = 512
+
+
+def supported() -> bool:
+    """True where splice(2) is available (Linux)."""
+    return _SPLICE is not None
+
+
+class Pipe:
+    """A kernel pipe carrying one stream's bytes from its service socket to the tunnel socket.
+
+    `pending` counts bytes spliced in and not yet out. The pipe is closed once its owner
+    released it and nothing is pending (the tunnel may still owe the peer those bytes: its
+    DATA header is already out).
+    """
+
+    __slots__ = ("on_drained", "pending", "read_fd", "released", "write_fd")
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe only means smaller chunks
+            fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        self.pending = 0
+        self.released = False
+        self.on_drained: Callable[[], None] | None = None
+
+    def fill(self, src_fd: int, limit: int) -> int:
+        """Move up to `limit` bytes from `src_fd` into the pipe; 0 at end of file.
+
+        Raises BlockingIOError when nothing is ready, OSError on a broken source.
+        """
+        assert _SPLICE is not None
+        n: int = _SPLICE(src_fd, self.write_fd, limit, flags=_MOVE | _NONBLOCK)
+        self.pending += n
+        return n
+
+    def drained(self, n: int) -> None:
+        """`n` bytes left the pipe (or will never have to)."""
+        if self.read_fd < 0:
+            return  # discarded with its tunnel
+        self.pending -= n
+        if self.pending == 0:
+            if self.released:
+                self._close()
+            elif self.on_drained is not None:
+                self.on_drained()
+
+    def release(self) -> None:
+        """The owner is done with the pipe: close it once its bytes are out (or now)."""
+        if not self.released:
+            self.released = True
+            self.on_drained = None
+            if self.pending == 0:
+                self._close()
+
+    def discard(self) -> None:
+        """Close now: the bytes in flight will never be sent (the tunnel is gone)."""
+        self.released = True
+        self.pending = 0
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.read_fd = self.write_fd = -1
+
+
+class PipeChunk:
+    """`size` bytes of a stream waiting in `pipe`: the payload of one mux DATA frame."""
+
+    __slots__ = ("pipe", "size")
+
+    def __init__(self, pipe: Pipe, size: int) -> None:
+        self.pipe = pipe
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Piece = bytes | memoryview | PipeChunk
+
+
+class DirectWriter:
+    """Writes bytes and pipe chunks to a socket in order, without the event loop's transport.
+
+    Writes go out at once when the socket takes them; the rest waits for writability. Above
+    `high` bytes waiting, `on_pause` is called (and `on_resume` once it is all out), like a
+    transport's write flow control. A write error calls `on_error` once; later writes are
+    dropped.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        on_error: Callable[[OSError], None],
+        on_pause: Callable[[], None],
+        on_resume: Callable[[], None],
+        high: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = os.dup(sock.fileno())
+        self._queue: deque[Piece] = deque()
+        self._offset = 0  # bytes of the queue's first piece already written
+        self.buffered = 0
+        self._high = high
+        self._paused = False
+        self._watching = False
+        self._on_error = on_error
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def write(self, pieces: list[Piece]) -> None:
+        if self._fd < 0:
+            for piece in pieces:
+                if type(piece) is PipeChunk:
+                    piece.pipe.drained(piece.size)
+            return
+        self._queue.extend(pieces)
+        self.buffered += sum(map(len, pieces))
+        if not self._watching:
+            self._drain()
+        if self.buffered > self._high and not self._paused:
+            self._paused = True
+            self._on_pause()
+
+    def close(self) -> None:
+        """Stop: close the descriptor; pipe chunks not yet out are released."""
+        if self._fd < 0:
+            return
+        if self._watching:
+            self._loop.remove_writer(self._fd)
+            self._watching = False
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = -1
+        queue, self._queue = self._queue, deque()
+        for piece in queue:
+            if type(piece) is PipeChunk:
+                piece.pipe.discard()
+        self.buffered = 0
+
+    def _drain(self) -> None:
+        queue = self._queue
+        fd = self._fd
+        try:
+            while queue:
+                first = queue[0]
+                if type(first) is PipeChunk:
+                    left = first.size - self._offset
+                    assert _SPLICE is not None
+                    n = _SPLICE(first.pipe.read_fd, fd, left, flags=_MOVE | _NONBLOCK)
+                    if n <= 0:
+                        raise BlockingIOError(errno.EAGAIN, "pipe empty")
+                    self.buffered -= n
+                    first.pipe.drained(n)
+                    if n < left:
+                        self._offset += n
+                        continue  # the socket may take more: try until it says EAGAIN
+                    queue.popleft()
+                    self._offset = 0
+                    continue
+                # The run of byte pieces up to the next chunk, in one writev.
+                iov: list[bytes | memoryview] = []
+                for piece in queue:
+                    if type(piece) is PipeChunk or len(iov) == _IOV_MAX:
+                        break
+                    iov.append(piece)  # type: ignore[arg-type]
+                if self._offset:
+                    iov[0] = memoryview(iov[0])[self._offset :]
+                n = os.writev(fd, iov)
+                self.buffered -= n
+                while n:
+                    piece = queue[0]
+                    left = len(piece) - self._offset
+                    if n < left:
+                        self._offset += n
+                        break
+                    n -= left
+                    queue.popleft()
+                    self._offset = 0
+                else:
+                    continue
+                break  # a short write: the socket is full
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close()
+            self._on_error(exc)
+            return
+        if queue and not self._watching:
+            self._loop.add_writer(fd, self._drain)
+            self._watching = True
+        elif not queue and self._watching:
+            self._loop.remove_writer(fd)
+            self._watching = False
+        if self._paused and not queue:
+            self._paused = False
+            self._on_resume()
