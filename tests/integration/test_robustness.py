@@ -126,6 +126,47 @@ async def test_stray_bytes_after_a_response_are_never_served(h: Harness) -> None
     server.close()
 
 
+async def test_stray_bytes_after_a_body_relayed_past_the_parser_are_never_served(
+    h: Harness,
+) -> None:
+    # The body's second part (and a stray response after it) arrives after the head was
+    # relayed, so it takes the path that skips the parser: the stray bytes are still caught.
+    head_seen = asyncio.Event()
+    connections = [0]
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nh")
+                await writer.drain()
+                await head_seen.wait()
+                head_seen.clear()
+                writer.write(b"iHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+                await writer.drain()
+
+    server, port = await serve(handler)
+    node = await h.node()
+    await h.agent(node, [f"ep/127.0.0.1:{port}"])
+    await h.tunnel_up(node, "ep")
+    assert node.addrs is not None
+    reader, writer = await asyncio.open_connection(*node.addrs.proxy)
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n"
+    for _ in range(3):
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"h"
+        head_seen.set()
+        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"i"
+    # A stream that carried stray bytes is never reused: each request had a fresh one.
+    assert connections[0] == 3
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+
+
 async def test_invalid_endpoint_id_gets_400(h: Harness) -> None:
     node = await h.node()
     async with aiohttp.ClientSession() as http:
@@ -205,3 +246,15 @@ async def test_agent_reads_frames_the_node_sends_right_after_the_upgrade() -> No
     await wait_for(lambda: b"".join(received) == b"hello", what="stream data delivered")
     tunnel.close()
     server.close()
+
+
+async def test_body_bytes_in_the_same_read_as_the_head_never_count_as_head(h: Harness) -> None:
+    # Once the stream's window has grown, a whole 1 MiB response (head and body) can arrive
+    # in one piece: only the head counts against the response head limit.
+    node, _, _ = await h.with_service()
+    size = 1024 * 1024
+    async with aiohttp.ClientSession() as http:
+        for _ in range(6):
+            async with http.get(proxy_url(node) + f"/download?size={size}", headers=EP) as resp:
+                assert resp.status == 200
+                assert len(await resp.read()) == size

@@ -44,6 +44,7 @@ class Exchange:
 
     __slots__ = (
         "body_ended",
+        "body_left",
         "bytes_out",
         "candidates",
         "channel",
@@ -96,6 +97,9 @@ class Exchange:
         self.head_sent = False  # response head written to the client
         self.got_bytes = False  # any response byte received on this channel
         self.chunked_out = False
+        # Bytes of a Content-Length response body still to come: once the parser is past the
+        # head, they are relayed as they arrive without it (no copy, no callbacks).
+        self.body_left = 0
         self.until_close = False
         self.close_client = False
         self.done = False
@@ -263,16 +267,19 @@ class Exchange:
         if parser is None:
             parser = self.parser = httptools.HttpResponseParser(self)
         conn = self.conn
-        if not self.head_sent:
-            # httptools buffers an unfinished header line whole: bound the head by raw bytes.
-            self.head_bytes += len(data)
-            if self.head_bytes > _MAX_RESPONSE_HEAD:
-                self._broken("response head too large")
-                return
         corked = conn.cork()
         self.feeding = True
         try:
-            parser.feed_data(data)
+            if self.body_left and self.head_sent:
+                self._relay_body(data)
+            else:
+                parser.feed_data(data)
+                if not self.head_sent and not self.done:
+                    # httptools buffers an unfinished header line whole: bound the head by
+                    # the raw bytes fed while it is unfinished (body bytes never count).
+                    self.head_bytes += len(data)
+                    if self.head_bytes > _MAX_RESPONSE_HEAD:
+                        self._broken("response head too large")
         except httptools.HttpParserUpgrade as exc:
             if self.status == 101 and self.head_sent:
                 rest = data[exc.args[0] :]
@@ -381,12 +388,14 @@ class Exchange:
         self.status = status
         chunked = False
         content_length = False
+        lengths = []
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
                 chunked = value.strip().lower().endswith(b"chunked")
             elif lname == b"content-length":
                 content_length = True
+                lengths.append(value.strip())
         upgrade = status == 101 and req.upgrade is not None
         no_body = req.method == b"HEAD" or status in (204, 304)
         if upgrade:
@@ -417,11 +426,15 @@ class Exchange:
         self.conn.write(head)
         if no_body and not upgrade:
             self._complete()
+        elif not chunked and not upgrade and len(lengths) == 1 and lengths[0].isdigit():
+            self.body_left = int(lengths[0])
 
     def on_body(self, body: bytes) -> None:
         if self.done or self.undelivered:
             return
         self.bytes_out += len(body)
+        if self.body_left:
+            self.body_left -= len(body)
         if self.chunked_out:
             # writelines: no concatenated copy of the body (uvloop sends it with writev).
             self.conn.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
@@ -432,6 +445,20 @@ class Exchange:
         if self.undelivered:
             return
         if self.status and not self.done and self.status != 101:
+            self._complete()
+
+    def _relay_body(self, data: bytes | memoryview) -> None:
+        """The next bytes of a Content-Length body, past the parser (it saw the head only)."""
+        left = self.body_left
+        n = len(data)
+        if n > left:
+            self.stray_bytes = True  # bytes after the response: the channel is unusable
+            data = data[:left]
+            n = left
+        self.body_left = left - n
+        self.bytes_out += n
+        self.conn.write(data)
+        if not self.body_left:
             self._complete()
 
     # -- endings ---------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ DEFAULT_WINDOW = 256 * 1024
 MAX_WINDOW = 16 * 1024 * 1024
 MAX_FRAME_PAYLOAD = 256 * 1024  # we never send DATA frames larger than this (one initial window)
 MAX_RECV_PAYLOAD = 16 * 1024 * 1024  # a DATA frame announcing more than this is an error
+# A payload the caller writes itself (send_sized) is not copied into the output: bigger
+# frames only mean fewer of them. Well under what any peer accepts (MAX_RECV_PAYLOAD).
+MAX_SIZED_PAYLOAD = 1024 * 1024
 _MAX_U32 = 0xFFFFFFFF
 _FRAME_START = HEADER_SIZE + 1  # the longest piece ever buffered: an RST header and reason
 
@@ -354,7 +357,7 @@ class Session:
 
         It appears in the output as it is, after its header: the caller writes it out (a
         pipe chunk is spliced). It must fit: nothing queued, at most :meth:`send_window` and
-        ``MAX_FRAME_PAYLOAD`` bytes. Raises :class:`MuxError` otherwise.
+        ``MAX_SIZED_PAYLOAD`` bytes. Raises :class:`MuxError` otherwise.
         """
         st = self._streams.get(stream_id)
         if st is None:
@@ -362,7 +365,7 @@ class Session:
         if st.fin_pending:
             raise MuxError(f"stream {stream_id} was ended locally")
         n = len(payload)
-        if st.queued or n > st.send_window or n > MAX_FRAME_PAYLOAD:
+        if st.queued or n > st.send_window or n > MAX_SIZED_PAYLOAD:
             raise MuxError(f"{n} bytes do not fit the send window of stream {stream_id}")
         st.send_window -= n
         self._out.append(_pack(PROTOCOL_VERSION, _DATA, 0, stream_id, n))

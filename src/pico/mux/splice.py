@@ -28,6 +28,8 @@ _MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # One pipe holds at most this much of a stream (also the largest chunk spliced into it).
+# Pipes of an unprivileged user beyond fs.pipe-user-pages-soft (64 MiB in all by default,
+# so 256 streams at once) are smaller: chunks shrink, nothing else changes.
 PIPE_SIZE = 256 * 1024
 _IOV_MAX = 512
 

@@ -58,6 +58,8 @@ _WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Flushes up to this size are joined into one frame and one write (a copy is cheaper than
 # a vector of small pieces).
 _SMALL_FRAME = 64 * 1024
+# The buffer the connection is read into (the most one read takes).
+_READ_SIZE = 1024 * 1024
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # The most one stream may have in flight towards us. When its consumer stalls (a client that
 # stops reading), up to this much lands in memory before the peer is stopped, so it is the
@@ -66,7 +68,7 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
 
 
-class Tunnel(asyncio.Protocol):
+class Tunnel(asyncio.BufferedProtocol):
     """A mux session over a WebSocket, on a raw asyncio transport.
 
     The WebSocket handshake is done elsewhere (`pico.mux.handshake`); the tunnel then takes over
@@ -114,6 +116,8 @@ class Tunnel(asyncio.Protocol):
         self._ping_opaque = -1
         self._barriers: dict[int, asyncio.Future[None]] = {}
         self._direct: splice.DirectWriter | None = None
+        self._read_buffer = bytearray(_READ_SIZE)
+        self._read_view: memoryview | None = None
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -256,7 +260,34 @@ class Tunnel(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         self._schedule_ping()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the loop reads to: a reused buffer when no view of it is still held.
+
+        The kernel copies straight into it (no bytes object per read), and payload views
+        handed out keep it from being reused until they are dropped: a buffer with live
+        views cannot be resized, which is the test.
+        """
+        previous = self._read_view
+        if previous is not None:
+            # The loop let go of it after buffer_updated(); slices handed out live on.
+            with contextlib.suppress(BufferError):
+                previous.release()
+        buf = self._read_buffer
+        try:
+            buf.pop()  # raises BufferError while a view of it is alive
+            buf.append(0)  # (within its allocation: neither moves the data)
+        except BufferError:
+            buf = self._read_buffer = bytearray(_READ_SIZE)
+        view = self._read_view = memoryview(buf)
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self._read_view
+        assert view is not None
+        # Consumers may keep slices of this: the buffer is not reused while they do.
+        self.data_received(view[:nbytes].toreadonly())
+
+    def data_received(self, data: bytes | memoryview) -> None:
         random_key = self.random_mask
         try:
             payloads, controls = self.decoder.feed(data)

@@ -161,7 +161,7 @@ class FrameDecoder:
         self._key: bytes | None = None  # its mask key, rotated to the next byte's offset
         self._closed = False  # a close frame was read: nothing after it is
 
-    def feed(self, data: bytes) -> tuple[list[bytes | memoryview], list[ControlFrame]]:
+    def feed(self, data: bytes | memoryview) -> tuple[list[bytes | memoryview], list[ControlFrame]]:
         """Decode what `data` completes. Returns (stream payload pieces, control frames).
 
         Raises WebSocketError on a framing violation; the connection must then be closed.
