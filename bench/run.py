@@ -1,8 +1,12 @@
 """`make bench`: wrk against nginx direct, one nginx hop, Pico on one node and through two nodes.
 
-Environment: BENCH_DURATION (seconds per case, default 5), BENCH_WARMUP (default 1),
-BENCH_CONNECTIONS (default 50), BENCH_REPEAT (runs per case; the median by req/s is kept;
-default 1).
+Every setup runs at once (idle while another is measured), and the cases are measured in
+rounds: each round measures every setup and size once, so a case and the nginx hop it is
+compared with are measured minutes apart at most, under the same machine load. A ratio is the
+median of the per-round ratios; the other columns are the median run.
+
+Environment: BENCH_DURATION (seconds per run, default 5), BENCH_WARMUP (default 1),
+BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 3).
 """
 
 from __future__ import annotations
@@ -71,6 +75,16 @@ class Case:
     shown: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     note: str = ""  # "skipped ..." or "failed ..." when there is no result
+    runs: list[Case] = field(default_factory=list)  # one per round, in order
+
+    def pick_median(self) -> None:
+        """Take the median run (by req/s) as the case's result."""
+        done = [r for r in self.runs if r.result is not None]
+        if not done:
+            return
+        best = sorted(done, key=lambda r: r.result.rps if r.result else 0.0)[len(done) // 2]
+        self.result, self.rss, self.cpu = best.result, best.rss, best.cpu
+        self.problems = sorted({p for r in done for p in r.problems})
 
 
 def env_float(name: str, default: float) -> float:
@@ -105,7 +119,7 @@ def find_tools() -> Config:
         duration=env_float("BENCH_DURATION", 5.0),
         warmup=env_float("BENCH_WARMUP", 1.0),
         connections=int(env_float("BENCH_CONNECTIONS", 50)),
-        repeat=max(1, int(env_float("BENCH_REPEAT", 1))),
+        repeat=max(1, int(env_float("BENCH_REPEAT", 3))),
     )
 
 
@@ -281,82 +295,87 @@ class Bench:
             raise BenchError(f"wrk exited with {proc.popen.returncode}: {out.strip()}")
         return wrk.parse(out)
 
-    def measure(self, setup: Setup) -> None:
-        for size in SIZES:
-            case = Case(setup.name, size, shown=setup.shown)
-            self.cases.append(case)
-            runs: list[Case] = []
-            try:
-                if self.cfg.warmup > 0:
-                    self.run_wrk(setup, size, self.cfg.warmup)
-                for _ in range(self.cfg.repeat):
-                    run = Case(setup.name, size, shown=setup.shown)
-                    roles = {role: proc.pid for role, proc in setup.roles.items()}
-                    with Sampler(roles) as sampler:
-                        run.result = self.run_wrk(setup, size, self.cfg.duration)
-                    run.rss, run.cpu = sampler.peak_rss(), sampler.cpu_seconds()
-                    run.problems = run.result.problems()
-                    runs.append(run)
+    def measure_once(self, setup: Setup, case: Case, warmup: bool) -> None:
+        """One run of `case` on `setup`, appended to case.runs (a failure ends the case)."""
+        if case.note:
+            return
+        try:
+            if warmup and self.cfg.warmup > 0:
+                self.run_wrk(setup, case.size, self.cfg.warmup)
+            run = Case(setup.name, case.size, shown=setup.shown)
+            roles = {role: proc.pid for role, proc in setup.roles.items()}
+            with Sampler(roles) as sampler:
+                run.result = self.run_wrk(setup, case.size, self.cfg.duration)
+            run.rss, run.cpu = sampler.peak_rss(), sampler.cpu_seconds()
+            run.problems = run.result.problems()
+            case.runs.append(run)
+            self.procs.check_alive(*setup.roles.values())
+        except BenchError as failure:
+            exc = failure
+            try:  # a dead process explains a wrk failure better than wrk does
                 self.procs.check_alive(*setup.roles.values())
-            except BenchError as failure:
-                exc = failure
-                try:  # a dead process explains a wrk failure better than wrk does
-                    self.procs.check_alive(*setup.roles.values())
-                except BenchError as dead:
-                    exc = dead
-                case.note = f"failed: {first_line(exc)}"
-                print(f"bench: {setup.name} {size}: {exc}", file=sys.stderr)
-            if runs:
-                runs.sort(key=lambda r: r.result.rps if r.result else 0.0)
-                best = runs[len(runs) // 2]
-                case.result, case.rss, case.cpu = best.result, best.rss, best.cpu
-                case.problems = sorted({p for r in runs for p in r.problems})
-            print(f"  {setup.name:28} {size}: {summary(case)}", file=sys.stderr, flush=True)
+            except BenchError as dead:
+                exc = dead
+            case.note = f"failed: {first_line(exc)}"
+            print(f"bench: {setup.name} {case.size}: {exc}", file=sys.stderr)
+            return
+        print(
+            f"  round {len(case.runs)} {setup.name:28} {case.size}: {summary(run)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def attempt(self, name: str, start: Callable[[], Setup]) -> Setup | None:
-        """Start a setup; on failure record both sizes as failed and go on."""
+        """Start a setup; on failure stop what it started, record both sizes, and go on."""
         print(f"bench: starting {name}", file=sys.stderr, flush=True)
+        running = list(self.procs.procs)
         try:
             setup: Setup = start()
             return setup
         except ClusterUnavailable as exc:
             print(f"bench: {name} skipped: {exc}", file=sys.stderr)
             self.notes.append(f"{name}: skipped (cluster not available): {exc}")
-            for size in SIZES:
-                self.cases.append(Case(name, size, note="skipped (cluster not available)"))
-            self.procs.stop_all(keep=[self.origin.roles["nginx"]] if self.origin else [])
-            return None
+            note = "skipped (cluster not available)"
         except BenchError as exc:
             print(f"bench: {name} failed to start: {exc}", file=sys.stderr)
-            self.procs.stop_all(keep=[self.origin.roles["nginx"]] if self.origin else [])
-            for size in SIZES:
-                self.cases.append(Case(name, size, note=f"failed to start: {first_line(exc)}"))
-            return None
+            note = f"failed to start: {first_line(exc)}"
+        self.procs.stop_all(keep=running)
+        for size in SIZES:
+            self.cases.append(Case(name, size, note=note))
+        return None
 
     def run(self) -> None:
         origin = self.origin = self.start_origin()
         print("bench: nginx origin ready", file=sys.stderr, flush=True)
-        self.measure(origin)
-
-        hop = self.attempt(HOP, lambda: self.start_hop(origin))
-        if hop:
-            self.measure(hop)
-            self.stop(hop, keep=origin.roles["nginx"])
-
-        one = self.attempt(ONE_NODE, lambda: self.start_pico_one(origin))
-        if one:
-            self.measure(one)
-            self.stop(one, keep=origin.roles["nginx"])
-
+        setups: list[Setup] = [origin]
+        for name, start in (
+            (HOP, lambda: self.start_hop(origin)),
+            (ONE_NODE, lambda: self.start_pico_one(origin)),
+        ):
+            started = self.attempt(name, start)
+            if started:
+                setups.append(started)
         if cluster_available(self.cfg.pico):
             two = self.attempt(TWO_NODES, lambda: self.start_pico_two(origin))
             if two:
-                self.measure(two)
-                self.stop(two, keep=origin.roles["nginx"])
+                setups.append(two)
         else:
             for size in SIZES:
                 self.cases.append(Case(TWO_NODES, size, note="skipped (cluster not available)"))
-        self.stop(origin)
+        measured = [
+            (setup, Case(setup.name, size, shown=setup.shown)) for setup in setups for size in SIZES
+        ]
+        self.cases[:0] = [case for _, case in measured]
+        for round_no in range(self.cfg.repeat):
+            print(f"bench: round {round_no + 1} of {self.cfg.repeat}", file=sys.stderr, flush=True)
+            for setup, case in measured:
+                self.measure_once(setup, case, warmup=round_no == 0)
+        for _, case in measured:
+            case.pick_median()
+        order = {name: i for i, name in enumerate(("nginx direct", HOP, ONE_NODE, TWO_NODES))}
+        self.cases.sort(key=lambda c: (order.get(c.setup, 9), list(SIZES).index(c.size)))
+        for setup in reversed(setups):
+            self.stop(setup)
 
 
 def cluster_available(pico: str) -> bool:
@@ -389,8 +408,30 @@ def summary(case: Case) -> str:
     return f"{r.rps:,.0f} req/s, {r.mib_per_sec:,.1f} MB/s, p99 {fmt_time(r.p99)}{flag}"
 
 
-def ratio(value: float, base: float | None) -> str:
-    return f"{value / base:.2f}x" if base else "n/a"
+def round_ratios(case: Case, hop: Case | None, metric: str) -> list[float]:
+    """`case` over the nginx hop, round by round (runs of the same round pair up)."""
+    if hop is None:
+        return []
+    out = []
+    for mine, base in zip(case.runs, hop.runs, strict=False):
+        if mine.result is not None and base.result is not None:
+            value, ref = getattr(mine.result, metric), getattr(base.result, metric)
+            if ref:
+                out.append(value / ref)
+    return out
+
+
+def ratio(case: Case, hop: Case | None, metric: str) -> float | None:
+    """The median of the per-round ratios (None without a hop to compare with)."""
+    values = sorted(round_ratios(case, hop, metric))
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def fmt_ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "n/a"
 
 
 def cpu_per_req(case: Case) -> str:
@@ -401,15 +442,16 @@ def cpu_per_req(case: Case) -> str:
 
 
 def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
-    hop = {c.size: c.result for c in cases if c.setup == HOP and c.result}
+    hop = {c.size: c for c in cases if c.setup == HOP and c.result}
     lines = [
         "# Pico bench",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} · {platform.node()} · {os.cpu_count()} CPUs · "
         f"wrk -t1 -c{cfg.connections} -d{cfg.duration:g}s --latency (warm-up {cfg.warmup:g}s"
-        f"{f', median of {cfg.repeat}' if cfg.repeat > 1 else ''}) · ratios (x) are to the nginx "
-        "hop in this run · MB = MiB as wrk reports it · CPU µs/req and peak RSS cover the "
-        "processes named in the RSS column (not the origin nginx, except for nginx direct)",
+        f") · {cfg.repeat} round(s), each measuring every case once; values are the median "
+        "run, ratios (x) the median of the per-round ratios to the nginx hop · MB = MiB as wrk "
+        "reports it · CPU µs/req and peak RSS cover the processes named in the RSS column (not "
+        "the origin nginx, except for nginx direct)",
         "",
         "| setup | size | req/s | x hop | p50 | p99 | MB/s | x hop | CPU µs/req "
         "| peak RSS (MB) | errors |",
@@ -424,30 +466,33 @@ def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
         rss = ", ".join(f"{role} {c.rss.get(role, 0) / 2**20:.1f}" for role in c.shown)
         errors = "**" + "; ".join(c.problems) + "**" if c.problems else "none"
         lines.append(
-            f"| {c.setup} | {c.size} | {r.rps:,.0f} | {ratio(r.rps, base.rps if base else None)} "
+            f"| {c.setup} | {c.size} | {r.rps:,.0f} | {fmt_ratio(ratio(c, base, 'rps'))} "
             f"| {fmt_time(r.p50)} | {fmt_time(r.p99)} | {r.mib_per_sec:,.1f} "
-            f"| {ratio(r.mib_per_sec, base.mib_per_sec if base else None)} | {cpu_per_req(c)} "
+            f"| {fmt_ratio(ratio(c, base, 'mib_per_sec'))} | {cpu_per_req(c)} "
             f"| {rss} | {errors} |"
         )
-    lines += ["", "| bar (vs nginx hop) | setup | ratio | task bar | result | DESIGN §7 | result |"]
-    lines.append("|---|---|--:|--:|---|--:|---|")
+    lines += [
+        "",
+        "| bar (vs nginx hop) | setup | ratio | per round | task bar | result | DESIGN §7 "
+        "| result |",
+        "|---|---|--:|---|--:|---|--:|---|",
+    ]
     for setup in (ONE_NODE, TWO_NODES):
         for bar, (task, design) in BARS.items():
             size = "1 KB" if "1 KB" in bar else "1 MB"
             m = next((x for x in cases if x.setup == setup and x.size == size), None)
             base = hop.get(size)
-            if m is None or m.result is None or base is None:
-                lines.append(f"| {bar} | {setup} | n/a | {task} | n/a | {design} | n/a |")
+            metric = "rps" if "req/s" in bar else "mib_per_sec"
+            value = ratio(m, base, metric) if m is not None and m.result is not None else None
+            if m is None or value is None:
+                lines.append(f"| {bar} | {setup} | n/a | | {task} | n/a | {design} | n/a |")
                 continue
-            value = (
-                m.result.rps / base.rps
-                if "req/s" in bar
-                else (m.result.mib_per_sec / base.mib_per_sec)
-            )
+            rounds = ", ".join(f"{v:.2f}" for v in round_ratios(m, base, metric))
             ok = "PASS" if value >= task and not m.problems else "FAIL"
             ok_d = "PASS" if value >= design and not m.problems else "FAIL"
             lines.append(
-                f"| {bar} | {setup} | {value:.2f}x | {task}x | {ok} | {design}x | {ok_d} |"
+                f"| {bar} | {setup} | {value:.2f}x | {rounds} | {task}x | {ok} | {design}x "
+                f"| {ok_d} |"
             )
     if notes:
         lines += ["", *(f"* {note}" for note in notes)]
