@@ -227,8 +227,11 @@ class _StreamSide:
         self.service = service
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self.service.transport is not None:
-            self.service.transport.write(data)
+        transport = self.service.transport
+        if transport is not None:
+            if type(data) is memoryview and transport.get_write_buffer_size():
+                data = bytes(data)  # kept until the service reads: do not pin a read buffer
+            transport.write(data)
 
     def eof_received(self) -> None:
         t = self.service.transport

@@ -338,8 +338,13 @@ class ProxyConnection(asyncio.Protocol):
             if cork:
                 self.uncork()
                 self._cork = []
-        if self.transport is not None:
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None:
+            if type(data) is memoryview and transport.get_write_buffer_size():
+                # The transport keeps what it cannot send yet: a copy of the right size, not
+                # a view that would pin a whole tunnel read buffer for a slow client.
+                data = bytes(data)
+            transport.write(data)
 
     def cork(self) -> bool:
         """Collect writes until `uncork()` (one syscall for a response head and body).

@@ -32,6 +32,7 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # so 256 streams at once) are smaller: chunks shrink, nothing else changes.
 PIPE_SIZE = 256 * 1024
 _IOV_MAX = 512
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def supported() -> bool:
@@ -135,7 +136,10 @@ class DirectWriter:
         high: int,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._fd = os.dup(sock.fileno())
+        # A duplicate of the transport's socket (the same connection, our own descriptor).
+        self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._sock.setblocking(False)
+        self._fd = self._sock.fileno()
         self._queue: deque[Piece] = deque()
         self._offset = 0  # bytes of the queue's first piece already written
         self.buffered = 0
@@ -172,7 +176,7 @@ class DirectWriter:
             self._loop.remove_writer(self._fd)
             self._watching = False
         with contextlib.suppress(OSError):
-            os.close(self._fd)
+            self._sock.close()
         self._fd = -1
         queue, self._queue = self._queue, deque()
         for piece in queue:
@@ -200,15 +204,21 @@ class DirectWriter:
                     queue.popleft()
                     self._offset = 0
                     continue
-                # The run of byte pieces up to the next chunk, in one writev.
+                # The run of byte pieces up to the next chunk, in one sendmsg. Before a chunk
+                # (its frame headers) MSG_MORE holds them back to leave with the chunk's
+                # bytes: one segment, one wakeup of the peer, instead of a tiny one first.
                 iov: list[bytes | memoryview] = []
+                flags = 0
                 for piece in queue:
-                    if type(piece) is PipeChunk or len(iov) == _IOV_MAX:
+                    if type(piece) is PipeChunk:
+                        flags = _MSG_MORE
+                        break
+                    if len(iov) == _IOV_MAX:
                         break
                     iov.append(piece)  # type: ignore[arg-type]
                 if self._offset:
                     iov[0] = memoryview(iov[0])[self._offset :]
-                n = os.writev(fd, iov)
+                n = self._sock.sendmsg(iov, (), flags)
                 self.buffered -= n
                 while n:
                     piece = queue[0]

@@ -171,11 +171,13 @@ class MuxStream:
         if receiver is None:
             if self._buffered_events is None:
                 self._buffered_events = []
+            if type(value) is memoryview:
+                value = bytes(value)  # kept for a while: do not pin a tunnel read buffer
             self._buffered_events.append((kind, value))
             return
         if kind == _DATA:
             data = value
-            assert isinstance(data, memoryview)
+            assert isinstance(data, memoryview | bytes)
             receiver.data_received(data)
             if self._closed:
                 return

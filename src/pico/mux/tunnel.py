@@ -68,6 +68,39 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
 
 
+class ReadBuffers:
+    """The buffers tunnels read into, shared by every tunnel of the process.
+
+    A read fills one buffer and hands out read-only views of it; the buffer then goes back
+    and is reused once no view of it is alive (a bytearray with live views cannot be resized:
+    that is the test). Idle tunnels hold none, and at most `keep` spares are kept.
+    """
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self.spares: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        spares = self.spares
+        while spares:
+            buf = spares.pop()
+            try:
+                buf.pop()  # raises BufferError while a view of it is alive
+                buf.append(0)  # (within its allocation: neither moves the data)
+            except BufferError:
+                continue  # still viewed: freed with its last view
+            return buf
+        return bytearray(self.size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self.spares) < self.keep:
+            self.spares.append(buf)
+
+
+READ_BUFFERS = ReadBuffers(_READ_SIZE, keep=4)
+
+
 class Tunnel(asyncio.BufferedProtocol):
     """A mux session over a WebSocket, on a raw asyncio transport.
 
@@ -116,8 +149,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self._ping_opaque = -1
         self._barriers: dict[int, asyncio.Future[None]] = {}
         self._direct: splice.DirectWriter | None = None
-        self._read_buffer = bytearray(_READ_SIZE)
-        self._read_view: memoryview | None = None
+        self._read_buffer: bytearray | None = None  # from get_buffer() to buffer_updated()
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -261,31 +293,21 @@ class Tunnel(asyncio.BufferedProtocol):
         self._schedule_ping()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """Where the loop reads to: a reused buffer when no view of it is still held.
-
-        The kernel copies straight into it (no bytes object per read), and payload views
-        handed out keep it from being reused until they are dropped: a buffer with live
-        views cannot be resized, which is the test.
-        """
-        previous = self._read_view
-        if previous is not None:
-            # The loop let go of it after buffer_updated(); slices handed out live on.
-            with contextlib.suppress(BufferError):
-                previous.release()
-        buf = self._read_buffer
-        try:
-            buf.pop()  # raises BufferError while a view of it is alive
-            buf.append(0)  # (within its allocation: neither moves the data)
-        except BufferError:
-            buf = self._read_buffer = bytearray(_READ_SIZE)
-        view = self._read_view = memoryview(buf)
-        return view
+        """Where the loop reads to: a buffer from the pool all tunnels share (the kernel
+        copies straight into it: no bytes object per read)."""
+        buf = self._read_buffer = READ_BUFFERS.take()
+        return memoryview(buf)
 
     def buffer_updated(self, nbytes: int) -> None:
-        view = self._read_view
-        assert view is not None
-        # Consumers may keep slices of this: the buffer is not reused while they do.
-        self.data_received(view[:nbytes].toreadonly())
+        buf = self._read_buffer
+        assert buf is not None
+        self._read_buffer = None
+        try:
+            # Read-only: consumers may keep slices, and the pool never reuses the buffer
+            # while they do.
+            self.data_received(memoryview(buf)[:nbytes].toreadonly())
+        finally:
+            READ_BUFFERS.give(buf)
 
     def data_received(self, data: bytes | memoryview) -> None:
         random_key = self.random_mask

@@ -1,0 +1,67 @@
+"""Tunnel read buffers: shared by all tunnels, reused only when no view of them is alive, and
+never pinned by what a slow peer leaves in a transport's write buffer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from pico.http.channel import Router
+from pico.http.proxy import ProxyConnection
+from pico.http.settings import ProxyLimits
+from pico.mux.tunnel import ReadBuffers, Tunnel
+
+
+def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone() -> None:
+    pool = ReadBuffers(1024, keep=2)
+    first = pool.take()
+    view = memoryview(first)[:10].toreadonly()
+    pool.give(first)
+    second = pool.take()
+    assert second is not first  # a view is alive: the data under it must not change
+    pool.give(second)
+    assert pool.take() is second
+    del view
+    pool.give(first)
+    assert pool.take() is first
+
+
+def test_the_pool_keeps_few_spares() -> None:
+    pool = ReadBuffers(1024, keep=2)
+    buffers = [pool.take() for _ in range(5)]
+    for buf in buffers:
+        pool.give(buf)
+    assert len(pool.spares) == 2
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.written: list[Any] = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: Any) -> None:
+        self.written.append(data)
+
+
+async def test_views_written_behind_buffered_bytes_are_copied() -> None:
+    conn = ProxyConnection(router=cast(Router, object()), limits=ProxyLimits())
+    transport = _Transport()
+    conn.transport = cast(asyncio.Transport, transport)
+    view = memoryview(bytearray(b"x" * 100)).toreadonly()
+    conn.write(view)
+    assert transport.written[-1] is view  # sent at once: no copy
+    transport.buffered = 10  # the client is not keeping up: what we write now is kept
+    conn.write(view[:50])
+    assert type(transport.written[-1]) is bytes and transport.written[-1] == b"x" * 50
+
+
+async def test_tunnels_hold_no_read_buffer_between_reads() -> None:
+    tunnel = Tunnel(client=False, ping_interval=0)
+    buf = tunnel.get_buffer(-1)
+    buf[:3] = b"\x82\x01a"  # a one-byte binary frame, unmasked (rejected: the client must mask)
+    tunnel.buffer_updated(3)
+    assert tunnel._read_buffer is None
+    tunnel.close()
