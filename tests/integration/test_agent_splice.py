@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,9 @@ import pytest
 
 from pico.agent import agent as agent_module
 from pico.mux import splice
+from pico.mux.frame import Flags, FrameType, encode_header
+from pico.mux.tunnel import Tunnel
+from pico.mux.websocket import OP_BINARY, frame_header
 from tests.support.cluster import Harness, proxy_url, wait_for
 from tests.support.services import pattern, sample_app
 
@@ -94,3 +98,76 @@ async def test_bytes_the_loop_reads_before_its_pause_go_first(
     size = 3 * 1024 * 1024 + 5
     assert await download(size, node) == pattern(size)
     assert read_by_loop, "the loop never read: the case under test did not happen"
+
+
+async def tunnel_over_socket(small_buffers: bool) -> tuple[Tunnel, socket.socket]:
+    """An agent-side tunnel writing directly to a TCP socket; returns it and the peer's end."""
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    if small_buffers:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.socket()
+    if small_buffers:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    client.connect(listener.getsockname())
+    peer, _ = listener.accept()
+    listener.close()
+    peer.setblocking(False)
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=client)
+    tunnel = Tunnel(client=True, ping_interval=0, ping_timeout=0.1)
+    tunnel.attach(transport, direct=True)
+    assert tunnel.splicing
+    return tunnel, peer
+
+
+async def test_a_closing_tunnel_sends_what_it_queued_before_closing() -> None:
+    # Streams count as done once their FIN is framed; the bytes before it may still wait for
+    # the socket. A graceful close (an agent stopping) must send them, not drop them.
+    loop = asyncio.get_running_loop()
+    tunnel, peer = await tunnel_over_socket(small_buffers=True)
+    body = b"x" * 250_000
+    fins = b""
+    for _ in range(4):
+        stream = tunnel.open_stream()
+        stream.write(body)
+        stream.write_eof()
+        fins += encode_header(FrameType.DATA, Flags.FIN, stream.stream_id, 0)
+    tunnel.data_received(frame_header(OP_BINARY, len(fins), mask_key=None) + fins)
+    closing = asyncio.Event()
+    close = tunnel.close
+
+    def close_and_signal(reason: str = "closed") -> None:
+        close(reason)
+        closing.set()
+
+    tunnel.close = close_and_signal  # type: ignore[method-assign]
+
+    async def read_all() -> int:
+        await closing.wait()  # the peer reads only once the tunnel is closing
+        got = 0
+        while chunk := await loop.sock_recv(peer, 1 << 20):
+            got += len(chunk)
+        return got
+
+    reader = loop.create_task(read_all())
+    await tunnel.drain_and_close(10.0)
+    got = await asyncio.wait_for(reader, 10)
+    peer.close()
+    assert got > 4 * len(body)  # every body (plus frame headers), then the end of the stream
+
+
+async def test_pipe_chunks_framed_when_the_connection_is_lost_are_released() -> None:
+    tunnel, peer = await tunnel_over_socket(small_buffers=False)
+    stream = tunnel.open_stream()
+    service, other = socket.socketpair()
+    service.send(b"y" * 1000)
+    pipe = splice.Pipe()
+    size = pipe.fill(other.fileno(), 1000)
+    stream.write_chunk(splice.PipeChunk(pipe, size))  # framed; the flush is still to come
+    tunnel.connection_lost(ConnectionResetError(104, "reset"))  # in the same iteration
+    pipe.release()  # the service side is done with it
+    await wait_for(lambda: pipe.read_fd < 0, what="the pipe closed")
+    for sock in (service, other, peer):
+        sock.close()

@@ -10,6 +10,12 @@ from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+# A 600 KB response head (the limit is 256 KiB), delivered in one piece.
+BIG_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    + b"".join(b"X-Big-%d: %s\r\n" % (i, b"v" * 1000) for i in range(600))
+    + b"Content-Length: 2\r\n\r\nok"
+)
 
 
 class FakeChannel:
@@ -35,6 +41,8 @@ class FakeChannel:
         loop = asyncio.get_running_loop()
         if self.behaviour == "ok":
             loop.call_soon(self._deliver, RESPONSE)
+        elif self.behaviour == "big_head":
+            loop.call_soon(self._deliver, BIG_HEAD)
         else:
             loop.call_soon(self._lose, ResetReason[self.behaviour])
         self.behaviour = "silent"
@@ -237,3 +245,10 @@ async def test_upstream_registered_while_the_request_was_tried_elsewhere_is_used
     assert log == ["REJECTED", "ok"]
     writer.close()
     server.close()
+
+
+async def test_a_huge_response_head_in_one_piece_gets_502() -> None:
+    # The head limit holds whether the head arrives cut (raw bytes counted) or whole.
+    log: list[str] = []
+    status = await request_through([FakeUpstream("odd", "big_head", log)])
+    assert status == b"HTTP/1.1 502 Bad Gateway"

@@ -58,6 +58,18 @@ async def test_views_written_behind_buffered_bytes_are_copied() -> None:
     assert type(transport.written[-1]) is bytes and transport.written[-1] == b"x" * 50
 
 
+async def test_small_views_collected_while_corked_are_copied() -> None:
+    conn = ProxyConnection(router=cast(Router, object()), limits=ProxyLimits())
+    transport = _Transport()
+    conn.transport = cast(asyncio.Transport, transport)
+    read_buffer = bytearray(b"y" * 100)
+    assert conn.cork()
+    conn.write(memoryview(read_buffer)[:10].toreadonly())
+    conn.uncork()
+    assert transport.written == [b"y" * 10]
+    read_buffer.pop()  # no view of it was kept: it can be reused
+
+
 async def test_tunnels_hold_no_read_buffer_between_reads() -> None:
     tunnel = Tunnel(client=False, ping_interval=0)
     buf = tunnel.get_buffer(-1)

@@ -146,3 +146,12 @@ def test_frame_built_from_pieces_equals_one_masked_frame(pieces: list[bytes]) ->
     wire = b"".join(frame_pieces(OP_BINARY, list(pieces), size, mask=False))
     payloads, _ = FrameDecoder(expect_mask=False).feed(wire)
     assert b"".join(payloads) == b"".join(pieces)
+
+
+def test_a_close_frame_completed_from_the_buffer_ends_decoding() -> None:
+    decoder = FrameDecoder(expect_mask=False)
+    close = encode_frame(OP_CLOSE, b"\x03\xe8", mask=False)
+    after = encode_frame(OP_BINARY, b"z" * 300, mask=False)  # longer than the head window
+    assert decoder.feed(close[:1]) == ([], [])
+    payloads, controls = decoder.feed(close[1:] + after)
+    assert payloads == [] and [c.opcode for c in controls] == [OP_CLOSE]

@@ -56,6 +56,7 @@ class Exchange:
         "got_bytes",
         "head_bytes",
         "head_sent",
+        "head_size",
         "headers",
         "held_once",
         "hold",
@@ -106,6 +107,7 @@ class Exchange:
         self.bytes_out = 0
         self.body_ended = False  # the end of the request body went out on the channel
         self.head_bytes = 0  # response bytes received before the head was complete
+        self.head_size = 0  # status, header names and values parsed so far
         self.feeding = False  # inside parser.feed_data
         self.retire: tuple[Channel, bool] | None = None  # channel decision after the feed
         self.stray_bytes = False  # the upstream sent more than one response
@@ -353,13 +355,18 @@ class Exchange:
     def on_status(self, reason: bytes) -> None:
         if not self.done:
             self.reason += reason
+            self.head_size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_sent and not self.done:
             self.headers.append((name, value))
+            self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         if self.done:
+            return
+        if self.head_size > _MAX_RESPONSE_HEAD:  # a head that came whole in one piece
+            self._broken("response head too large")
             return
         assert self.parser is not None
         status = self.parser.get_status_code()

@@ -332,7 +332,9 @@ class ProxyConnection(asyncio.Protocol):
         cork = self._cork
         if cork is not None:
             if len(data) < _CORK_LIMIT:
-                cork.append(data)
+                # A small view is copied: the joined write may be kept by the transport, and
+                # a view would pin a whole tunnel read buffer for as long as it is.
+                cork.append(bytes(data) if type(data) is memoryview else data)
                 return
             # A big body chunk: joining it would only add a copy. Send what came before it.
             if cork:

@@ -32,6 +32,8 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # so 256 streams at once) are smaller: chunks shrink, nothing else changes.
 PIPE_SIZE = 256 * 1024
 _IOV_MAX = 512
+# A closing tunnel's queued bytes get this long to leave before they are dropped.
+LINGER = 10.0
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
@@ -149,6 +151,8 @@ class DirectWriter:
         self._on_error = on_error
         self._on_pause = on_pause
         self._on_resume = on_resume
+        self._closing: asyncio.TimerHandle | None = None  # close(drain=True) is waiting
+        self._closed = asyncio.Event()
 
     @property
     def closed(self) -> bool:
@@ -168,10 +172,18 @@ class DirectWriter:
             self._paused = True
             self._on_pause()
 
-    def close(self) -> None:
-        """Stop: close the descriptor; pipe chunks not yet out are released."""
+    def close(self, *, drain: bool = False) -> None:
+        """Stop. With `drain`, what is queued still goes out first (within LINGER seconds);
+        without, it is dropped. Pipe chunks not sent are released either way."""
         if self._fd < 0:
             return
+        if drain and self._queue:
+            if self._closing is None:
+                self._closing = self._loop.call_later(LINGER, self.close)
+            return
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         if self._watching:
             self._loop.remove_writer(self._fd)
             self._watching = False
@@ -183,6 +195,13 @@ class DirectWriter:
             if type(piece) is PipeChunk:
                 piece.pipe.discard()
         self.buffered = 0
+        self._closed.set()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Wait until closed (a draining close sent everything); then close anyway."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), timeout)
+        self.close()
 
     def _drain(self) -> None:
         queue = self._queue
@@ -244,6 +263,9 @@ class DirectWriter:
         elif not queue and self._watching:
             self._loop.remove_writer(fd)
             self._watching = False
+        if not queue and self._closing is not None:
+            self.close()  # a draining close: everything is out
+            return
         if self._paused and not queue:
             self._paused = False
             self._on_resume()

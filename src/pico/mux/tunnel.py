@@ -252,6 +252,9 @@ class Tunnel(asyncio.BufferedProtocol):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_streams.wait(), max(0.0, deadline - loop.time()))
         self.close("closed by local side")
+        if self._direct is not None:
+            # A stream is done once its FIN is framed: let the bytes before it leave.
+            await self._direct.wait_closed(max(1.0, deadline - loop.time()))
 
     async def _ping_barrier(self, timeout: float) -> None:
         if self._done.is_set() or timeout <= 0:
@@ -356,14 +359,17 @@ class Tunnel(asyncio.BufferedProtocol):
     def _flush(self) -> None:
         self._flush_handle = None
         transport = self.transport
-        if transport is None:
+        direct = self._direct
+        if transport is None and direct is None:
             return
         # Local actions (our FIN after the peer's, a reset) produce events too: deliver them.
         self._handle_events()
         parts = self.session.take_output()
-        if self._direct is not None:
-            self._write_direct(cast(list[splice.Piece], parts))  # may hold pipe chunks
+        if direct is not None:
+            # Even with the connection gone: a closed writer releases the pipe chunks.
+            self._write_direct(cast(list[splice.Piece], parts))
             return
+        assert transport is not None
         if self._control:
             control, self._control = self._control, []
             transport.write(b"".join(control))
@@ -429,15 +435,16 @@ class Tunnel(asyncio.BufferedProtocol):
         self._close_streams()
         self.session.close()
         self.session.events_received()  # dropped: the streams were failed above
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         transport = self.transport
+        self._flush()  # a GoAway, final RSTs, the end of responses still go out
+        self.transport = None
         if transport is not None:
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            self._flush()  # a GoAway or final RSTs still go out
-            self.transport = None
             transport.close()
         if self._direct is not None:
-            self._direct.close()
+            self._direct.close(drain=True)  # what the socket did not take yet goes out first
 
     def _close_streams(self) -> None:
         streams, self.streams = self.streams, {}

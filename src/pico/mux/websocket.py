@@ -185,6 +185,8 @@ class FrameDecoder:
                 buf[have:] = view[:take]
                 return payloads, controls
             buf.clear()
+            if self._closed:
+                return payloads, controls  # the close frame was completed: nothing after it
             view = view[used - have :]
         used = self._decode(view, payloads, controls)
         if used < len(view) and not self._closed:
