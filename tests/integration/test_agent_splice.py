@@ -65,7 +65,8 @@ async def test_pipes_and_duplicate_descriptors_are_all_closed(h: Harness) -> Non
     running = await h.agent(node, [f"ep/127.0.0.1:{port}"])
     await h.tunnel_up(node, "ep")
     await asyncio.gather(*(download(300_000, node) for _ in range(20)))
-    assert open_fds("pipe") > pipes  # streams hold their pipes while pooled
+    # A few pooled pipes serve all 20 streams: a pipe is needed only while a chunk is out.
+    assert pipes < open_fds("pipe") <= pipes + 2 * 4
     await running.close()
     await wait_for(lambda: open_fds("pipe") == pipes, what="every pipe closed")
     # Every socket the agent opened (and its duplicates) is closed, and so the node's and
@@ -167,7 +168,6 @@ async def test_pipe_chunks_framed_when_the_connection_is_lost_are_released() -> 
     size = pipe.fill(other.fileno(), 1000)
     stream.write_chunk(splice.PipeChunk(pipe, size))  # framed; the flush is still to come
     tunnel.connection_lost(ConnectionResetError(104, "reset"))  # in the same iteration
-    pipe.release()  # the service side is done with it
-    await wait_for(lambda: pipe.read_fd < 0, what="the pipe closed")
+    await wait_for(lambda: pipe.closed, what="the pipe closed")
     for sock in (service, other, peer):
         sock.close()

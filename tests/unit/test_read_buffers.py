@@ -1,14 +1,19 @@
 """Tunnel read buffers: shared by all tunnels, reused only when no view of them is alive, and
-never pinned by what a slow peer leaves in a transport's write buffer."""
+never pinned by what a slow peer leaves in a transport's write buffer. And the agent's pipes:
+pooled per tunnel, reused only when empty."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any, cast
+
+import pytest
 
 from pico.http.channel import Router
 from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
+from pico.mux import splice
 from pico.mux.tunnel import ReadBuffers, Tunnel
 
 
@@ -77,3 +82,30 @@ async def test_tunnels_hold_no_read_buffer_between_reads() -> None:
     tunnel.buffer_updated(3)
     assert tunnel._read_buffer is None
     tunnel.close()
+
+
+@pytest.mark.skipif(not splice.supported(), reason="splice(2) is Linux-only")
+def test_pipes_come_back_to_the_pool_only_when_empty() -> None:
+    pool = splice.PipePool(keep=2)
+    service, other = socket.socketpair()
+    try:
+        service.send(b"abc")
+        sent = pool.take()
+        assert sent.fill(other.fileno(), 3) == 3
+        sent.drained(3)  # all three bytes went out: empty, back in the pool
+        assert pool.spares == [sent] and not sent.closed
+        assert pool.take() is sent
+        service.send(b"def")
+        dropped = pool.take()
+        dropped.fill(other.fileno(), 3)
+        dropped.discard()  # its bytes were never sent: it must not carry them to another stream
+        assert dropped.closed and dropped not in pool.spares
+        extra = [pool.take() for _ in range(3)]
+        for pipe in extra:
+            pool.give(pipe)
+        assert len(pool.spares) == 2 and extra[2].closed  # beyond `keep`, closed
+        pool.close()
+        assert all(p.closed for p in extra[:2])
+    finally:
+        service.close()
+        other.close()

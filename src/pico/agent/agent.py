@@ -26,6 +26,7 @@ from pico.config import AgentConfig, EndpointSpec
 from pico.mux import splice
 from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
+from pico.mux.session import MAX_SIZED_PAYLOAD
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
 from pico.webapp import serve_app
@@ -129,7 +130,7 @@ class _SplicedServiceSide(_ServiceSide):
         super().__init__(stream, on_done)
         self._loop = asyncio.get_running_loop()
         self._fd = -1
-        self._pipe: splice.Pipe | None = None
+        self._in_flight: splice.Pipe | None = None  # the pipe of the chunk on its way
         self._paused = False
         self._reading = False
         self._eof = False
@@ -142,8 +143,6 @@ class _SplicedServiceSide(_ServiceSide):
         self._loop.call_soon(reader.pause_reading)
         sock = transport.get_extra_info("socket")
         self._fd = os.dup(sock.fileno())
-        self._pipe = pipe = splice.Pipe()
-        pipe.on_drained = self._watch
         super().connection_made(transport)
         self._watch()
 
@@ -159,8 +158,6 @@ class _SplicedServiceSide(_ServiceSide):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._pipe is not None:
-            self._pipe.release()
         super().connection_lost(exc)
 
     def pause_source(self) -> None:
@@ -172,49 +169,56 @@ class _SplicedServiceSide(_ServiceSide):
         self._watch()
 
     def _watch(self) -> None:
-        pipe = self._pipe
-        if self._reading or self._fd < 0 or self._eof or self._paused or pipe is None:
+        if self._reading or self._fd < 0 or self._eof or self._paused or self._in_flight:
             return
-        if pipe.pending == 0 and not pipe.released:
-            self._loop.add_reader(self._fd, self._readable)
-            self._reading = True
+        self._loop.add_reader(self._fd, self._readable)
+        self._reading = True
 
     def _unwatch(self) -> None:
         if self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
 
+    def _chunk_sent(self) -> None:
+        self._in_flight = None
+        self._watch()
+
     def _readable(self) -> None:
-        pipe = self._pipe
         stream = self.stream
-        assert pipe is not None
-        if stream.closed:
+        pipes = stream.tunnel.pipes
+        if stream.closed or pipes is None:
             self._unwatch()
             return
-        if pipe.pending or stream.get_write_buffer_size():
-            self._unwatch()  # watched again once the pipe is drained, or the stream resumes
+        if self._in_flight is not None or stream.get_write_buffer_size():
+            self._unwatch()  # watched again once the chunk is out, or the stream resumes
             return
         window = stream.send_window()
         if window <= 0 or stream.tunnel.write_blocked:
             self._unwatch()
             stream.pause_if_blocked()  # resume_source() follows
             return
+        pipe = pipes.take()
         try:
-            n = pipe.fill(self._fd, min(window, splice.PIPE_SIZE))
+            n = pipe.fill(self._fd, min(window, splice.PIPE_SIZE, MAX_SIZED_PAYLOAD))
         except BlockingIOError:
+            pipes.give(pipe)
             return
         except OSError:
             # The service broke the connection mid-response: never replayed elsewhere.
+            pipes.give(pipe)  # nothing moved into it
             self._unwatch()
             stream.reset(ResetReason.CANCELLED)
             if self.transport is not None:
                 self.transport.abort()
             return
         if n == 0:
+            pipes.give(pipe)
             self._eof = True
             self._unwatch()
             stream.write_eof()
             return
+        self._in_flight = pipe
+        pipe.on_drained = self._chunk_sent
         stream.write_chunk(splice.PipeChunk(pipe, n))
 
 

@@ -27,10 +27,11 @@ _SPLICE = getattr(os, "splice", None)
 _MOVE = getattr(os, "SPLICE_F_MOVE", 1)
 _NONBLOCK = getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-# One pipe holds at most this much of a stream (also the largest chunk spliced into it).
-# Pipes of an unprivileged user beyond fs.pipe-user-pages-soft (64 MiB in all by default,
-# so 256 streams at once) are smaller: chunks shrink, nothing else changes.
-PIPE_SIZE = 256 * 1024
+# One pipe holds at most this much (the largest chunk spliced into it). Pipes of an
+# unprivileged user beyond fs.pipe-user-pages-soft (64 MiB in all by default) are smaller:
+# chunks shrink, nothing else changes. Pipes are pooled per tunnel, so only chunks on their
+# way hold one.
+PIPE_SIZE = 1024 * 1024
 _IOV_MAX = 512
 # A closing tunnel's queued bytes get this long to leave before they are dropped.
 LINGER = 10.0
@@ -43,22 +44,26 @@ def supported() -> bool:
 
 
 class Pipe:
-    """A kernel pipe carrying one stream's bytes from its service socket to the tunnel socket.
+    """A kernel pipe carrying one chunk of a stream from its service socket to the tunnel.
 
-    `pending` counts bytes spliced in and not yet out. The pipe is closed once its owner
-    released it and nothing is pending (the tunnel may still owe the peer those bytes: its
-    DATA header is already out).
+    `pending` counts bytes spliced in and not yet out. Once they are all out the pipe goes
+    back to its pool (and `on_drained` is called); a pipe whose bytes will never be sent is
+    discarded (closed), never reused.
     """
 
-    __slots__ = ("on_drained", "pending", "read_fd", "released", "write_fd")
+    __slots__ = ("on_drained", "pending", "pool", "read_fd", "write_fd")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: PipePool | None = None) -> None:
         self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):  # a smaller pipe only means smaller chunks
             fcntl.fcntl(self.write_fd, _F_SETPIPE_SZ, PIPE_SIZE)
         self.pending = 0
-        self.released = False
+        self.pool = pool
         self.on_drained: Callable[[], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.read_fd < 0
 
     def fill(self, src_fd: int, limit: int) -> int:
         """Move up to `limit` bytes from `src_fd` into the pipe; 0 at end of file.
@@ -71,36 +76,59 @@ class Pipe:
         return n
 
     def drained(self, n: int) -> None:
-        """`n` bytes left the pipe (or will never have to)."""
+        """`n` bytes left the pipe for the socket."""
         if self.read_fd < 0:
             return  # discarded with its tunnel
         self.pending -= n
         if self.pending == 0:
-            if self.released:
-                self._close()
-            elif self.on_drained is not None:
-                self.on_drained()
-
-    def release(self) -> None:
-        """The owner is done with the pipe: close it once its bytes are out (or now)."""
-        if not self.released:
-            self.released = True
-            self.on_drained = None
-            if self.pending == 0:
-                self._close()
+            callback, self.on_drained = self.on_drained, None
+            if self.pool is not None:
+                self.pool.give(self)
+            else:
+                self.discard()
+            if callback is not None:
+                callback()
 
     def discard(self) -> None:
-        """Close now: the bytes in flight will never be sent (the tunnel is gone)."""
-        self.released = True
+        """Close now: the bytes in it will never be sent (their stream or tunnel is gone)."""
         self.pending = 0
-        self._close()
-
-    def _close(self) -> None:
         for fd in (self.read_fd, self.write_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.read_fd = self.write_fd = -1
+        callback, self.on_drained = self.on_drained, None
+        if callback is not None:
+            callback()
+
+
+class PipePool:
+    """The empty pipes of one tunnel: a pipe is needed only while a chunk is on its way, so
+    a few serve every stream (and an unprivileged user's pipe quota is not spent per
+    stream). `close()` closes the spares; pipes out with chunks close when discarded."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.spares: list[Pipe] = []
+        self.closed = False
+
+    def take(self) -> Pipe:
+        return self.spares.pop() if self.spares else Pipe(self)
+
+    def give(self, pipe: Pipe) -> None:
+        """An empty pipe comes back."""
+        if self.closed or len(self.spares) >= self.keep:
+            pipe.pool = None
+            pipe.discard()
+        else:
+            self.spares.append(pipe)
+
+    def close(self) -> None:
+        self.closed = True
+        spares, self.spares = self.spares, []
+        for pipe in spares:
+            pipe.pool = None
+            pipe.discard()
 
 
 class PipeChunk:
@@ -162,7 +190,7 @@ class DirectWriter:
         if self._fd < 0:
             for piece in pieces:
                 if type(piece) is PipeChunk:
-                    piece.pipe.drained(piece.size)
+                    piece.pipe.discard()
             return
         self._queue.extend(pieces)
         self.buffered += sum(map(len, pieces))

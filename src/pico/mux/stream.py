@@ -105,13 +105,13 @@ class MuxStream:
     def write_chunk(self, chunk: PipeChunk) -> None:
         """Send bytes waiting in a pipe (at most send_window()); the tunnel splices them out."""
         if self._closed:
-            chunk.pipe.drained(chunk.size)
+            chunk.pipe.discard()
             return
         tunnel = self.tunnel
         try:
             tunnel.session.send_sized(self.stream_id, chunk)
         except MuxError:
-            chunk.pipe.drained(chunk.size)
+            chunk.pipe.discard()
             return
         tunnel.wake_writer()
         self.pause_if_blocked()

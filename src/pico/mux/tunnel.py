@@ -149,6 +149,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self._ping_opaque = -1
         self._barriers: dict[int, asyncio.Future[None]] = {}
         self._direct: splice.DirectWriter | None = None
+        self.pipes: splice.PipePool | None = None  # when splicing: pipes for stream chunks
         self._read_buffer: bytearray | None = None  # from get_buffer() to buffer_updated()
 
     # -- public API ------------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class Tunnel(asyncio.BufferedProtocol):
             and sock is not None
             and transport.get_extra_info("sslcontext") is None
         ):
+            self.pipes = splice.PipePool()
             self._direct = splice.DirectWriter(
                 sock,
                 on_error=self._write_failed,
@@ -445,6 +447,8 @@ class Tunnel(asyncio.BufferedProtocol):
             transport.close()
         if self._direct is not None:
             self._direct.close(drain=True)  # what the socket did not take yet goes out first
+        if self.pipes is not None:
+            self.pipes.close()
 
     def _close_streams(self) -> None:
         streams, self.streams = self.streams, {}
