@@ -6,7 +6,7 @@ compared with are measured minutes apart at most, under the same machine load. A
 median of the per-round ratios; the other columns are the median run.
 
 Environment: BENCH_DURATION (seconds per run, default 5), BENCH_WARMUP (default 1),
-BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 3).
+BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 5).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def find_tools() -> Config:
         duration=env_float("BENCH_DURATION", 5.0),
         warmup=env_float("BENCH_WARMUP", 1.0),
         connections=int(env_float("BENCH_CONNECTIONS", 50)),
-        repeat=max(1, int(env_float("BENCH_REPEAT", 3))),
+        repeat=max(1, int(env_float("BENCH_REPEAT", 5))),
     )
 
 
