@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pico.agent import agent as agent_module
+from pico.agent.service import SplicedServiceSide
 from pico.mux import splice
 from pico.mux.frame import Flags, FrameType, encode_header
 from pico.mux.tunnel import Tunnel
@@ -81,8 +81,8 @@ async def test_bytes_the_loop_reads_before_its_pause_go_first(
     # there. Do the same here, after the agent's own deferred pause: the bytes read that way
     # must reach the client before the spliced ones, in order.
     read_by_loop: list[int] = []
-    original_made = agent_module._SplicedServiceSide.connection_made
-    original_received = agent_module._SplicedServiceSide.data_received
+    original_made = SplicedServiceSide.connection_made
+    original_received = SplicedServiceSide.data_received
 
     def connection_made(self: Any, transport: asyncio.Transport) -> None:
         original_made(self, transport)
@@ -93,8 +93,8 @@ async def test_bytes_the_loop_reads_before_its_pause_go_first(
         read_by_loop.append(len(data))
         original_received(self, data)
 
-    monkeypatch.setattr(agent_module._SplicedServiceSide, "connection_made", connection_made)
-    monkeypatch.setattr(agent_module._SplicedServiceSide, "data_received", data_received)
+    monkeypatch.setattr(SplicedServiceSide, "connection_made", connection_made)
+    monkeypatch.setattr(SplicedServiceSide, "data_received", data_received)
     node, _, _ = await h.with_service()
     size = 3 * 1024 * 1024 + 5
     assert await download(size, node) == pattern(size)

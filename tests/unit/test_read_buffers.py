@@ -14,7 +14,8 @@ from pico.http.channel import Router
 from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
 from pico.mux import splice
-from pico.mux.tunnel import ReadBuffers, Tunnel
+from pico.mux.buffers import ReadBuffers
+from pico.mux.tunnel import Tunnel
 
 
 def test_a_buffer_is_reused_only_once_every_view_of_it_is_gone() -> None:

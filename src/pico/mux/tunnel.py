@@ -19,6 +19,7 @@ from typing import cast
 
 from pico import log
 from pico.mux import splice
+from pico.mux.buffers import READ_BUFFERS
 from pico.mux.frame import ResetReason
 from pico.mux.session import (
     ConnectionTerminated,
@@ -58,47 +59,12 @@ _WRITE_HIGH_WATER = 4 * 1024 * 1024
 # Flushes up to this size are joined into one frame and one write (a copy is cheaper than
 # a vector of small pieces).
 _SMALL_FRAME = 64 * 1024
-# The buffer the connection is read into (the most one read takes).
-_READ_SIZE = 1024 * 1024
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # The most one stream may have in flight towards us. When its consumer stalls (a client that
 # stops reading), up to this much lands in memory before the peer is stopped, so it is the
 # per-stream memory bound; it also caps one stream's throughput at max_window / RTT
 # (4 MiB at 50 ms is 80 MB/s).
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
-
-
-class ReadBuffers:
-    """The buffers tunnels read into, shared by every tunnel of the process.
-
-    A read fills one buffer and hands out read-only views of it; the buffer then goes back
-    and is reused once no view of it is alive (a bytearray with live views cannot be resized:
-    that is the test). Idle tunnels hold none, and at most `keep` spares are kept.
-    """
-
-    def __init__(self, size: int, keep: int) -> None:
-        self.size = size
-        self.keep = keep
-        self.spares: list[bytearray] = []
-
-    def take(self) -> bytearray:
-        spares = self.spares
-        while spares:
-            buf = spares.pop()
-            try:
-                buf.pop()  # raises BufferError while a view of it is alive
-                buf.append(0)  # (within its allocation: neither moves the data)
-            except BufferError:
-                continue  # still viewed: freed with its last view
-            return buf
-        return bytearray(self.size)
-
-    def give(self, buf: bytearray) -> None:
-        if len(self.spares) < self.keep:
-            self.spares.append(buf)
-
-
-READ_BUFFERS = ReadBuffers(_READ_SIZE, keep=4)
 
 
 class Tunnel(asyncio.BufferedProtocol):
