@@ -16,6 +16,10 @@ from pico.mux.frame import ResetReason
 from pico.mux.session import MAX_SIZED_PAYLOAD
 from pico.mux.stream import MuxStream
 
+# Reads up to this size are copied (one syscall, and they share the tunnel's next write with
+# other streams); a read that fills it switches the connection to splicing until one does not.
+SMALL_READ = 64 * 1024
+
 
 class ServiceSide(asyncio.Protocol):
     """The TCP connection to the local service, spliced to one stream."""
@@ -75,6 +79,7 @@ class SplicedServiceSide(ServiceSide):
         self._loop = asyncio.get_running_loop()
         self._fd = -1
         self._in_flight: splice.Pipe | None = None  # the pipe of the chunk on its way
+        self._bulk = False  # the last read was full: splice the next bytes
         self._paused = False
         self._reading = False
         self._eof = False
@@ -141,29 +146,59 @@ class SplicedServiceSide(ServiceSide):
             self._unwatch()
             stream.pause_if_blocked()  # resume_source() follows
             return
+        if not self._bulk:
+            self._read_small()
+            return
         pipe = pipes.take()
+        limit = min(window, splice.PIPE_SIZE, MAX_SIZED_PAYLOAD)
         try:
-            n = pipe.fill(self._fd, min(window, splice.PIPE_SIZE, MAX_SIZED_PAYLOAD))
+            n = pipe.fill(self._fd, limit)
         except BlockingIOError:
             pipes.give(pipe)
             return
         except OSError:
-            # The service broke the connection mid-response: never replayed elsewhere.
             pipes.give(pipe)  # nothing moved into it
-            self._unwatch()
-            stream.reset(ResetReason.CANCELLED)
-            if self.transport is not None:
-                self.transport.abort()
+            self._broken()
             return
         if n == 0:
             pipes.give(pipe)
-            self._eof = True
-            self._unwatch()
-            stream.write_eof()
+            self._ended()
             return
+        if n < limit:
+            self._bulk = False  # the service had no more: the next bytes may be few
         self._in_flight = pipe
         pipe.on_drained = self._chunk_sent
         stream.write_chunk(splice.PipeChunk(pipe, n))
+
+    def _read_small(self) -> None:
+        """Read (copy) up to SMALL_READ bytes: a small response then costs one read, and its
+        bytes leave with the other streams' in one write. A full read means more is coming:
+        the rest is spliced."""
+        try:
+            data = os.read(self._fd, SMALL_READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._broken()
+            return
+        if not data:
+            self._ended()
+            return
+        if len(data) == SMALL_READ:
+            self._bulk = True
+        self.stream.write(data)
+
+    def _broken(self) -> None:
+        # The service broke the connection mid-response: never replayed elsewhere.
+        self._unwatch()
+        self.stream.reset(ResetReason.CANCELLED)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _ended(self) -> None:
+        self._eof = True
+        self._unwatch()
+        self.stream.write_eof()
 
 
 class StreamSide:
