@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from typing import Any
@@ -20,7 +21,7 @@ from pico.agent.service import SplicedServiceSide
 from pico.mux import splice
 from pico.mux.frame import Flags, FrameType, encode_header
 from pico.mux.tunnel import Tunnel
-from pico.mux.websocket import OP_BINARY, frame_header
+from pico.mux.websocket import OP_BINARY, OP_PING, encode_frame, frame_header
 from tests.support.cluster import Harness, proxy_url, wait_for
 from tests.support.services import pattern, sample_app
 
@@ -50,27 +51,23 @@ async def download(size: int, node: Any) -> bytes:
         return await resp.read()
 
 
-async def test_big_responses_are_spliced_and_arrive_intact(h: Harness) -> None:
-    # A service that writes its whole response at once: after the first full read the agent
-    # splices the rest (the start of a response, and small ones, are read and copied).
-    size = 9 * 1024 * 1024 + 17
-    body = pattern(size)
+async def whole_body_service(body: bytes) -> asyncio.Server:
+    """A service that writes its whole response at once (so the agent's reads come back full
+    and it splices)."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
                 await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
+                head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+                writer.write(head + body)
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    node = await h.node()
-    running = await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
-    tunnel = running.agent.links[0].tunnel
-    assert tunnel is not None and tunnel.splicing
+    return await asyncio.start_server(handler, "127.0.0.1", 0)
+
+
+async def get_all(node: Any, count: int) -> list[bytes]:
     async with aiohttp.ClientSession() as http:
 
         async def get() -> bytes:
@@ -78,8 +75,20 @@ async def test_big_responses_are_spliced_and_arrive_intact(h: Harness) -> None:
                 assert resp.status == 200
                 return await resp.read()
 
-        bodies = await asyncio.gather(*(get() for _ in range(4)))
-    assert all(got == body for got in bodies)
+        return await asyncio.gather(*(get() for _ in range(count)))
+
+
+async def test_big_responses_are_spliced_and_arrive_intact(h: Harness) -> None:
+    # After the first full read the agent splices the rest (the start of a response, and
+    # small ones, are read and copied).
+    body = pattern(9 * 1024 * 1024 + 17)
+    server = await whole_body_service(body)
+    node = await h.node()
+    running = await h.agent(node, [f"ep/127.0.0.1:{server.sockets[0].getsockname()[1]}"])
+    await h.tunnel_up(node, "ep")
+    tunnel = running.agent.links[0].tunnel
+    assert tunnel is not None and tunnel.splicing
+    assert all(got == body for got in await get_all(node, 4))
     assert tunnel.pipes is not None and tunnel.pipes.spares  # chunks went through pipes
     server.close()
 
@@ -149,9 +158,12 @@ async def tunnel_over_socket(small_buffers: bool) -> tuple[Tunnel, socket.socket
     return tunnel, peer
 
 
-async def test_a_closing_tunnel_sends_what_it_queued_before_closing() -> None:
+@pytest.mark.parametrize("peer_talks", [False, True])
+async def test_a_closing_tunnel_sends_what_it_queued_before_closing(peer_talks: bool) -> None:
     # Streams count as done once their FIN is framed; the bytes before it may still wait for
-    # the socket. A graceful close (an agent stopping) must send them, not drop them.
+    # the socket. A graceful close (an agent stopping) must send them, not drop them, and
+    # must not reset the connection under them when the peer sends something meanwhile
+    # (closing a socket with unread input resets it).
     loop = asyncio.get_running_loop()
     tunnel, peer = await tunnel_over_socket(small_buffers=True)
     body = b"x" * 250_000
@@ -173,15 +185,17 @@ async def test_a_closing_tunnel_sends_what_it_queued_before_closing() -> None:
 
     async def read_all() -> int:
         await closing.wait()  # the peer reads only once the tunnel is closing
+        if peer_talks:
+            await loop.sock_sendall(peer, encode_frame(OP_PING, b"hi", mask=False))
         got = 0
         while chunk := await loop.sock_recv(peer, 1 << 20):
             got += len(chunk)
+        peer.close()  # as the node does when the agent's end closes
         return got
 
     reader = loop.create_task(read_all())
     await tunnel.drain_and_close(10.0)
     got = await asyncio.wait_for(reader, 10)
-    peer.close()
     assert got > 4 * len(body)  # every body (plus frame headers), then the end of the stream
 
 
@@ -197,3 +211,25 @@ async def test_pipe_chunks_framed_when_the_connection_is_lost_are_released() -> 
     await wait_for(lambda: pipe.closed, what="the pipe closed")
     for sock in (service, other, peer):
         sock.close()
+
+
+async def test_without_descriptors_for_pipes_big_responses_are_copied(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors (EMFILE), no pipe can be made: the agent copies instead of failing
+    # the read again and again on every loop iteration.
+    tried: list[int] = []
+
+    def no_pipe(self: splice.PipePool) -> splice.Pipe:
+        tried.append(1)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(splice.PipePool, "take", no_pipe)
+    body = pattern(5 * 1024 * 1024 + 3)
+    server = await whole_body_service(body)
+    node = await h.node()
+    await h.agent(node, [f"ep/127.0.0.1:{server.sockets[0].getsockname()[1]}"])
+    await h.tunnel_up(node, "ep")
+    assert await asyncio.wait_for(get_all(node, 2), 30) == [body, body]
+    assert tried  # the agent did want a pipe
+    server.close()

@@ -149,7 +149,11 @@ class SplicedServiceSide(ServiceSide):
         if not self._bulk:
             self._read_small()
             return
-        pipe = pipes.take()
+        try:
+            pipe = pipes.take()
+        except OSError:  # no descriptor for a pipe (EMFILE): copy this read instead
+            self._read_small()
+            return
         limit = min(window, splice.PIPE_SIZE, MAX_SIZED_PAYLOAD)
         try:
             n = pipe.fill(self._fd, limit)

@@ -201,17 +201,24 @@ class DirectWriter:
             self._on_pause()
 
     def close(self, *, drain: bool = False) -> None:
-        """Stop. With `drain`, what is queued still goes out first (within LINGER seconds);
-        without, it is dropped. Pipe chunks not sent are released either way."""
+        """Stop. With `drain`, a graceful close: what is queued still goes out, then our end
+        is shut (FIN), and input is read and dropped until the peer closes too, so closing
+        never resets the connection under bytes the peer has not read yet. All within LINGER
+        seconds. Without `drain`, queued bytes are dropped. Pipe chunks not sent are released
+        either way."""
         if self._fd < 0:
             return
-        if drain and self._queue:
+        if drain:
             if self._closing is None:
                 self._closing = self._loop.call_later(LINGER, self.close)
+                self._loop.add_reader(self._fd, self._discard_input)
+                if not self._queue:
+                    self._shut_output()
             return
         if self._closing is not None:
             self._closing.cancel()
             self._closing = None
+            self._loop.remove_reader(self._fd)
         if self._watching:
             self._loop.remove_writer(self._fd)
             self._watching = False
@@ -224,6 +231,23 @@ class DirectWriter:
                 piece.pipe.discard()
         self.buffered = 0
         self._closed.set()
+
+    def _shut_output(self) -> None:
+        """Everything is out: send FIN, and wait for the peer's (see _discard_input)."""
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+
+    def _discard_input(self) -> None:
+        try:
+            data = self._sock.recv(256 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()  # the peer closed as well: nothing is left unread
 
     async def wait_closed(self, timeout: float) -> None:
         """Wait until closed (a draining close sent everything); then close anyway."""
@@ -292,8 +316,7 @@ class DirectWriter:
             self._loop.remove_writer(fd)
             self._watching = False
         if not queue and self._closing is not None:
-            self.close()  # a draining close: everything is out
-            return
+            self._shut_output()  # a draining close: everything is out
         if self._paused and not queue:
             self._paused = False
             self._on_resume()
