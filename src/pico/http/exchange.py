@@ -615,6 +615,9 @@ class Exchange:
             self.hold = None
 
     def _record(self, status: int, *, close: bool = False) -> None:
+        # The parser refers back to this exchange: drop it, so the exchange is freed by its
+        # reference count instead of waiting for the cycle collector.
+        self.parser = None
         upstream = self.upstream
         label = upstream.label if upstream is not None else ""
         remote = upstream.remote if upstream is not None else False
