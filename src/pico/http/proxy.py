@@ -36,6 +36,13 @@ _PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their tu
 _PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
 
 
+class _NoRequests:
+    """The protocol of the parser a closed connection keeps: it is never fed."""
+
+
+_DETACHED_PARSER = httptools.HttpRequestParser(_NoRequests())
+
+
 class ProxyConnection(asyncio.Protocol):
     """One client connection on the proxy port."""
 
@@ -154,6 +161,9 @@ class ProxyConnection(asyncio.Protocol):
         self._timer.close()
         self.response_timer.close()
         self._closing = True
+        # The parser refers back to this connection: drop it (nothing is parsed after this),
+        # so the connection is freed by its reference count, not by the cycle collector.
+        self._parser = _DETACHED_PARSER
         if self._spliced is not None:
             self._spliced.reset(ResetReason.CANCELLED)
             self._spliced = None

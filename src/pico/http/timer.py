@@ -47,8 +47,10 @@ class LazyTimer:
         self._deadline = None
 
     def close(self) -> None:
-        """Cancel for good, releasing the loop timer."""
+        """Cancel for good, releasing the loop timer and the callback (which usually refers
+        back to the timer's owner: keeping it would make a reference cycle)."""
         self._deadline = None
+        self._callback = _closed
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -64,3 +66,7 @@ class LazyTimer:
             return
         self._deadline = None
         self._callback()
+
+
+def _closed() -> None:
+    """The callback of a closed timer."""
