@@ -97,6 +97,23 @@ async def test_endless_response_head_from_a_service_gets_502(h: Harness) -> None
     server.close()
 
 
+async def client_of_service(
+    h: Harness, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw service, a node with an agent for it as endpoint `ep`, and a client connection to
+    the node's proxy port."""
+    server, port = await serve(handler)
+    node = await h.node()
+    await h.agent(node, [f"ep/127.0.0.1:{port}"])
+    await h.tunnel_up(node, "ep")
+    assert node.addrs is not None
+    reader, writer = await asyncio.open_connection(*node.addrs.proxy)
+    return server, reader, writer
+
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n"
+
+
 async def test_stray_bytes_after_a_response_are_never_served(h: Harness) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
@@ -109,15 +126,9 @@ async def test_stray_bytes_after_a_response_are_never_served(h: Harness) -> None
                 )
                 await writer.drain()
 
-    server, port = await serve(handler)
-    node = await h.node()
-    await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
-    assert node.addrs is not None
-    reader, writer = await asyncio.open_connection(*node.addrs.proxy)
-    request = b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n"
+    server, reader, writer = await client_of_service(h, handler)
     for _ in range(3):  # one client connection: any stray byte would show up as a response
-        writer.write(request)
+        writer.write(REQUEST)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
         assert await asyncio.wait_for(reader.readexactly(2), 10) == b"hi"
@@ -146,15 +157,9 @@ async def test_stray_bytes_after_a_body_relayed_past_the_parser_are_never_served
                 writer.write(b"iHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
                 await writer.drain()
 
-    server, port = await serve(handler)
-    node = await h.node()
-    await h.agent(node, [f"ep/127.0.0.1:{port}"])
-    await h.tunnel_up(node, "ep")
-    assert node.addrs is not None
-    reader, writer = await asyncio.open_connection(*node.addrs.proxy)
-    request = b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n"
+    server, reader, writer = await client_of_service(h, handler)
     for _ in range(3):
-        writer.write(request)
+        writer.write(REQUEST)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 2" in head
         assert await asyncio.wait_for(reader.readexactly(1), 10) == b"h"

@@ -596,3 +596,49 @@ def test_payload_for_a_stream_reset_mid_frame_is_dropped() -> None:
     client.send_ping()
     server.receive_data(client.data_to_send())  # the frame boundary was kept: still in sync
     assert not server.closed
+
+
+class _Sized:
+    """A payload the caller writes itself (as the agent's pipe chunks are)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_a_sized_payload_is_framed_in_place_and_uses_the_window() -> None:
+    client, _, sid = open_pair()
+    window = client.send_window(sid)
+    chunk = _Sized(1000)
+    client.send_sized(sid, chunk)
+    out = client.take_output()
+    assert out[-1] is chunk  # not copied: the caller writes it after its header
+    assert decode_header(out[-2], 0) == (0, FrameType.DATA, 0, sid, 1000)
+    assert client.send_window(sid) == window - 1000
+
+
+def test_a_sized_payload_that_does_not_fit_is_refused() -> None:
+    client, _, sid = open_pair()
+    with pytest.raises(MuxError, match="do not fit"):
+        client.send_sized(sid, _Sized(client.send_window(sid) + 1))
+    client.send(sid, b"x" * (client.send_window(sid) + 5))  # 5 bytes stay queued
+    with pytest.raises(MuxError, match="do not fit"):
+        client.send_sized(sid, _Sized(1))  # it would overtake the queued bytes
+    client.end_stream(sid)
+    with pytest.raises(MuxError, match="ended locally"):
+        client.send_sized(sid, _Sized(1))
+
+
+def test_want_window_reports_the_next_credit() -> None:
+    client, server, sid = open_pair()
+    client.send_sized(sid, _Sized(client.send_window(sid)))  # the window is used up
+    assert client.send_window(sid) == 0
+    client.want_window(sid)
+    header = client.take_output()[-2]  # the payload is the caller's to write
+    server.receive_data(header + b"\0" * DEFAULT_WINDOW)
+    server.consume(sid, DEFAULT_WINDOW)
+    client.receive_data(server.data_to_send())
+    assert client.events_received() == [SendWindowAvailable(sid)]
+    assert client.send_window(sid) > 0

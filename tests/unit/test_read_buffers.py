@@ -8,8 +8,6 @@ import asyncio
 import socket
 from typing import Any, cast
 
-import pytest
-
 from pico.http.channel import Router
 from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
@@ -85,7 +83,6 @@ async def test_tunnels_hold_no_read_buffer_between_reads() -> None:
     tunnel.close()
 
 
-@pytest.mark.skipif(not splice.supported(), reason="splice(2) is Linux-only")
 def test_pipes_come_back_to_the_pool_only_when_empty() -> None:
     pool = splice.PipePool(keep=2)
     service, other = socket.socketpair()

@@ -12,6 +12,7 @@ from pico.mux.websocket import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
+    ZERO_KEY,
     FrameDecoder,
     WebSocketError,
     accept_key,
@@ -155,3 +156,11 @@ def test_a_close_frame_completed_from_the_buffer_ends_decoding() -> None:
     assert decoder.feed(close[:1]) == ([], [])
     payloads, controls = decoder.feed(close[1:] + after)
     assert payloads == [] and [c.opcode for c in controls] == [OP_CLOSE]
+
+
+def test_zero_key_frames_are_handed_out_as_views() -> None:
+    # An agent's default frames: masked with the all-zero key, so nothing is unmasked (copied).
+    wire = encode_frame(OP_BINARY, b"payload", mask=True, random_key=False)
+    assert wire[2:6] == ZERO_KEY
+    payloads, _ = FrameDecoder(expect_mask=True).feed(wire)
+    assert [type(p) for p in payloads] == [memoryview] and bytes(payloads[0]) == b"payload"

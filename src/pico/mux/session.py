@@ -260,11 +260,7 @@ class Session:
         The rest stays queued (see :meth:`buffered`) until the peer grants credit.
         Raises :class:`MuxError` if the stream is unknown, reset, or already ended locally.
         """
-        st = self._streams.get(stream_id)
-        if st is None:
-            raise MuxError(f"stream {stream_id} is not open")
-        if st.fin_pending:
-            raise MuxError(f"stream {stream_id} was ended locally")
+        st = self._writable(stream_id)
         n = len(data)
         if n == 0:
             return
@@ -287,11 +283,7 @@ class Session:
         pipe chunk is spliced). It must fit: nothing queued, at most :meth:`send_window` and
         ``MAX_SIZED_PAYLOAD`` bytes. Raises :class:`MuxError` otherwise.
         """
-        st = self._streams.get(stream_id)
-        if st is None:
-            raise MuxError(f"stream {stream_id} is not open")
-        if st.fin_pending:
-            raise MuxError(f"stream {stream_id} was ended locally")
+        st = self._writable(stream_id)
         n = len(payload)
         if st.queued or n > st.send_window or n > MAX_SIZED_PAYLOAD:
             raise MuxError(f"{n} bytes do not fit the send window of stream {stream_id}")
@@ -309,6 +301,14 @@ class Session:
         st = self._streams.get(stream_id)
         if st is not None:
             st.window_wait = True
+
+    def _writable(self, stream_id: int) -> _Stream:
+        st = self._streams.get(stream_id)
+        if st is None:
+            raise MuxError(f"stream {stream_id} is not open")
+        if st.fin_pending:
+            raise MuxError(f"stream {stream_id} was ended locally")
+        return st
 
     def buffered(self, stream_id: int) -> int:
         """Bytes queued on the stream but not yet framed (waiting for window); 0 if unknown."""
