@@ -12,6 +12,7 @@ import os
 from typing import Any, cast
 
 from pico.mux import splice
+from pico.mux.buffers import write_unpinned
 from pico.mux.frame import ResetReason
 from pico.mux.session import MAX_SIZED_PAYLOAD
 from pico.mux.stream import MuxStream
@@ -216,9 +217,7 @@ class StreamSide:
     def data_received(self, data: bytes | memoryview) -> None:
         transport = self.service.transport
         if transport is not None:
-            if type(data) is memoryview and transport.get_write_buffer_size():
-                data = bytes(data)  # kept until the service reads: do not pin a read buffer
-            transport.write(data)
+            write_unpinned(transport, data)  # kept until the service reads: not a view
 
     def eof_received(self) -> None:
         t = self.service.transport

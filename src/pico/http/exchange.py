@@ -394,20 +394,18 @@ class Exchange:
         self._cancel_timer()
         self.status = status
         chunked = False
-        content_length = False
         lengths = []
         for name, value in self.headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
                 chunked = value.strip().lower().endswith(b"chunked")
             elif lname == b"content-length":
-                content_length = True
                 lengths.append(value.strip())
         upgrade = status == 101 and req.upgrade is not None
         no_body = req.method == b"HEAD" or status in (204, 304)
         if upgrade:
             self.until_close = False
-        elif not no_body and not chunked and not content_length:
+        elif not no_body and not chunked and not lengths:
             self.until_close = True
         old_client = req.version == "1.0"
         self.chunked_out = chunked and not old_client and not no_body

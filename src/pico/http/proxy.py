@@ -26,6 +26,7 @@ from pico.http.head import (
 from pico.http.request import BadRequest, Request, inspect_head
 from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
 from pico.http.timer import LazyTimer
+from pico.mux.buffers import write_unpinned
 
 _log = log.get_logger("proxy")
 
@@ -350,13 +351,8 @@ class ProxyConnection(asyncio.Protocol):
             if cork:
                 self.uncork()
                 self._cork = []
-        transport = self.transport
-        if transport is not None:
-            if type(data) is memoryview and transport.get_write_buffer_size():
-                # The transport keeps what it cannot send yet: a copy of the right size, not
-                # a view that would pin a whole tunnel read buffer for a slow client.
-                data = bytes(data)
-            transport.write(data)
+        if self.transport is not None:
+            write_unpinned(self.transport, data)
 
     def cork(self) -> bool:
         """Collect writes until `uncork()` (one syscall for a response head and body).

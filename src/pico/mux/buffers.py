@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 # The most one read takes.
 READ_SIZE = 1024 * 1024
 
@@ -37,3 +39,15 @@ class ReadBuffers:
 
 
 READ_BUFFERS = ReadBuffers(READ_SIZE, keep=4)
+
+
+def write_unpinned(transport: asyncio.WriteTransport, data: bytes | memoryview) -> None:
+    """Write `data` (maybe a view of a read buffer) to a transport that may keep it.
+
+    A transport keeps what it cannot send at once, and uvloop keeps the view itself: that
+    would pin a whole read buffer for as long as a slow peer takes. So once the transport
+    buffers, a view is copied (to its own size) first; while it does not, it goes out as is.
+    """
+    if type(data) is memoryview and transport.get_write_buffer_size():
+        data = bytes(data)
+    transport.write(data)
