@@ -225,7 +225,7 @@ async def test_many_pipelined_requests_answered_at_once_are_all_answered_in_orde
     conn = await connect(node)
     n = 3000
     # Queued behind a slow request; each is then answered by the node itself (502).
-    other = b"GET /%d HTTP/1.1\r\nx-pico-endpoint: nope\r\n\r\n"
+    other = b"GET /%d HTTP/1.1\r\nHost: nope.example.com\r\nx-pico-endpoint: nope\r\n\r\n"
     await conn.send(
         b"GET /slow?delay=0.3 HTTP/1.1\r\n" + HOST + b"\r\n" + b"".join(other % i for i in range(n))
     )

@@ -99,6 +99,25 @@ async def test_requests_are_spread_round_robin_over_upstreams(h: Harness) -> Non
     assert abs(seen.count("a") - seen.count("b")) <= 2
 
 
+async def test_endpoint_ids_that_differ_in_case_are_one_endpoint_balanced_together(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    for name in ("Web", "web"):
+        port = await h.service(sample_app(name))
+        await h.agent(node, [f"{name}/127.0.0.1:{port}"])
+    await h.tunnel_up(node, "web", count=2)
+    host = {"Host": "WEB.Example.COM"}
+    async with aiohttp.ClientSession() as http:
+        seen = []
+        for _ in range(10):
+            async with http.get(proxy_url(node) + "/whoami", headers=host) as resp:
+                seen.append(await resp.text())
+        async with http.get(proxy_url(node) + "/", headers={"x-pico-endpoint": "WEB"}) as resp:
+            assert resp.status == 200
+    assert sorted(set(seen)) == ["Web", "web"]
+
+
 async def test_stopped_agent_is_removed_at_once(h: Harness) -> None:
     node = await h.node()
     port = await h.service(sample_app())

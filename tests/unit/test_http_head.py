@@ -6,10 +6,13 @@ import httptools
 import orjson
 import pytest
 
+from pico.http.framing import CHUNKED, NO_BODY, Body, Framing
 from pico.http.head import (
     endpoint_from_host,
     endpoint_id,
+    endpoint_key,
     error_response,
+    render_trailers,
     rewrite_request_head,
     rewrite_response_head,
     valid_endpoint_id,
@@ -94,7 +97,7 @@ def test_rewrite_request_head_drops_hop_by_hop_and_connection_listed_headers() -
         b"/path?q=1",
         headers,
         client_ip="10.1.2.3",
-        chunked=False,
+        framing=NO_BODY,
         upgrade=None,
         forwarded=False,
         mark_forward=False,
@@ -126,7 +129,7 @@ def test_rewrite_request_head_appends_to_x_forwarded_for_and_keeps_proxy_headers
         b"/",
         headers,
         client_ip="3.3.3.3",
-        chunked=True,
+        framing=CHUNKED,
         upgrade=None,
         forwarded=False,
         mark_forward=True,
@@ -152,7 +155,7 @@ def test_rewrite_request_head_passes_a_forwarded_request_unchanged() -> None:
         b"/",
         headers,
         client_ip="10.0.0.2",
-        chunked=False,
+        framing=NO_BODY,
         upgrade=None,
         forwarded=True,
         mark_forward=False,
@@ -168,7 +171,7 @@ def test_rewrite_request_head_restates_an_upgrade() -> None:
         b"/ws",
         headers,
         client_ip="1.2.3.4",
-        chunked=False,
+        framing=NO_BODY,
         upgrade=b"websocket",
         forwarded=False,
         mark_forward=False,
@@ -185,18 +188,24 @@ def test_rewrite_response_head_drops_hop_by_hop_and_sets_framing() -> None:
         (b"Keep-Alive", b"timeout=5"),
         (b"Transfer-Encoding", b"chunked"),
     ]
-    head = rewrite_response_head(200, b"OK", headers, chunked=True, close=True, upgrade=False)
+    head = rewrite_response_head(
+        200, b"OK", headers, framing=CHUNKED, chunked=True, close=True, upgrade=False
+    )
     assert head == (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
         b"Connection: close\r\n\r\n"
     )
-    head = rewrite_response_head(204, b"", [], chunked=False, close=False, upgrade=False)
+    head = rewrite_response_head(
+        204, b"", [], framing=NO_BODY, chunked=False, close=False, upgrade=False
+    )
     assert head == b"HTTP/1.1 204 No Content\r\n\r\n"
 
 
 def test_rewrite_response_head_keeps_the_upgrade_of_a_101() -> None:
     headers = [(b"Upgrade", b"websocket"), (b"Connection", b"upgrade"), (b"Sec-X", b"k")]
-    head = rewrite_response_head(101, b"", headers, chunked=False, close=True, upgrade=True)
+    head = rewrite_response_head(
+        101, b"", headers, framing=NO_BODY, chunked=False, close=True, upgrade=True
+    )
     assert head == (
         b"HTTP/1.1 101 Switching Protocols\r\nSec-X: k\r\n"
         b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -212,3 +221,109 @@ def test_error_response_is_json_with_length() -> None:
     assert b"Content-Length: %d" % len(body) in head
     assert orjson.loads(body) == {"error": "upstream unreachable"}
     assert b"Connection" not in error_response(400, "x", close=False)
+
+
+def test_connection_tokens_cannot_remove_the_framing_the_node_writes() -> None:
+    """`Connection: content-length` once dropped the length while its body was relayed."""
+    headers = [
+        (b"Host", b"ep.example.com"),
+        (b"Connection", b"content-length, transfer-encoding, host, X-Gone"),
+        (b"Content-Length", b"39"),
+        (b"X-Gone", b"1"),
+    ]
+    head = rewrite_request_head(
+        b"POST",
+        b"/",
+        headers,
+        client_ip="1.2.3.4",
+        framing=Framing(Body.LENGTH, 39),
+        upgrade=None,
+        forwarded=False,
+        mark_forward=False,
+    )
+    _, seen = _parse_request(head)
+    values = {n.lower(): v for n, v in seen}
+    assert values[b"content-length"] == b"39"
+    assert values[b"host"] == b"ep.example.com"
+    assert b"x-gone" not in values
+    assert _names(seen).count(b"content-length") == 1
+
+
+def test_client_framing_headers_are_replaced_by_the_parsed_framing() -> None:
+    headers = [(b"Host", b"h.example.com"), (b"Content-Length", b"5"), (b"Trailer", b"X-T")]
+    chunked = rewrite_request_head(
+        b"POST",
+        b"/",
+        headers,
+        client_ip="1.2.3.4",
+        framing=CHUNKED,
+        upgrade=None,
+        forwarded=False,
+        mark_forward=False,
+    )
+    assert b"Content-Length" not in chunked
+    assert b"Transfer-Encoding: chunked\r\n" in chunked
+    assert b"Trailer: X-T\r\n" in chunked  # announced trailers go on with a chunked body
+    plain = rewrite_request_head(
+        b"GET",
+        b"/",
+        headers,
+        client_ip="1.2.3.4",
+        framing=NO_BODY,
+        upgrade=None,
+        forwarded=False,
+        mark_forward=False,
+    )
+    assert b"Content-Length" not in plain and b"Trailer" not in plain
+
+
+def test_response_codings_before_chunked_are_kept_and_trailer_goes_with_chunked_only() -> None:
+    headers = [(b"Transfer-Encoding", b"gzip, chunked"), (b"Trailer", b"X-Sum")]
+    framing = Framing(Body.CHUNKED, codings=b"gzip")
+    head = rewrite_response_head(
+        200, b"OK", headers, framing=framing, chunked=True, close=False, upgrade=False
+    )
+    assert b"Transfer-Encoding: gzip, chunked\r\n" in head
+    assert b"Trailer: X-Sum\r\n" in head
+    dechunked = rewrite_response_head(
+        200, b"OK", headers, framing=CHUNKED, chunked=False, close=True, upgrade=False
+    )
+    assert b"Transfer-Encoding" not in dechunked and b"Trailer" not in dechunked
+
+
+def test_response_length_is_written_from_the_framing_not_the_header_text() -> None:
+    headers = [(b"Connection", b"content-length"), (b"Content-Length", b"5")]
+    head = rewrite_response_head(
+        200,
+        b"OK",
+        headers,
+        framing=Framing(Body.LENGTH, 5),
+        chunked=False,
+        close=False,
+        upgrade=False,
+    )
+    assert head == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    stated = Framing(Body.NONE, stated_length=b"99")
+    head = rewrite_response_head(
+        200, b"OK", headers, framing=stated, chunked=False, close=False, upgrade=False
+    )
+    assert head == b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+
+
+def test_trailers_drop_routing_framing_and_forwarding_fields() -> None:
+    trailers = [
+        (b"Host", b"evil.example.com"),
+        (b"Content-Length", b"5"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"x-pico-endpoint", b"other"),
+        (b"X-Checksum", b"abc"),
+    ]
+    assert render_trailers(trailers) == b"0\r\nX-Checksum: abc\r\n\r\n"
+    assert render_trailers([]) == b"0\r\n\r\n"
+
+
+def test_endpoint_ids_fold_ascii_case() -> None:
+    assert endpoint_id(None, b"WEB.Example.COM") == "web"
+    assert endpoint_id(b"My-App", None) == "my-app"
+    assert endpoint_key("My-App") == "my-app"

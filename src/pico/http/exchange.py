@@ -1,49 +1,87 @@
 """One request carried through one upstream channel, and its response relayed back.
 
 `Request` is a parsed client request; `Exchange` sends it through a `Channel`, retries where that
-is safe (dial failures, stale keep-alive streams), parses the response only to find where it ends,
-and relays it to the client as it arrives. `ProxyConnection` (proxy.py) owns both.
+is safe (retry.py decides), parses the response only to find where it ends (framing.py), and
+relays it to the client as it arrives. Its lifecycle is one state per direction (states.py).
+`ProxyConnection` (proxy.py) owns both and is seen here only through `ClientSide`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
 from pico import log
-from pico.http.channel import Cancellable, Channel, ResetReason, Upstream, UpstreamUnavailable
+from pico.http.channel import (
+    Cancellable,
+    Channel,
+    ResetReason,
+    Router,
+    Upstream,
+    UpstreamUnavailable,
+)
+from pico.http.framing import NO_BODY, BadResponse, Body, Framing, response_framing
 from pico.http.head import (
     UNDELIVERED_HEADER,
+    Headers,
     error_response,
+    render_trailers,
     rewrite_request_head,
     rewrite_response_head,
 )
 from pico.http.request import Request
+from pico.http.retry import IDEMPOTENT, Action, after_failure
+from pico.http.states import FINAL, Receive, Send, check_receive, check_send
 
 if TYPE_CHECKING:
-    from pico.http.proxy import ProxyConnection
+    from pico.http.settings import ProxyLimits
+    from pico.http.timer import LazyTimer
 
 _log = log.get_logger("proxy")
 
-# A response head bigger than this is refused (502): it protects the node's memory.
+# A response head (or its trailers) bigger than this is refused (502): it protects the node's
+# memory.
 _MAX_RESPONSE_HEAD = 256 * 1024
-# A request that may have reached the service is only re-sent if repeating it is harmless.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-_DIAL_FAILURES = {
-    ResetReason.REJECTED: (502, "upstream unreachable"),
-    ResetReason.REFUSED: (502, "upstream unreachable"),
-    ResetReason.UNREACHABLE: (502, "upstream unreachable"),
-    ResetReason.TIMEOUT: (504, "upstream timeout"),
-}
+
+class ClientSide(Protocol):
+    """What an exchange needs of its client connection (ProxyConnection)."""
+
+    limits: ProxyLimits
+    router: Router
+    client_ip: str
+    response_timer: LazyTimer
+
+    @property
+    def write_paused(self) -> bool: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def writelines(self, parts: tuple[bytes, ...]) -> None: ...
+    def cork(self) -> bool: ...
+    def uncork(self) -> None: ...
+    def hold_body(self, req: Request, data: bytes) -> None: ...
+    def release_held_body(self, req: Request) -> None: ...
+    def pause_reading_for_channel(self) -> None: ...
+    def resume_reading_for_channel(self) -> None: ...
+    def start_splice(self, channel: Channel) -> None: ...
+    def abort(self) -> None: ...
+    def finish_exchange(
+        self,
+        req: Request,
+        status: int,
+        bytes_out: int,
+        upstream: str,
+        *,
+        remote: bool,
+        close: bool,
+        response_headers: Headers | None = None,
+    ) -> None: ...
 
 
 class Exchange:
     """One request carried through one channel, and its response relayed back."""
 
     __slots__ = (
-        "body_ended",
         "body_left",
         "bytes_out",
         "candidates",
@@ -51,11 +89,10 @@ class Exchange:
         "chunked_out",
         "close_client",
         "conn",
-        "done",
         "feeding",
+        "framing",
         "got_bytes",
         "head_bytes",
-        "head_sent",
         "head_size",
         "headers",
         "held_once",
@@ -63,7 +100,9 @@ class Exchange:
         "hold_failure",
         "parser",
         "progress_mark",
+        "progressed",
         "reason",
+        "recv",
         "replay",
         "replay_size",
         "request",
@@ -71,45 +110,52 @@ class Exchange:
         "retire",
         "retried_fresh",
         "reused",
+        "send",
+        "stalled",
         "status",
         "stray_bytes",
+        "trailers",
         "tried",
         "undelivered",
-        "until_close",
         "upstream",
     )
 
-    def __init__(self, conn: ProxyConnection, request: Request, candidates: list[Upstream]) -> None:
+    def __init__(self, conn: ClientSide, request: Request, candidates: list[Upstream]) -> None:
         self.conn = conn
         self.request = request
         self.candidates = candidates
+        self.send = Send.CONNECTING
+        self.recv = Receive.AWAITING_HEAD
         self.channel: Channel | None = None
         self.upstream: Upstream | None = None
-        self.reused = False
-        self.retried_fresh = False
-        self.replay: list[bytes] | None = []
+        # Facts of the current attempt, which decide whether a failure may be retried.
+        self.reused = False  # the channel came from the idle pool
+        self.retried_fresh = False  # a stale pooled channel was already retried once
+        self.got_bytes = False  # a response byte came back on this channel
+        self.replay: list[bytes] | None = []  # request bytes sent, while they fit the limit
         self.replay_size = 0
         self.progress_mark = 0  # request bytes received when the response timer last fired
         self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
         self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.response_headers: list[tuple[bytes, bytes]] = []  # as received, for the access log
-        self.head_sent = False  # response head written to the client
-        self.got_bytes = False  # any response byte received on this channel
+        self.headers: Headers = []
+        self.trailers: Headers = []
+        self.response_headers: Headers = []  # as received, for the access log
+        self.framing: Framing = NO_BODY  # of the response, once its head is in
         self.chunked_out = False
+        self.close_client = False
         # Bytes of a Content-Length response body still to come: once the parser is past the
         # head, they are relayed as they arrive without it (no copy, no callbacks).
         self.body_left = 0
-        self.until_close = False
-        self.close_client = False
-        self.done = False
         self.bytes_out = 0
-        self.body_ended = False  # the end of the request body went out on the channel
         self.head_bytes = 0  # response bytes received before the head was complete
-        self.head_size = 0  # status, header names and values parsed so far
-        self.feeding = False  # inside parser.feed_data
-        self.retire: tuple[Channel, bool] | None = None  # channel decision after the feed
+        self.head_size = 0  # status, header names and values parsed so far (then trailers)
+        self.stalled = 0  # bytes fed to the parser since it last reported a body or a field
+        self.progressed = False
+        # While the parser is being fed, the fate of a finished channel waits for the end of
+        # the chunk (bytes after the response make it unusable).
+        self.feeding = False
+        self.retire: tuple[Channel, bool] | None = None
         self.stray_bytes = False  # the upstream sent more than one response
         self.undelivered = False  # the node we forwarded to answered "not delivered"
         # Waiting for an upstream to (re)appear (a node restart or failure): the hold, and
@@ -118,6 +164,21 @@ class Exchange:
         self.held_once = False
         self.tried: set[int] = set()  # ids of the upstreams this request was sent to
         self.hold_failure = (502, "no available upstreams")
+
+    @property
+    def head_sent(self) -> bool:
+        """True once a response head reached the client (errors can no longer be answered)."""
+        return self.recv is Receive.RELAYING or self.recv is Receive.UPGRADED
+
+    def _to_send(self, new: Send) -> None:
+        check_send(self.send, new)
+        self.send = new
+
+    def _to_recv(self, new: Receive) -> None:
+        check_receive(self.recv, new)
+        self.recv = new
+        if new in FINAL and self.send is not Send.DONE:
+            self.send = Send.DONE  # every state may end (SEND_TRANSITIONS says so)
 
     # -- request side ----------------------------------------------------------------------------
 
@@ -128,7 +189,7 @@ class Exchange:
             try:
                 # A non-idempotent request never rides a pooled connection the service may
                 # have closed meanwhile: it could not be retried safely.
-                fresh = self.retried_fresh or self.request.method not in _IDEMPOTENT
+                fresh = self.retried_fresh or self.request.method not in IDEMPOTENT
                 channel, reused = upstream.open_channel(fresh=fresh)
             except UpstreamUnavailable:
                 self.candidates.pop(0)
@@ -169,6 +230,7 @@ class Exchange:
         hold = self.conn.router.wait_for_upstream(req.endpoint, self._hold_over, known=known)
         if hold is None:
             return False
+        self._to_send(Send.HELD)
         self.held_once = True
         self.hold = hold
         self.hold_failure = failure
@@ -178,8 +240,9 @@ class Exchange:
     def _hold_over(self) -> None:
         """An upstream of the endpoint appeared: route the request again."""
         self.hold = None
-        if self.done:
+        if self.send is not Send.HELD:
             return
+        self._to_send(Send.CONNECTING)
         self._cancel_timer()
         req = self.request
         self.candidates = list(self.conn.router.candidates(req.endpoint, req.forwarded))
@@ -202,6 +265,7 @@ class Exchange:
             channel.pause_reading()
         else:
             channel.resume_reading()
+        self._to_send(Send.SENDING)
         # The head is rendered for this upstream (a retry may go to another node, or come back
         # to a local tunnel); the body sent so far is replayed after it.
         channel.write(
@@ -209,8 +273,8 @@ class Exchange:
                 req.method,
                 req.url,
                 req.headers,
+                framing=req.framing,
                 client_ip=self.conn.client_ip,
-                chunked=req.chunked,
                 upgrade=req.upgrade,
                 forwarded=req.forwarded,
                 mark_forward=upstream.remote,
@@ -223,7 +287,7 @@ class Exchange:
             self.conn.release_held_body(req)
         for chunk in body:
             self.send_body(chunk)
-        if req.body_done and not self.body_ended:
+        if req.body_done:
             self.end_body()
         if not self.conn.response_timer.armed:
             self._arm_timer()
@@ -239,30 +303,30 @@ class Exchange:
 
     def send_body(self, data: bytes) -> None:
         """Relay a piece of the client's request body (kept until a channel is attached)."""
-        if self.done:
-            return
-        if self.channel is None:
+        send = self.send
+        if send is Send.SENDING:
+            if self.request.chunked:
+                self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy
+            else:
+                self._send(data)
+        elif send is Send.CONNECTING or send is Send.HELD:
             self.conn.hold_body(self.request, data)
-            return
-        if self.request.chunked:
-            self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy, one frame
-        else:
-            self._send(data)
 
     def end_body(self) -> None:
-        """The client's request body is complete."""
-        if self.channel is None or self.done or self.body_ended:
-            return
-        self.body_ended = True
-        if self.request.chunked:
-            self._send(b"0\r\n\r\n")
-        if self.request.expects_body and not self.head_sent:
+        """The client's request body is complete (its trailers, if any, are in)."""
+        if self.send is not Send.SENDING:
+            return  # no channel yet (`_attach` ends it), or the exchange is over
+        req = self.request
+        if req.chunked:
+            self._send(render_trailers(req.trailers))
+        self._to_send(Send.SENT)
+        if req.expects_body and self.recv is Receive.AWAITING_HEAD:
             self._arm_timer()  # the wait for the response head starts now
 
     # -- channel receiver ------------------------------------------------------------------------
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self.done:
+        if self.recv in FINAL:
             return
         self.got_bytes = True
         parser = self.parser
@@ -272,24 +336,14 @@ class Exchange:
         corked = conn.cork()
         self.feeding = True
         try:
-            if self.body_left and self.head_sent:
+            if self.body_left and self.recv is Receive.RELAYING:
                 self._relay_body(data)
             else:
+                self.progressed = False
                 parser.feed_data(data)
-                if not self.head_sent and not self.done:
-                    # httptools buffers an unfinished header line whole: bound the head by
-                    # the raw bytes fed while it is unfinished (body bytes never count).
-                    self.head_bytes += len(data)
-                    if self.head_bytes > _MAX_RESPONSE_HEAD:
-                        self._broken("response head too large")
+                self._bound_unparsed(len(data))
         except httptools.HttpParserUpgrade as exc:
-            if self.status == 101 and self.head_sent:
-                rest = data[exc.args[0] :]
-                if rest:
-                    self.conn.write(rest)
-                self._finish_upgrade()
-            else:
-                self._broken("unexpected upgrade from upstream")
+            self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._broken(f"malformed response from upstream: {exc}")
         finally:
@@ -302,19 +356,35 @@ class Exchange:
             if corked:
                 conn.uncork()
 
+    def _bound_unparsed(self, n: int) -> None:
+        """httptools holds an unfinished header or trailer line whole: bound what it may hold
+        by the raw bytes fed while one is unfinished (body bytes never count)."""
+        if self.recv is Receive.AWAITING_HEAD:
+            self.head_bytes += n
+            if self.head_bytes > _MAX_RESPONSE_HEAD:
+                self._broken("response head too large")
+        elif self.recv is Receive.RELAYING:
+            self.stalled = 0 if self.progressed else self.stalled + n
+            if self.stalled > _MAX_RESPONSE_HEAD:
+                self._broken("response trailers too large")
+
     def eof_received(self) -> None:
-        if self.done:
+        if self.recv in FINAL:
             return
-        if self.head_sent and self.until_close:
+        if self.recv is Receive.RELAYING and self.framing.body is Body.UNTIL_CLOSE:
             self._complete()
         else:
             self._channel_failed(None)
 
     def connection_lost(self, reason: ResetReason | None) -> None:
-        if self.done:
+        if self.recv in FINAL:
             return
         self.channel = None
-        if self.head_sent and self.until_close and reason is None:
+        if (
+            self.recv is Receive.RELAYING
+            and self.framing.body is Body.UNTIL_CLOSE
+            and reason is None
+        ):
             self._complete()
         else:
             self._channel_failed(reason)
@@ -337,9 +407,9 @@ class Exchange:
 
     def abandon(self, status: int) -> None:
         """The client connection is going away: free the channel and record `status`."""
-        if self.done:
+        if self.recv in FINAL:
             return
-        self.done = True
+        self._to_recv(Receive.FAILED)
         self._cancel_timer()
         channel, self.channel = self.channel, None
         if channel is not None:
@@ -349,21 +419,28 @@ class Exchange:
     # -- response parsing (httptools callbacks) --------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self.done:
+        if self.recv in FINAL:
             self.stray_bytes = True  # another response after ours: the channel is unusable
 
     def on_status(self, reason: bytes) -> None:
-        if not self.done:
+        if self.recv is Receive.AWAITING_HEAD:
             self.reason += reason
             self.head_size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_sent and not self.done:
+        self.progressed = True
+        recv = self.recv
+        if recv is Receive.AWAITING_HEAD:
             self.headers.append((name, value))
             self.head_size += len(name) + len(value) + 4
+        elif recv is Receive.RELAYING and not self.undelivered:
+            self.trailers.append((name, value))
+            self.head_size += len(name) + len(value) + 4
+            if self.head_size > _MAX_RESPONSE_HEAD:
+                self._broken("response trailers too large")
 
     def on_headers_complete(self) -> None:
-        if self.done:
+        if self.recv is not Receive.AWAITING_HEAD:
             return
         if self.head_size > _MAX_RESPONSE_HEAD:  # a head that came whole in one piece
             self._broken("response head too large")
@@ -376,7 +453,13 @@ class Exchange:
             if req.version != "1.0":
                 self.conn.write(
                     rewrite_response_head(
-                        status, self.reason, self.headers, chunked=False, close=False, upgrade=False
+                        status,
+                        self.reason,
+                        self.headers,
+                        framing=NO_BODY,
+                        chunked=False,
+                        close=False,
+                        upgrade=False,
                     )
                 )
             self.headers, self.reason = [], b""
@@ -393,50 +476,65 @@ class Exchange:
             return
         self._cancel_timer()
         self.status = status
-        chunked = False
-        lengths = []
+        if status == 101:
+            if req.upgrade is None:
+                self._broken("unexpected upgrade from upstream")
+            return  # the parser stops here: `_on_upgrade` relays the head
+        self._relay_head(status)
+
+    def _relay_head(self, status: int) -> None:
+        req = self.request
+        assert self.parser is not None
+        cls: list[bytes] = []
+        tes: list[bytes] = []
         for name, value in self.headers:
             lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
-            elif lname == b"content-length":
-                lengths.append(value.strip())
-        upgrade = status == 101 and req.upgrade is not None
-        no_body = req.method == b"HEAD" or status in (204, 304)
-        if upgrade:
-            self.until_close = False
-        elif not no_body and not chunked and not lengths:
-            self.until_close = True
+            if lname == b"content-length":
+                cls.append(value)
+            elif lname == b"transfer-encoding":
+                tes.append(value)
+        try:
+            framing = response_framing(req.method, status, cls, tes)
+        except BadResponse as exc:
+            self._broken(f"ambiguous response framing: {exc}")
+            return
         old_client = req.version == "1.0"
-        self.chunked_out = chunked and not old_client and not no_body
+        chunked = framing.body is Body.CHUNKED
+        if chunked and old_client and framing.codings:
+            # De-chunked, the body would still be coded and nothing could say so.
+            self._broken("transfer coding an HTTP/1.0 client cannot take")
+            return
+        self.framing = framing
+        self.chunked_out = chunked and not old_client
         self.close_client = (
             not req.keep_alive
-            or self.until_close
-            or (chunked and old_client)
-            or (req.upgrade is not None and not upgrade)
+            or framing.body is Body.UNTIL_CLOSE
+            or (chunked and old_client)  # de-chunked: it ends by closing
+            or req.upgrade is not None
             or not self.parser.should_keep_alive()
         )
-        if chunked and old_client and not no_body:
-            self.until_close = False  # de-chunked for an HTTP/1.0 client, ends by closing
         head = rewrite_response_head(
             status,
             self.reason,
             self.headers,
+            framing=framing,
             chunked=self.chunked_out,
             close=self.close_client,
-            upgrade=upgrade,
+            upgrade=False,
         )
-        self.head_sent = True
+        self._to_recv(Receive.RELAYING)
+        self.head_size = 0  # trailers have a budget of their own
         self.response_headers, self.headers = self.headers, []
         self.conn.write(head)
-        if no_body and not upgrade:
+        if framing.body is Body.NONE:
             self._complete()
-        elif not chunked and not upgrade and len(lengths) == 1 and lengths[0].isdigit():
-            self.body_left = int(lengths[0])
+        elif framing.body is Body.LENGTH:
+            self.body_left = framing.length
 
     def on_body(self, body: bytes) -> None:
-        if self.done or self.undelivered:
+        if self.recv is not Receive.RELAYING:
             return
+        self.progressed = True
         self.bytes_out += len(body)
         if self.body_left:
             self.body_left -= len(body)
@@ -449,7 +547,8 @@ class Exchange:
     def on_message_complete(self) -> None:
         if self.undelivered:
             return
-        if self.status and not self.done and self.status != 101:
+        # A 101 ends its message too; the parser then stops with HttpParserUpgrade.
+        if self.recv is Receive.RELAYING:
             self._complete()
 
     def _relay_body(self, data: bytes | memoryview) -> None:
@@ -468,26 +567,46 @@ class Exchange:
 
     # -- endings ---------------------------------------------------------------------------------
 
-    def _finish_upgrade(self) -> None:
+    def _on_upgrade(self, rest: bytes | memoryview) -> None:
+        """The parser stopped at a 101: relay its head, then splice both ways."""
+        req = self.request
+        if self.status != 101 or req.upgrade is None or self.recv is not Receive.AWAITING_HEAD:
+            self._broken("unexpected upgrade from upstream")
+            return
+        self.conn.write(
+            rewrite_response_head(
+                101,
+                self.reason,
+                self.headers,
+                framing=NO_BODY,
+                chunked=False,
+                close=False,
+                upgrade=True,
+            )
+        )
+        self.response_headers, self.headers = self.headers, []
+        if rest:
+            self.conn.write(rest)
+        self._to_recv(Receive.UPGRADED)
         channel, self.channel = self.channel, None
-        self.done = True
         self._cancel_timer()
         assert channel is not None
         self.conn.start_splice(channel)
         self._record(101)
 
     def _complete(self) -> None:
-        if self.done:
-            return
-        self.done = True
+        # Reusable only if the whole request went out: a service that answered early may
+        # still be waiting for the rest of the body, and would read the next request as it.
+        sent_all = self.send is Send.SENT
+        self._to_recv(Receive.DONE)
         self._cancel_timer()
         if self.chunked_out:
-            self.conn.write(b"0\r\n\r\n")
+            self.conn.write(render_trailers(self.trailers))
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
             reusable = (
-                self.request.body_done
-                and not self.until_close
+                sent_all
+                and self.framing.body is not Body.UNTIL_CLOSE
                 and self.parser is not None
                 and self.parser.should_keep_alive()
             )
@@ -519,61 +638,56 @@ class Exchange:
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
             channel.reset(ResetReason.CANCELLED)
-        if self.head_sent:
+        if self.recv is Receive.RELAYING:
             self._abort_client("upstream closed mid-response")
             return
-        replayable = self.replay is not None and not self.got_bytes
-        if reason in _DIAL_FAILURES and replayable:
-            # The agent could not reach the service: the request never ran, try elsewhere.
-            self.candidates.pop(0)
-            self.retried_fresh = False
-            if self.candidates:
+        upstream = self.upstream
+        decision = after_failure(
+            reason,
+            replayable=self.replay is not None and not self.got_bytes,
+            reused=self.reused,
+            retried_fresh=self.retried_fresh,
+            method=self.request.method,
+            more_candidates=len(self.candidates) > 1,
+            remote=upstream is not None and upstream.remote,
+        )
+        match decision.action:
+            case Action.NEXT:
+                self.candidates.pop(0)
+                self.retried_fresh = False
+                self._to_send(Send.CONNECTING)
                 self.start()
-                return
-            # Only a node that could not be reached is worth waiting out (its agents are
-            # moving); a service that refuses connections will not be fixed by waiting.
-            # An agent that is leaving (REJECTED) is worth waiting out too: it reconnects.
-            waitable = reason == ResetReason.REJECTED or (
-                self.upstream is not None and self.upstream.remote
-            )
-            rejected = reason == ResetReason.REJECTED
-            if not (waitable and self._hold(_DIAL_FAILURES[reason], known=rejected)):
-                self._fail(*_DIAL_FAILURES[reason], undelivered=True)
-            return
-        if (
-            self.reused
-            and replayable
-            and not self.retried_fresh
-            and self.request.method in _IDEMPOTENT
-        ):
-            # An idle pooled stream the service had already closed: retry once on a fresh one.
-            self.retried_fresh = True
-            self.start()
-            return
-        if reason in _DIAL_FAILURES:
-            status, message = _DIAL_FAILURES[reason]
-            self._fail(status, message)
-        else:
-            self._fail(502, "upstream unreachable")
+            case Action.FRESH:
+                self.retried_fresh = True
+                self._to_send(Send.CONNECTING)
+                self.start()
+            case Action.HOLD:
+                self.candidates.clear()
+                self._to_send(Send.CONNECTING)
+                failure = (decision.status, decision.message)
+                if not self._hold(failure, known=reason is ResetReason.REJECTED):
+                    self._fail(*failure, undelivered=True)
+            case Action.FAIL:
+                self._fail(decision.status, decision.message, undelivered=decision.undelivered)
 
     def _broken(self, why: str) -> None:
         _log.warn("bad upstream response", endpoint=self.request.endpoint, error=why)
         channel, self.channel = self.channel, None
         if channel is not None:
             channel.reset(ResetReason.PROTOCOL)
-        if self.head_sent:
+        if self.recv is Receive.RELAYING:
             self._abort_client(why)
-        else:
+        elif self.recv is Receive.AWAITING_HEAD:
             self._fail(502, "upstream unreachable")
 
     def _abort_client(self, why: str) -> None:
-        self.done = True
+        self._to_recv(Receive.FAILED)
         self._cancel_timer()
         self._record(self.status or 502, close=True)
         self.conn.abort()
 
     def _fail(self, status: int, message: str, *, undelivered: bool = False) -> None:
-        self.done = True
+        self._to_recv(Receive.FAILED)
         self._cancel_timer()
         req = self.request
         unread = req.expects_body and not req.body_done
@@ -588,7 +702,7 @@ class Exchange:
 
     def on_timeout(self) -> None:
         """The response head did not arrive within `proxy.timeout` (or a hold ran out)."""
-        if self.done or self.head_sent:
+        if self.recv is not Receive.AWAITING_HEAD:
             return
         if self.hold is not None:
             self.hold.cancel()
@@ -608,7 +722,7 @@ class Exchange:
 
     def _cancel_timer(self) -> None:
         self.conn.response_timer.cancel()
-        if self.hold is not None and self.done:
+        if self.hold is not None and self.recv in FINAL:
             self.hold.cancel()
             self.hold = None
 

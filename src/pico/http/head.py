@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from http import HTTPStatus
 
 import orjson
+
+from pico.http.framing import Body, Framing
 
 ENDPOINT_HEADER = b"x-pico-endpoint"
 FORWARD_HEADER = b"x-pico-forward"
@@ -20,6 +23,8 @@ _ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # Headers that describe one hop and must not be passed on (RFC 9110 §7.6.1, plus the
 # de-facto ones Go's ReverseProxy also drops). Names listed in Connection are dropped too.
+# `Trailer` is not among them: it is relayed whenever the body goes on chunked (with its
+# trailers), and dropped where the node de-chunks it.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -28,11 +33,27 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
         b"proxy-authorization",
         b"te",
-        b"trailer",
         b"transfer-encoding",
         b"upgrade",
     }
 )
+# Never relayed as received: the node writes its own framing, from what the parser parsed.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_DROP = HOP_BY_HOP | _FRAMING
+# A Connection token cannot remove these: routing must not depend on what survived filtering.
+_PROTECTED = frozenset({b"host"})
+# Trailer fields that could change routing, framing or what the node asserts about the client
+# if a service merged them into the header section: dropped (RFC 9110 §6.5.1).
+_TRAILER_DROP = _DROP | {
+    b"host",
+    b"trailer",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-pico-endpoint",
+    b"x-pico-forward",
+    b"x-pico-undelivered",
+}
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -63,19 +84,28 @@ def endpoint_from_host(host: bytes) -> str:
 
 
 def endpoint_id(endpoint_header: bytes | None, host: bytes | None) -> str:
-    """The endpoint a request names: `x-pico-endpoint` wins, else the Host's first label."""
+    """The endpoint a request names: `x-pico-endpoint` wins, else the Host's first label.
+
+    ASCII case is folded (hostnames are case-insensitive, RFC 9110 §4.2.3): ids that differ
+    only in case name the same endpoint.
+    """
     if endpoint_header:
-        return endpoint_header.decode("latin-1").strip()
+        return endpoint_header.strip().lower().decode("latin-1")
     if host:
-        return endpoint_from_host(host)
+        return endpoint_from_host(host.lower())
     return ""
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    """The routing key of an endpoint id as registered: its ASCII case folded."""
+    return endpoint_id.lower()
 
 
 _COMMON_CONNECTION_VALUES = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive"})
 
 
-def _drop_set(headers: Headers) -> frozenset[bytes]:
-    """Header names not to pass on: hop-by-hop ones plus any unusual Connection tokens."""
+def _drop_set(headers: Headers, base: frozenset[bytes] = _DROP) -> frozenset[bytes]:
+    """Header names not to pass on: `base` plus any unusual Connection tokens."""
     extra: set[bytes] | None = None
     for name, value in headers:
         # Length first (this runs twice per request over every header); the usual values
@@ -83,9 +113,21 @@ def _drop_set(headers: Headers) -> frozenset[bytes]:
         if len(name) == 10 and name.lower() == b"connection":
             if value in _COMMON_CONNECTION_VALUES:
                 continue
-            tokens = {t.strip().lower() for t in value.split(b",")}
+            tokens = {t.strip(b" \t").lower() for t in value.split(b",")}
             extra = tokens if extra is None else extra | tokens
-    return HOP_BY_HOP if extra is None else HOP_BY_HOP | extra
+    return base if extra is None else base | (extra - _PROTECTED)
+
+
+def render_trailers(trailers: Headers) -> bytes:
+    """The last chunk of a chunked body: `0`, the trailer fields that may pass, a blank line."""
+    if not trailers:
+        return b"0\r\n\r\n"
+    out = [b"0\r\n"]
+    for name, value in trailers:
+        if name.lower() not in _TRAILER_DROP:
+            out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def rewrite_request_head(
@@ -93,20 +135,22 @@ def rewrite_request_head(
     url: bytes,
     headers: Headers,
     *,
+    framing: Framing,
     client_ip: str,
-    chunked: bool,
     upgrade: bytes | None,
     forwarded: bool,
     mark_forward: bool,
 ) -> bytes:
     """The request head to send upstream, as HTTP/1.1.
 
-    Drops hop-by-hop headers, appends the client to X-Forwarded-For and sets X-Forwarded-Proto and
-    X-Forwarded-Host when absent (a load balancer in front may have set them). A request that
-    another node forwarded already carries them and is passed unchanged. `mark_forward` adds
+    Drops hop-by-hop headers and the client's framing headers, and states the body as `framing`
+    says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and X-Forwarded-Host
+    when absent (a load balancer in front may have set them). A request that another node
+    forwarded already carries them and is passed unchanged. `mark_forward` adds
     `x-pico-forward: true` for the hop to another node.
     """
     drop = _drop_set(headers)
+    chunked = framing.body is Body.CHUNKED
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     xff: bytes | None = None
     host: bytes | None = None
@@ -124,7 +168,7 @@ def rewrite_request_head(
             has_proto = True
         elif lname == b"x-forwarded-host":
             has_fhost = True
-        elif lname == FORWARD_HEADER:
+        elif lname == FORWARD_HEADER or (lname == b"trailer" and not chunked):
             continue
         out += (name, b": ", value, b"\r\n")
     if forwarded:
@@ -141,6 +185,8 @@ def rewrite_request_head(
         out.append(b"x-pico-forward: true\r\n")
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
+    elif framing.body is Body.LENGTH:
+        out.append(b"Content-Length: %d\r\n" % framing.length)
     if upgrade is not None:
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     out.append(b"\r\n")
@@ -152,15 +198,21 @@ def rewrite_response_head(
     reason: bytes,
     headers: Headers,
     *,
+    framing: Framing,
     chunked: bool,
     close: bool,
     upgrade: bool,
 ) -> bytes:
-    """The response head to send to the client, as HTTP/1.1, without hop-by-hop headers."""
+    """The response head to send to the client, as HTTP/1.1, without hop-by-hop headers.
+
+    The body is stated as `framing` says; `chunked` is false where a chunked body is de-chunked
+    (for an HTTP/1.0 client: it then ends by closing, and its `Trailer` header is dropped).
+    """
     drop = _drop_set(headers)
     out = [_status_line(status, reason)]
     for name, value in headers:
-        if name.lower() in drop:
+        lname = name.lower()
+        if lname in drop or (lname == b"trailer" and not chunked):
             continue
         out += (name, b": ", value, b"\r\n")
     if upgrade:
@@ -169,7 +221,14 @@ def rewrite_response_head(
                 out += (b"Connection: Upgrade\r\nUpgrade: ", value, b"\r\n")
                 break
     elif chunked:
-        out.append(b"Transfer-Encoding: chunked\r\n")
+        if framing.codings:
+            out += (b"Transfer-Encoding: ", framing.codings, b", chunked\r\n")
+        else:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+    elif framing.body is Body.LENGTH:
+        out.append(b"Content-Length: %d\r\n" % framing.length)
+    elif framing.stated_length is not None:
+        out += (b"Content-Length: ", framing.stated_length, b"\r\n")
     if close and not upgrade:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
@@ -197,10 +256,18 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
-def error_response(status: int, message: str, *, close: bool, undelivered: bool = False) -> bytes:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    close: bool,
+    undelivered: bool = False,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
     """A complete JSON error response: `{"error": message}` plus a newline.
 
-    `undelivered` marks, for the node that forwarded the request, that no service saw it.
+    `undelivered` marks, for the node that forwarded the request, that no service saw it;
+    `headers` are added as they are (`Allow` on a 405).
     """
     body = orjson.dumps({"error": message}) + b"\n"
     head = (
@@ -209,6 +276,8 @@ def error_response(status: int, message: str, *, close: bool, undelivered: bool 
         b"X-Content-Type-Options: nosniff\r\n"
         b"Content-Length: %d\r\n" % (status, _reason(status), len(body))
     )
+    for name, value in headers:
+        head += name + b": " + value + b"\r\n"
     if undelivered:
         head += UNDELIVERED_HEADER + b": true\r\n"
     if close:

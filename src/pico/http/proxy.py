@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import httptools
@@ -69,10 +69,13 @@ class ProxyConnection(asyncio.Protocol):
         self._queue: deque[Request] = deque()
         self._parsing: Request | None = None
         self._header_bytes = 0
+        # Head (and trailer) budget: `proxy.max_header_bytes`, plus room for the headers a
+        # forwarding node adds, so that a request accepted at the edge is accepted here too.
+        self._head_limit = limits.max_header_bytes
         self._in_message = False  # between the first byte of a request and its end
         self._in_head = False  # between the first byte of a request and its blank line
-        self._head_seq = 0  # counts request heads, to tell them apart across data_received
-        self._raw_head_bytes = 0  # bytes of chunks fed entirely inside the current head
+        self._progressed = False  # the parser reported a field or body bytes in this feed
+        self._stalled = 0  # bytes fed since the parser last reported a field or body bytes
         self._pipelined = 0  # bytes of requests queued behind the one in flight
         self._starting = False
         self._exchange: Exchange | None = None
@@ -110,6 +113,10 @@ class ProxyConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        if self.trusted_forwarder is not None and self.trusted_forwarder(self.client_ip):
+            # A node adds X-Forwarded-Host (a copy of Host, itself within the limit) and less
+            # than 1 KiB of other fields (X-Forwarded-For/-Proto, x-pico-forward, framing).
+            self._head_limit = 2 * self.limits.max_header_bytes + 1024
         # A new connection owes us a request head: connections that never send one must not
         # hold a slot for the whole idle timeout.
         self._arm_timer(self.limits.read_header_timeout or self.limits.idle_timeout)
@@ -124,7 +131,7 @@ class ProxyConnection(asyncio.Protocol):
             return
         if self._closing:
             return
-        head_seq = self._head_seq if self._in_head else -1
+        self._progressed = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -132,16 +139,18 @@ class ProxyConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, BadRequest):
-                self._reject(cause.status, cause.message)
+                self._reject(cause.status, cause.message, cause.headers)
             else:
                 self._reject(400, f"malformed request: {exc}")
         else:
-            if self._in_head and head_seq == self._head_seq:
-                # httptools holds an unfinished header line in memory and reports it only
-                # once complete: count whole chunks that fell inside this head, so one
-                # endless line cannot grow without bound.
-                self._raw_head_bytes += len(data)
-                if self._raw_head_bytes > self.limits.max_header_bytes:
+            if not self._in_message or self._progressed:
+                self._stalled = 0
+            else:
+                # httptools holds an unfinished header or trailer line in memory and reports
+                # it only once complete: count whole chunks fed without a field or body byte
+                # coming out, so one endless line cannot grow without bound.
+                self._stalled += len(data)
+                if self._stalled > self._head_limit:
                     self._reject(431, "request header fields too large")
 
     def eof_received(self) -> bool:
@@ -196,8 +205,7 @@ class ProxyConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._parsing = Request(self.loop.time())
         self._header_bytes = 0
-        self._raw_head_bytes = 0
-        self._head_seq += 1
+        self._progressed = True
         self._in_message = self._in_head = True
         if not self._queue:
             self._arm_timer(self.limits.read_header_timeout)
@@ -206,13 +214,18 @@ class ProxyConnection(asyncio.Protocol):
         req = self._parsing
         assert req is not None
         req.url += url
+        self._progressed = True  # counted: a piece of the target, not an unfinished line
         self._count_header_bytes(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self._parsing
         assert req is not None
         self._count_header_bytes(len(name) + len(value) + 4)
-        req.headers.append((name, value))
+        self._progressed = True
+        if self._in_head:
+            req.headers.append((name, value))
+        else:
+            req.trailers.append((name, value))  # after a chunked body: never a header field
 
     def on_headers_complete(self) -> None:
         req = self._parsing
@@ -222,12 +235,11 @@ class ProxyConnection(asyncio.Protocol):
         req.method = parser.get_method()
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
-        inspect_head(req)
+        inspect_head(req, upgrade=parser.should_upgrade())
+        self._header_bytes = 0  # trailers have a budget of their own
         if req.forward_claimed:
             trusted = self.trusted_forwarder
             req.forwarded = trusted is not None and trusted(self.client_ip)
-        if parser.should_upgrade():
-            req.upgrade = next((v for n, v in req.headers if n.lower() == b"upgrade"), b"websocket")
         if not self._queue:
             self._cancel_timer()
         self._queue.append(req)
@@ -239,6 +251,7 @@ class ProxyConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self._parsing
         assert req is not None
+        self._progressed = True
         req.bytes_in += len(body)
         exchange = self._exchange
         if exchange is not None and exchange.request is req:
@@ -250,6 +263,7 @@ class ProxyConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         req = self._parsing
         assert req is not None
+        self._progressed = True
         self._in_message = False
         req.body_done = True
         exchange = self._exchange
@@ -260,7 +274,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _count_header_bytes(self, n: int) -> None:
         self._header_bytes += n
-        if self._header_bytes > self.limits.max_header_bytes:
+        if self._header_bytes > self._head_limit:
             raise BadRequest(431, "request header fields too large")
 
     def _hold(self, req: Request, n: int) -> None:
@@ -325,7 +339,9 @@ class ProxyConnection(asyncio.Protocol):
         self._write(error_response(status, message, close=close))
         self.finish_exchange(req, status, 0, "", remote=False, close=close)
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(
+        self, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
         """Answer malformed input and close the connection; nothing else is affected.
 
         A request whose head was fine but whose body is malformed is abandoned upstream; the
@@ -334,7 +350,7 @@ class ProxyConnection(asyncio.Protocol):
         _log.warn("bad request", client=self.client_ip, status=status, error=message)
         exchange = self._exchange
         if exchange is None or not exchange.head_sent:
-            self._write(error_response(status, message, close=True))
+            self._write(error_response(status, message, close=True, headers=headers))
         if exchange is not None:
             exchange.abandon(status)
         self._close()

@@ -1,22 +1,20 @@
 """A parsed client request, and the checks on its head.
 
-`inspect_head()` finds the endpoint and the body framing, and refuses heads that two parties
-could read differently (request smuggling: CL+TE, conflicting Content-Length, odd
-Transfer-Encoding, duplicate Host) with `BadRequest`.
+`inspect_head()` finds the endpoint, the request target and the body framing (framing.py), and
+refuses heads that two parties could read differently (request smuggling: CL+TE, conflicting
+Content-Length, odd Transfer-Encoding, duplicate Host) or that Pico does not serve (CONNECT)
+with `BadRequest`.
 """
 
 from __future__ import annotations
 
-from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, endpoint_id
+from pico.http.framing import NO_BODY, BadRequest, Body, Framing, request_framing
+from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, Headers, endpoint_id
 
+__all__ = ["BadRequest", "Request", "inspect_head"]
 
-class BadRequest(Exception):
-    """A request the proxy answers with `status` and closes the connection on."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# Pico is a reverse proxy, not a forward proxy: every method but CONNECT is relayed.
+_ALLOW = ((b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),)
 
 
 class Request:
@@ -31,12 +29,14 @@ class Request:
         "expects_body",
         "forward_claimed",
         "forwarded",
+        "framing",
         "headers",
         "held",
         "host",
         "keep_alive",
         "method",
         "start",
+        "trailers",
         "upgrade",
         "url",
         "version",
@@ -45,10 +45,12 @@ class Request:
     def __init__(self, start: float) -> None:
         self.start = start
         self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: Headers = []
+        self.trailers: Headers = []  # fields after a chunked body: relayed as trailers only
         self.method = b""
         self.version = "1.1"
         self.keep_alive = True
+        self.framing: Framing = NO_BODY
         self.chunked = False
         self.expects_body = False
         self.upgrade: bytes | None = None
@@ -62,18 +64,24 @@ class Request:
         self.bytes_in = 0
 
 
-def inspect_head(req: Request) -> None:
-    """Set the endpoint and body framing of a complete head. Raises BadRequest."""
-    content_lengths: set[bytes] = set()
+def inspect_head(req: Request, *, upgrade: bool) -> None:
+    """Set the endpoint, target and body framing of a complete head. Raises BadRequest.
+
+    `upgrade` is what the parser concluded (Connection: upgrade with an Upgrade header).
+    """
+    if req.method == b"CONNECT":
+        raise BadRequest(405, "CONNECT is not supported", _ALLOW)
+    content_lengths: list[bytes] = []
+    transfer_encodings: list[bytes] = []
     endpoint_header: bytes | None = None
     host: bytes | None = None
-    transfer_encoding: bytes | None = None
+    upgrade_value: bytes | None = None
     for name, value in req.headers:
         lname = name.lower()
         if lname == b"content-length":
-            content_lengths.add(value.strip())
+            content_lengths.append(value)
         elif lname == b"transfer-encoding":
-            transfer_encoding = value.strip().lower()
+            transfer_encodings.append(value)
         elif lname == b"host":
             if host is not None:
                 raise BadRequest(400, "duplicate Host header")
@@ -82,15 +90,51 @@ def inspect_head(req: Request) -> None:
             endpoint_header = value
         elif lname == FORWARD_HEADER:
             req.forward_claimed = value.strip().lower() == b"true"
-    # Request smuggling: a message whose length two parties could read differently.
-    if len(content_lengths) > 1:
-        raise BadRequest(400, "conflicting Content-Length headers")
-    if transfer_encoding is not None:
-        if content_lengths:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if not transfer_encoding.endswith(b"chunked"):
-            raise BadRequest(400, "unsupported Transfer-Encoding")
-        req.chunked = True
-    req.expects_body = req.chunked or any(v not in (b"0", b"") for v in content_lengths)
-    req.host = host or b""
+        elif lname == b"upgrade":
+            upgrade_value = value
+    upgrading = upgrade and upgrade_value is not None
+    framing = request_framing(req.version, content_lengths, transfer_encodings, upgrade=upgrading)
+    req.framing = framing
+    req.chunked = framing.body is Body.CHUNKED
+    req.expects_body = req.chunked or framing.length > 0
+    if upgrading:
+        req.upgrade = upgrade_value
+    url = req.url
+    if url[:1] != b"/" and url != b"*":
+        host = _absolute_form(req)
+    elif host is None:
+        host = _missing_host(req, endpoint_header)
+    req.host = host
     req.endpoint = endpoint_id(endpoint_header, host)
+
+
+def _absolute_form(req: Request) -> bytes:
+    """Route `GET http://authority/path` by its authority (RFC 9112 §3.2.2): the service gets
+    the origin form and a Host that names the authority, whatever Host the client sent."""
+    scheme, sep, rest = req.url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadRequest(400, "invalid request target")
+    end = len(rest)
+    for mark in (b"/", b"?", b"#"):
+        i = rest.find(mark)
+        if i != -1:
+            end = min(end, i)
+    authority, path = rest[:end], rest[end:]
+    if not authority or b"@" in authority:
+        raise BadRequest(400, "invalid request target")
+    if path[:1] != b"/":
+        path = b"/" + path
+    req.url = path
+    req.headers = [(n, v) for n, v in req.headers if n.lower() != b"host"]
+    req.headers.append((b"Host", authority))
+    return authority
+
+
+def _missing_host(req: Request, endpoint_header: bytes | None) -> bytes:
+    """A request without Host: HTTP/1.1 must have one (RFC 9112 §3.2); an HTTP/1.0 request
+    that names its endpoint gets `Host: <endpoint id>`, since its service speaks HTTP/1.1."""
+    if req.version == "1.0" and endpoint_header and endpoint_header.strip():
+        host = endpoint_header.strip()
+        req.headers.append((b"Host", host))
+        return host
+    raise BadRequest(400, "missing Host")

@@ -17,7 +17,7 @@ import httptools
 
 from pico import log
 from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
-from pico.http.head import error_response, valid_endpoint_id
+from pico.http.head import endpoint_key, error_response, valid_endpoint_id
 from pico.mux.handshake import accept_response, upgrade_error
 from pico.mux.session import MuxError
 from pico.mux.stream import MuxStream
@@ -120,7 +120,11 @@ class _IdleStream:
 
 
 class EndpointRegistry:
-    """Local upstreams by endpoint, load balanced round-robin."""
+    """Local upstreams by endpoint, load balanced round-robin.
+
+    Endpoints are keyed by `endpoint_key()`: ids that differ only in ASCII case are one
+    endpoint, and their tunnels are balanced together. Each tunnel keeps its id as registered.
+    """
 
     def __init__(self) -> None:
         self._endpoints: dict[str, list[TunnelUpstream]] = {}
@@ -129,29 +133,34 @@ class EndpointRegistry:
 
     def add(self, upstream: TunnelUpstream) -> None:
         """Register a connected tunnel."""
-        ups = self._endpoints.setdefault(upstream.endpoint_id, [])
+        key = endpoint_key(upstream.endpoint_id)
+        ups = self._endpoints.setdefault(key, [])
         ups.append(upstream)
-        self._notify(upstream.endpoint_id, len(ups))
+        self._notify(key, len(ups))
 
     def remove(self, upstream: TunnelUpstream) -> bool:
         """Unregister a tunnel; returns False if it was not registered (idempotent)."""
-        ups = self._endpoints.get(upstream.endpoint_id)
+        key = endpoint_key(upstream.endpoint_id)
+        ups = self._endpoints.get(key)
         if ups is None or upstream not in ups:
             return False
         ups.remove(upstream)
         count = len(ups)
         if not ups:
-            del self._endpoints[upstream.endpoint_id]
-            self._next.pop(upstream.endpoint_id, None)
-        self._notify(upstream.endpoint_id, count)
+            del self._endpoints[key]
+            self._next.pop(key, None)
+        self._notify(key, count)
         return True
 
-    def _notify(self, endpoint_id: str, count: int) -> None:
+    def _notify(self, key: str, count: int) -> None:
         for listener in self.listeners:
-            listener(endpoint_id, count)
+            listener(key, count)
 
     def candidates(self, endpoint_id: str) -> list[Upstream]:
-        """The endpoint's usable tunnels, starting at the round-robin position."""
+        """The endpoint's usable tunnels, starting at the round-robin position.
+
+        `endpoint_id` is a routing key (requests fold their endpoint's case at the edge).
+        """
         ups = self._endpoints.get(endpoint_id)
         if not ups:
             return []
@@ -163,11 +172,11 @@ class EndpointRegistry:
         return [u for u in ups[i:] + ups[:i] if u.tunnel.usable]
 
     def endpoints(self) -> dict[str, list[TunnelUpstream]]:
-        """A snapshot: endpoint id → its tunnels."""
+        """A snapshot: endpoint key → its tunnels."""
         return {k: list(v) for k, v in self._endpoints.items()}
 
     def counts(self) -> dict[str, int]:
-        """Endpoint id → number of connected tunnels."""
+        """Endpoint key → number of connected tunnels (what gossip publishes)."""
         return {k: len(v) for k, v in self._endpoints.items()}
 
     def all(self) -> list[TunnelUpstream]:
