@@ -20,6 +20,7 @@ PICO_TYPES = {
     "MuxStream",
     "ProxyConnection",
     "Request",
+    "ResponseReader",
 }
 
 

@@ -100,6 +100,7 @@ class Harness:
         self.nodes: list[Node] = []
         self.agents: list[RunningAgent] = []
         self.runners: list[web.AppRunner] = []
+        self.closers: list[Callable[[], None]] = []  # anything else a test started
 
     async def node(self, **sections: Any) -> Node:
         node = Node(server_config(**sections))
@@ -147,6 +148,8 @@ class Harness:
                 await node.shutdown()
         for runner in self.runners:
             await runner.cleanup()
+        for close in self.closers:
+            close()
 
 
 async def connect(node: Node) -> RawConnection:

@@ -2,20 +2,28 @@
 
 A `Channel` is a byte pipe to one service connection (a mux stream through a tunnel, or a TCP
 connection to another node's proxy port). An `Upstream` hands out channels and takes idle ones
-back for reuse. A `Router` says which upstreams may serve an endpoint, best first.
+back for reuse. A `Router` says which upstreams may serve an endpoint, best first. A
+`ClientSide` is what an exchange needs of the client connection it answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pico.mux.frame import ResetReason
+
+if TYPE_CHECKING:
+    from pico.http.head import Headers
+    from pico.http.request import Request
+    from pico.http.settings import ProxyLimits
+    from pico.http.timer import LazyTimer
 
 __all__ = [
     "Cancellable",
     "Channel",
     "ChannelReceiver",
+    "ClientSide",
     "ResetReason",
     "Router",
     "Upstream",
@@ -95,3 +103,36 @@ class Router(Protocol):
         `forwarded` is true for a request another node sent us: it must be served locally.
         """
         ...
+
+
+class ClientSide(Protocol):
+    """What an exchange needs of its client connection (a `ProxyConnection`)."""
+
+    limits: ProxyLimits
+    router: Router
+    client_ip: str
+    response_timer: LazyTimer
+
+    @property
+    def write_paused(self) -> bool: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def writelines(self, parts: tuple[bytes, ...]) -> None: ...
+    def cork(self) -> bool: ...
+    def uncork(self) -> None: ...
+    def hold_body(self, req: Request, data: bytes) -> None: ...
+    def release_held_body(self, req: Request) -> None: ...
+    def pause_reading_for_channel(self) -> None: ...
+    def resume_reading_for_channel(self) -> None: ...
+    def start_splice(self, channel: Channel) -> None: ...
+    def abort(self) -> None: ...
+    def finish_exchange(
+        self,
+        req: Request,
+        status: int,
+        bytes_out: int,
+        upstream: str,
+        *,
+        remote: bool,
+        close: bool,
+        response_headers: Headers | None = None,
+    ) -> None: ...
