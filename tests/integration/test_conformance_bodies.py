@@ -195,6 +195,44 @@ async def test_pipelined_requests_get_responses_in_order(h: Harness) -> None:
     await conn.close()
 
 
+async def test_requests_up_to_a_connection_close_are_answered_and_the_rest_dropped(
+    h: Harness,
+) -> None:
+    """Bytes after a `Connection: close` request once made llhttp fail the whole connection:
+    the request already sent to the service got a 400 instead of its answer."""
+    node, _ = await start(h)
+    conn = await connect(node)
+    await conn.send(
+        b"GET /echo?n=1 HTTP/1.1\r\n" + HOST + b"\r\n"
+        b"GET /echo?n=2 HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n"
+        b"GET /echo?n=3 HTTP/1.1\r\n" + HOST + b"\r\n"
+    )
+    first = await conn.read_response()
+    second = await conn.read_response()
+    assert [(r.status, r.header("x-path")) for r in (first, second)] == [
+        (200, "/echo?n=1"),
+        (200, "/echo?n=2"),
+    ]
+    assert second.header("connection") == "close"
+    assert await conn.closed_by_peer()
+    await conn.close()
+
+
+async def test_an_error_answer_to_head_has_no_body_and_keeps_the_connection_in_step(
+    h: Harness,
+) -> None:
+    node, _ = await start(h)
+    conn = await connect(node)
+    await conn.send(
+        b"HEAD / HTTP/1.1\r\nHost: nope.example.com\r\n\r\nGET / HTTP/1.1\r\n" + HOST + b"\r\n"
+    )
+    head = await conn.read_response(head_request=True)
+    assert head.status == 502 and head.header("content-type") == "application/json"
+    after = await conn.read_response()
+    assert (after.status, after.body) == (200, b"hello")
+    await conn.close()
+
+
 async def test_client_connection_is_kept_alive_across_requests(h: Harness) -> None:
     node, _ = await start(h)
     conn = await connect(node)

@@ -405,7 +405,15 @@ class Exchange:
         close = not req.keep_alive or unread or req.upgrade is not None
         # Tell the node that forwarded the request that no service saw it: it may try another.
         mark = undelivered and req.forwarded
-        self.conn.write(error_response(status, message, close=close, undelivered=mark))
+        self.conn.write(
+            error_response(
+                status,
+                message,
+                close=close,
+                undelivered=mark,
+                head_request=req.method == b"HEAD",
+            )
+        )
         self._record(status, close=close)
 
     def _arm_timer(self) -> None:

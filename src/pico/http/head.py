@@ -263,11 +263,13 @@ def error_response(
     close: bool,
     undelivered: bool = False,
     headers: Sequence[tuple[bytes, bytes]] = (),
+    head_request: bool = False,
 ) -> bytes:
     """A complete JSON error response: `{"error": message}` plus a newline.
 
     `undelivered` marks, for the node that forwarded the request, that no service saw it;
-    `headers` are added as they are (`Allow` on a 405).
+    `headers` are added as they are (`Allow` on a 405). The answer to a HEAD request has the
+    head only (a body would be read as the start of the next response).
     """
     body = orjson.dumps({"error": message}) + b"\n"
     head = (
@@ -282,4 +284,4 @@ def error_response(
         head += UNDELIVERED_HEADER + b": true\r\n"
     if close:
         head += b"Connection: close\r\n"
-    return head + b"\r\n" + body
+    return head + b"\r\n" if head_request else head + b"\r\n" + body

@@ -82,6 +82,10 @@ class ProxyConnection(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._closing = False
+        # A request without keep-alive was read: it is the last one. What follows it is
+        # discarded, not parsed (llhttp calls it an error, but the requests before it and this
+        # one are still answered, as nginx does).
+        self._last_read = False
         # Idle / head-read timeout of the connection, and the response-head timeout of the
         # exchange in flight (kept here so that a request does not allocate a timer).
         self._timer = LazyTimer(self.loop, self._on_timeout)
@@ -129,7 +133,7 @@ class ProxyConnection(asyncio.Protocol):
             self._upgrade_buffer.append(data)
             self._pause(_PAUSE_UPGRADE)
             return
-        if self._closing:
+        if self._closing or self._last_read:
             return
         self._progressed = False
         try:
@@ -138,6 +142,8 @@ class ProxyConnection(asyncio.Protocol):
             self._on_upgrade_request(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             cause = exc.__context__
+            if self._last_read and cause is None:
+                return  # bytes after the last request: dropped with the connection
             if isinstance(cause, BadRequest):
                 self._reject(cause.status, cause.message, cause.headers)
             else:
@@ -266,6 +272,8 @@ class ProxyConnection(asyncio.Protocol):
         self._progressed = True
         self._in_message = False
         req.body_done = True
+        if not req.keep_alive:
+            self._last_read = True
         exchange = self._exchange
         if exchange is not None and exchange.request is req:
             exchange.end_body()
@@ -336,7 +344,8 @@ class ProxyConnection(asyncio.Protocol):
         # A body we will not read leaves the connection unusable: close it after the answer.
         unread = req.expects_body and not req.body_done
         close = not req.keep_alive or unread or req.upgrade is not None
-        self._write(error_response(status, message, close=close))
+        head_request = req.method == b"HEAD"
+        self._write(error_response(status, message, close=close, head_request=head_request))
         self.finish_exchange(req, status, 0, "", remote=False, close=close)
 
     def _reject(
