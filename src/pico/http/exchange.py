@@ -22,7 +22,22 @@ from pico.http.head import error_response, render_trailers, rewrite_request_head
 from pico.http.request import Request
 from pico.http.response import ResponseReader
 from pico.http.retry import IDEMPOTENT, Action, after_failure
-from pico.http.states import FINAL, Receive, Send, check_send
+from pico.http.states import (
+    AWAITING_HEAD,
+    CONNECTING,
+    FAILED,
+    FINAL,
+    HELD,
+    RELAYING,
+    SEND_DONE,
+    SEND_TRANSITIONS,
+    SENDING,
+    SENT,
+    UPGRADED,
+    Receive,
+    Send,
+    TransitionError,
+)
 
 _log = log.get_logger("proxy")
 
@@ -55,7 +70,7 @@ class Exchange:
         self.conn = conn
         self.request = request
         self.candidates = candidates
-        self.send = Send.CONNECTING
+        self.send = CONNECTING
         self.response = ResponseReader(conn, request, self)
         self.channel: Channel | None = None
         self.upstream: Upstream | None = None
@@ -80,20 +95,18 @@ class Exchange:
     def head_sent(self) -> bool:
         """True once a response head reached the client (errors can no longer be answered)."""
         state = self.response.state
-        return state is Receive.RELAYING or state is Receive.UPGRADED
-
-    @property
-    def _over(self) -> bool:
-        return self.response.state in FINAL
+        return state is RELAYING or state is UPGRADED
 
     def _to_send(self, new: Send) -> None:
-        check_send(self.send, new)
+        old = self.send
+        if new not in SEND_TRANSITIONS[old]:  # states.check_send, inlined: per request
+            raise TransitionError(f"request side: {old.value} -> {new.value} is not allowed")
         self.send = new
 
     def _end(self, state: Receive) -> None:
         """The response ended (`state` is final): nothing more is sent either."""
         self.response.to(state)
-        self.send = Send.DONE  # every request state may end (SEND_TRANSITIONS says so)
+        self.send = SEND_DONE  # every request state may end (SEND_TRANSITIONS says so)
         self._cancel_timer()
 
     # -- request side ----------------------------------------------------------------------------
@@ -146,7 +159,7 @@ class Exchange:
         hold = self.conn.router.wait_for_upstream(req.endpoint, self._hold_over, known=known)
         if hold is None:
             return False
-        self._to_send(Send.HELD)
+        self._to_send(HELD)
         self.held_once = True
         self.hold = hold
         self.hold_failure = failure
@@ -156,9 +169,9 @@ class Exchange:
     def _hold_over(self) -> None:
         """An upstream of the endpoint appeared: route the request again."""
         self.hold = None
-        if self.send is not Send.HELD:
+        if self.send is not HELD:
             return
-        self._to_send(Send.CONNECTING)
+        self._to_send(CONNECTING)
         self._cancel_timer()
         req = self.request
         self.candidates = list(self.conn.router.candidates(req.endpoint, req.forwarded))
@@ -178,7 +191,7 @@ class Exchange:
             channel.pause_reading()
         else:
             channel.resume_reading()
-        self._to_send(Send.SENDING)
+        self._to_send(SENDING)
         # The head is rendered for this upstream (a retry may go to another node, or come back
         # to a local tunnel); the body sent so far is replayed after it.
         channel.write(
@@ -217,29 +230,29 @@ class Exchange:
     def send_body(self, data: bytes) -> None:
         """Relay a piece of the client's request body (kept until a channel is attached)."""
         send = self.send
-        if send is Send.SENDING:
+        if send is SENDING:
             if self.request.chunked:
                 self._send(b"".join((b"%x\r\n" % len(data), data, b"\r\n")))  # one copy
             else:
                 self._send(data)
-        elif send is Send.CONNECTING or send is Send.HELD:
+        elif send is CONNECTING or send is HELD:
             self.conn.hold_body(self.request, data)
 
     def end_body(self) -> None:
         """The client's request body is complete (its trailers, if any, are in)."""
-        if self.send is not Send.SENDING:
+        if self.send is not SENDING:
             return  # no channel yet (`_attach` ends it), or the exchange is over
         req = self.request
         if req.chunked:
             self._send(render_trailers(req.trailers))
-        self._to_send(Send.SENT)
-        if req.expects_body and self.response.state is Receive.AWAITING_HEAD:
+        self._to_send(SENT)
+        if req.expects_body and self.response.state is AWAITING_HEAD:
             self._arm_timer()  # the wait for the response head starts now
 
     # -- channel receiver ------------------------------------------------------------------------
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self._over:
+        if self.response.state in FINAL:
             return
         conn = self.conn
         corked = conn.cork()
@@ -257,7 +270,7 @@ class Exchange:
                 conn.uncork()
 
     def eof_received(self) -> None:
-        if self._over:
+        if self.response.state in FINAL:
             return
         if self.response.ends_by_close:
             self.response.complete()
@@ -265,7 +278,7 @@ class Exchange:
             self._channel_failed(None)
 
     def connection_lost(self, reason: ResetReason | None) -> None:
-        if self._over:
+        if self.response.state in FINAL:
             return
         self.channel = None
         if self.response.ends_by_close and reason is None:
@@ -291,9 +304,9 @@ class Exchange:
 
     def abandon(self, status: int) -> None:
         """The client connection is going away: free the channel and record `status`."""
-        if self._over:
+        if self.response.state in FINAL:
             return
-        self._end(Receive.FAILED)
+        self._end(FAILED)
         channel, self.channel = self.channel, None
         if channel is not None:
             channel.reset(ResetReason.CANCELLED)
@@ -301,14 +314,11 @@ class Exchange:
 
     # -- response events (ResponseEvents) --------------------------------------------------------
 
-    def head_arrived(self) -> None:
-        self._cancel_timer()
-
     def completed(self, keep_alive: bool) -> None:
         # Reusable only if the whole request went out: a service that answered early may
         # still be waiting for the rest of the body, and would read the next request as it.
-        reusable = keep_alive and self.send is Send.SENT
-        self.send = Send.DONE
+        reusable = keep_alive and self.send is SENT
+        self.send = SEND_DONE
         self._cancel_timer()
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
@@ -321,7 +331,7 @@ class Exchange:
         self._record(self.response.status, close=self.response.close_client)
 
     def upgraded(self) -> None:
-        self.send = Send.DONE
+        self.send = SEND_DONE
         self._cancel_timer()
         channel, self.channel = self.channel, None
         assert channel is not None
@@ -335,9 +345,9 @@ class Exchange:
         if channel is not None:
             channel.reset(ResetReason.PROTOCOL)
         state = self.response.state
-        if state is Receive.RELAYING:
+        if state is RELAYING:
             self._abort_client()
-        elif state is Receive.AWAITING_HEAD:
+        elif state is AWAITING_HEAD:
             self._fail(502, "upstream unreachable")
 
     # -- endings ---------------------------------------------------------------------------------
@@ -361,7 +371,7 @@ class Exchange:
         channel, self.channel = self.channel, None
         if channel is not None and not channel.closed:
             channel.reset(ResetReason.CANCELLED)
-        if self.response.state is Receive.RELAYING:
+        if self.response.state is RELAYING:
             self._abort_client()
             return
         upstream = self.upstream
@@ -378,15 +388,15 @@ class Exchange:
             case Action.NEXT:
                 self.candidates.pop(0)
                 self.retried_fresh = False
-                self._to_send(Send.CONNECTING)
+                self._to_send(CONNECTING)
                 self.start()
             case Action.FRESH:
                 self.retried_fresh = True
-                self._to_send(Send.CONNECTING)
+                self._to_send(CONNECTING)
                 self.start()
             case Action.HOLD:
                 self.candidates.clear()
-                self._to_send(Send.CONNECTING)
+                self._to_send(CONNECTING)
                 failure = (decision.status, decision.message)
                 if not self._hold(failure, known=reason is ResetReason.REJECTED):
                     self._fail(*failure, undelivered=True)
@@ -394,12 +404,12 @@ class Exchange:
                 self._fail(decision.status, decision.message, undelivered=decision.undelivered)
 
     def _abort_client(self) -> None:
-        self._end(Receive.FAILED)
+        self._end(FAILED)
         self._record(self.response.status or 502, close=True)
         self.conn.abort()
 
     def _fail(self, status: int, message: str, *, undelivered: bool = False) -> None:
-        self._end(Receive.FAILED)
+        self._end(FAILED)
         req = self.request
         unread = req.expects_body and not req.body_done
         close = not req.keep_alive or unread or req.upgrade is not None
@@ -421,7 +431,7 @@ class Exchange:
 
     def on_timeout(self) -> None:
         """The response head did not arrive within `proxy.timeout` (or a hold ran out)."""
-        if self.response.state is not Receive.AWAITING_HEAD:
+        if self.response.state is not AWAITING_HEAD:
             return
         if self.hold is not None:
             self.hold.cancel()
@@ -441,7 +451,7 @@ class Exchange:
 
     def _cancel_timer(self) -> None:
         self.conn.response_timer.cancel()
-        if self.hold is not None and self._over:
+        if self.hold is not None and self.response.state in FINAL:
             self.hold.cancel()
             self.hold = None
 

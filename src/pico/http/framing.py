@@ -11,6 +11,7 @@ its own from the `Framing` (head.py), so no header filtering (a `Connection` tok
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,13 @@ class Body(enum.Enum):
     UNTIL_CLOSE = "until-close"  # a response without framing: ends when the service closes
 
 
+# The members under plain names, for the hot path (see states.py on enum access in 3.11).
+BODY_NONE = Body.NONE
+BODY_LENGTH = Body.LENGTH
+BODY_CHUNKED = Body.CHUNKED
+BODY_UNTIL_CLOSE = Body.UNTIL_CLOSE
+
+
 @dataclass(frozen=True, slots=True)
 class Framing:
     """How a body is delimited, and what the node writes to say so."""
@@ -54,14 +62,23 @@ class Framing:
 NO_BODY = Framing(Body.NONE)
 CHUNKED = Framing(Body.CHUNKED)
 UNTIL_CLOSE = Framing(Body.UNTIL_CLOSE)
-_ZERO = Framing(Body.LENGTH, 0)
 
 # Content-Length values up to this many digits (10^18 - 1 bytes); longer ones are refused.
 _MAX_LENGTH_DIGITS = 18
 
 
+@functools.lru_cache(maxsize=1024)
+def _length(n: int) -> Framing:
+    """The Framing of an n-byte body (one object per common length, not one per message)."""
+    return Framing(Body.LENGTH, n)
+
+
 def _content_length(values: Sequence[bytes]) -> int | None:
     """The one length `values` agree on; None if they are not all the same 1*DIGIT."""
+    if len(values) == 1:  # the common case, without the list handling below
+        value = values[0]
+        if value.isdigit() and len(value) <= _MAX_LENGTH_DIGITS:
+            return int(value)
     length: bytes | None = None
     for value in values:
         for item in value.split(b","):
@@ -114,10 +131,10 @@ def request_framing(
         length = _content_length(content_lengths)
         if length is None:
             raise BadRequest(400, "conflicting Content-Length headers")
-        framing = _ZERO if length == 0 else Framing(Body.LENGTH, length)
+        framing = _length(length)
     else:
         return NO_BODY
-    if upgrade and (framing.body is Body.CHUNKED or framing.length):
+    if upgrade and (framing.body is BODY_CHUNKED or framing.length):
         # The body and the new protocol's first bytes would be indistinguishable.
         raise BadRequest(400, "Upgrade request with a body")
     return framing
@@ -151,5 +168,5 @@ def response_framing(
         length = _content_length(content_lengths)
         if length is None:
             raise BadResponse("conflicting Content-Length headers")
-        return Framing(Body.LENGTH, length)
+        return _length(length)
     return UNTIL_CLOSE

@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 import orjson
 
-from pico.http.framing import Body, Framing
+from pico.http.framing import BODY_CHUNKED, BODY_LENGTH, Framing
 
 ENDPOINT_HEADER = b"x-pico-endpoint"
 FORWARD_HEADER = b"x-pico-forward"
@@ -40,6 +40,8 @@ HOP_BY_HOP = frozenset(
 # Never relayed as received: the node writes its own framing, from what the parser parsed.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _DROP = HOP_BY_HOP | _FRAMING
+# Where the body is not relayed chunked, the `Trailer` header announces nothing.
+_DROP_UNCHUNKED = _DROP | {b"trailer"}
 # A Connection token cannot remove these: routing must not depend on what survived filtering.
 _PROTECTED = frozenset({b"host"})
 # Trailer fields that could change routing, framing or what the node asserts about the client
@@ -149,8 +151,9 @@ def rewrite_request_head(
     forwarded already carries them and is passed unchanged. `mark_forward` adds
     `x-pico-forward: true` for the hop to another node.
     """
-    drop = _drop_set(headers)
-    chunked = framing.body is Body.CHUNKED
+    body = framing.body
+    chunked = body is BODY_CHUNKED
+    drop = _drop_set(headers, _DROP if chunked else _DROP_UNCHUNKED)
     out = [method, b" ", url, b" HTTP/1.1\r\n"]
     xff: bytes | None = None
     host: bytes | None = None
@@ -168,7 +171,7 @@ def rewrite_request_head(
             has_proto = True
         elif lname == b"x-forwarded-host":
             has_fhost = True
-        elif lname == FORWARD_HEADER or (lname == b"trailer" and not chunked):
+        elif lname == FORWARD_HEADER:
             continue
         out += (name, b": ", value, b"\r\n")
     if forwarded:
@@ -185,7 +188,7 @@ def rewrite_request_head(
         out.append(b"x-pico-forward: true\r\n")
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
-    elif framing.body is Body.LENGTH:
+    elif body is BODY_LENGTH:
         out.append(b"Content-Length: %d\r\n" % framing.length)
     if upgrade is not None:
         out += (b"Connection: Upgrade\r\nUpgrade: ", upgrade, b"\r\n")
@@ -208,13 +211,11 @@ def rewrite_response_head(
     The body is stated as `framing` says; `chunked` is false where a chunked body is de-chunked
     (for an HTTP/1.0 client: it then ends by closing, and its `Trailer` header is dropped).
     """
-    drop = _drop_set(headers)
+    drop = _drop_set(headers, _DROP if chunked else _DROP_UNCHUNKED)
     out = [_status_line(status, reason)]
     for name, value in headers:
-        lname = name.lower()
-        if lname in drop or (lname == b"trailer" and not chunked):
-            continue
-        out += (name, b": ", value, b"\r\n")
+        if name.lower() not in drop:
+            out += (name, b": ", value, b"\r\n")
     if upgrade:
         for name, value in headers:
             if name.lower() == b"upgrade":
@@ -225,7 +226,7 @@ def rewrite_response_head(
             out += (b"Transfer-Encoding: ", framing.codings, b", chunked\r\n")
         else:
             out.append(b"Transfer-Encoding: chunked\r\n")
-    elif framing.body is Body.LENGTH:
+    elif framing.body is BODY_LENGTH:
         out.append(b"Content-Length: %d\r\n" % framing.length)
     elif framing.stated_length is not None:
         out += (b"Content-Length: ", framing.stated_length, b"\r\n")

@@ -8,7 +8,7 @@ with `BadRequest`.
 
 from __future__ import annotations
 
-from pico.http.framing import NO_BODY, BadRequest, Body, Framing, request_framing
+from pico.http.framing import BODY_CHUNKED, NO_BODY, BadRequest, Framing, request_framing
 from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, Headers, endpoint_id
 
 __all__ = ["BadRequest", "Request", "inspect_head"]
@@ -95,7 +95,7 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
     upgrading = upgrade and upgrade_value is not None
     framing = request_framing(req.version, content_lengths, transfer_encodings, upgrade=upgrading)
     req.framing = framing
-    req.chunked = framing.body is Body.CHUNKED
+    req.chunked = framing.body is BODY_CHUNKED
     req.expects_body = req.chunked or framing.length > 0
     if upgrading:
         req.upgrade = upgrade_value

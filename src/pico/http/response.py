@@ -14,10 +14,28 @@ from typing import Protocol
 import httptools
 
 from pico.http.channel import ClientSide
-from pico.http.framing import NO_BODY, BadResponse, Body, Framing, response_framing
+from pico.http.framing import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    NO_BODY,
+    BadResponse,
+    Framing,
+    response_framing,
+)
 from pico.http.head import UNDELIVERED_HEADER, Headers, render_trailers, rewrite_response_head
 from pico.http.request import Request
-from pico.http.states import FINAL, Receive, check_receive
+from pico.http.states import (
+    AWAITING_HEAD,
+    DONE,
+    FINAL,
+    RECEIVE_TRANSITIONS,
+    RELAYING,
+    UPGRADED,
+    Receive,
+    TransitionError,
+)
 
 # A response head (or its trailers) bigger than this is refused (502): it protects the node's
 # memory.
@@ -26,9 +44,6 @@ MAX_RESPONSE_HEAD = 256 * 1024
 
 class ResponseEvents(Protocol):
     """What a `ResponseReader` tells its exchange."""
-
-    def head_arrived(self) -> None:
-        """A final response head is in (relayed, or about to be for a 101)."""
 
     def completed(self, keep_alive: bool) -> None:
         """The response is complete; `keep_alive` says whether the service may take another
@@ -43,9 +58,6 @@ class ResponseEvents(Protocol):
 
 class _Detached:
     """The events of a reader whose exchange is over: nothing is listening."""
-
-    def head_arrived(self) -> None:
-        pass
 
     def completed(self, keep_alive: bool) -> None:
         pass
@@ -75,6 +87,7 @@ class ResponseReader:
         "head_bytes",
         "head_size",
         "headers",
+        "lengths",
         "parser",
         "progressed",
         "reason",
@@ -86,6 +99,7 @@ class ResponseReader:
         "status",
         "stray_bytes",
         "trailers",
+        "transfer_codings",
         "undelivered",
     )
 
@@ -93,13 +107,16 @@ class ResponseReader:
         self.conn = conn
         self.request = request
         self.events: ResponseEvents = events
-        self.state = Receive.AWAITING_HEAD
+        self.state = AWAITING_HEAD
         self.remote = False  # the channel leads to another node (which may say "undelivered")
         self.parser: httptools.HttpResponseParser | None = None
         self.got_bytes = False  # a response byte came back on the current channel
         self.status = 0
         self.reason = b""
         self.headers: Headers = []
+        # The framing fields of the head, picked out as they are parsed (no second pass).
+        self.lengths: list[bytes] = []
+        self.transfer_codings: list[bytes] = []
         self.trailers: Headers = []
         self.received_headers: Headers = []  # the final head as received, for the access log
         self.framing: Framing = NO_BODY
@@ -118,22 +135,30 @@ class ResponseReader:
 
     def to(self, new: Receive) -> None:
         """Move to `new`; raises TransitionError if the table does not allow it."""
-        check_receive(self.state, new)
+        old = self.state
+        if new not in RECEIVE_TRANSITIONS[old]:  # states.check_receive, inlined: per request
+            raise TransitionError(f"response side: {old.value} -> {new.value} is not allowed")
         self.state = new
 
     @property
     def ends_by_close(self) -> bool:
         """True while relaying a body that ends when the service closes the channel."""
-        return self.state is Receive.RELAYING and self.framing.body is Body.UNTIL_CLOSE
+        return self.state is RELAYING and self.framing.body is BODY_UNTIL_CLOSE
 
     def new_channel(self, remote: bool) -> None:
         """A (new) channel is attached: its response starts from the beginning."""
         self.remote = remote
         self.parser = None
         self.got_bytes = False
-        self.headers = []
-        self.reason = b""
+        self._new_head()
         self.undelivered = False
+
+    def _new_head(self) -> None:
+        """Forget the head parsed so far (an interim 1xx, or the start of a new channel)."""
+        self.headers = []
+        self.lengths = []
+        self.transfer_codings = []
+        self.reason = b""
 
     def detach(self) -> None:
         """The exchange is over. The parser refers back to this reader and this reader to its
@@ -145,7 +170,7 @@ class ResponseReader:
     def feed(self, data: bytes | memoryview) -> None:
         """Parse (or, inside a Content-Length body, just relay) bytes from the channel."""
         self.got_bytes = True
-        if self.body_left and self.state is Receive.RELAYING:
+        if self.body_left and self.state is RELAYING:
             self._relay_body(data)
             return
         parser = self.parser
@@ -160,17 +185,15 @@ class ResponseReader:
         except httptools.HttpParserError as exc:
             self.events.broken(f"malformed response from upstream: {exc}")
             return
-        self._bound_unparsed(len(data))
-
-    def _bound_unparsed(self, n: int) -> None:
-        """httptools holds an unfinished header or trailer line whole: bound what it may hold
-        by the raw bytes fed while one is unfinished (body bytes never count)."""
-        if self.state is Receive.AWAITING_HEAD:
-            self.head_bytes += n
+        # httptools holds an unfinished header or trailer line whole: bound what it may hold
+        # by the raw bytes fed while one is unfinished (body bytes never count).
+        state = self.state
+        if state is AWAITING_HEAD:
+            self.head_bytes += len(data)
             if self.head_bytes > MAX_RESPONSE_HEAD:
                 self.events.broken("response head too large")
-        elif self.state is Receive.RELAYING:
-            self.stalled = 0 if self.progressed else self.stalled + n
+        elif state is RELAYING:
+            self.stalled = 0 if self.progressed else self.stalled + len(data)
             if self.stalled > MAX_RESPONSE_HEAD:
                 self.events.broken("response trailers too large")
 
@@ -181,24 +204,31 @@ class ResponseReader:
             self.stray_bytes = True  # another response after ours: the channel is unusable
 
     def on_status(self, reason: bytes) -> None:
-        if self.state is Receive.AWAITING_HEAD:
+        if self.state is AWAITING_HEAD:
             self.reason += reason
             self.head_size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.progressed = True
         state = self.state
-        if state is Receive.AWAITING_HEAD:
+        if state is AWAITING_HEAD:
             self.headers.append((name, value))
-            self.head_size += len(name) + len(value) + 4
-        elif state is Receive.RELAYING and not self.undelivered:
+            n = len(name)
+            self.head_size += n + len(value) + 4
+            if n == 14 or n == 17:  # the lengths of the framing fields' names: test those only
+                lname = name.lower()
+                if lname == b"content-length":
+                    self.lengths.append(value)
+                elif lname == b"transfer-encoding":
+                    self.transfer_codings.append(value)
+        elif state is RELAYING and not self.undelivered:
             self.trailers.append((name, value))
             self.head_size += len(name) + len(value) + 4
             if self.head_size > MAX_RESPONSE_HEAD:
                 self.events.broken("response trailers too large")
 
     def on_headers_complete(self) -> None:
-        if self.state is not Receive.AWAITING_HEAD:
+        if self.state is not AWAITING_HEAD:
             return
         if self.head_size > MAX_RESPONSE_HEAD:  # a head that came whole in one piece
             self.events.broken("response head too large")
@@ -220,7 +250,7 @@ class ResponseReader:
                         upgrade=False,
                     )
                 )
-            self.headers, self.reason = [], b""
+            self._new_head()
             return
         if (
             status >= 500
@@ -231,7 +261,7 @@ class ResponseReader:
             # no service saw the request; the exchange routes it again once this feed is over.
             self.undelivered = True
             return
-        self.events.head_arrived()
+        self.conn.response_timer.cancel()  # it bounds the wait for this head only
         self.status = status
         if status == 101:
             if req.upgrade is None:
@@ -242,21 +272,13 @@ class ResponseReader:
     def _relay_head(self, status: int) -> None:
         req = self.request
         assert self.parser is not None
-        cls: list[bytes] = []
-        tes: list[bytes] = []
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                cls.append(value)
-            elif lname == b"transfer-encoding":
-                tes.append(value)
         try:
-            framing = response_framing(req.method, status, cls, tes)
+            framing = response_framing(req.method, status, self.lengths, self.transfer_codings)
         except BadResponse as exc:
             self.events.broken(f"ambiguous response framing: {exc}")
             return
         old_client = req.version == "1.0"
-        chunked = framing.body is Body.CHUNKED
+        chunked = framing.body is BODY_CHUNKED
         if chunked and old_client and framing.codings:
             # De-chunked, the body would still be coded and nothing could say so.
             self.events.broken("transfer coding an HTTP/1.0 client cannot take")
@@ -265,7 +287,7 @@ class ResponseReader:
         self.chunked_out = chunked and not old_client
         self.close_client = (
             not req.keep_alive
-            or framing.body is Body.UNTIL_CLOSE
+            or framing.body is BODY_UNTIL_CLOSE
             or (chunked and old_client)  # de-chunked: it ends by closing
             or req.upgrade is not None
             or not self.parser.should_keep_alive()
@@ -279,17 +301,17 @@ class ResponseReader:
             close=self.close_client,
             upgrade=False,
         )
-        self.to(Receive.RELAYING)
+        self.to(RELAYING)
         self.head_size = 0  # trailers have a budget of their own
         self.received_headers, self.headers = self.headers, []
         self.conn.write(head)
-        if framing.body is Body.NONE:
+        if framing.body is BODY_NONE:
             self.complete()
-        elif framing.body is Body.LENGTH:
+        elif framing.body is BODY_LENGTH:
             self.body_left = framing.length
 
     def on_body(self, body: bytes) -> None:
-        if self.state is not Receive.RELAYING:
+        if self.state is not RELAYING:
             return
         self.progressed = True
         self.bytes_out += len(body)
@@ -303,7 +325,7 @@ class ResponseReader:
 
     def on_message_complete(self) -> None:
         # A 101 ends its message too; the parser then stops with HttpParserUpgrade.
-        if self.state is Receive.RELAYING and not self.undelivered:
+        if self.state is RELAYING and not self.undelivered:
             self.complete()
 
     # -- endings ---------------------------------------------------------------------------------
@@ -324,11 +346,11 @@ class ResponseReader:
 
     def complete(self) -> None:
         """The response is over (its framing said so, or the service closed an unframed one)."""
-        self.to(Receive.DONE)
+        self.to(DONE)
         if self.chunked_out:
             self.conn.write(render_trailers(self.trailers))
         keep_alive = (
-            self.framing.body is not Body.UNTIL_CLOSE
+            self.framing.body is not BODY_UNTIL_CLOSE
             and self.parser is not None
             and self.parser.should_keep_alive()
         )
@@ -336,7 +358,7 @@ class ResponseReader:
 
     def _on_upgrade(self, rest: bytes | memoryview) -> None:
         """The parser stopped at a 101: relay its head, then the exchange splices both ways."""
-        if self.state is not Receive.AWAITING_HEAD:
+        if self.state is not AWAITING_HEAD:
             return  # already failed (the exchange answered)
         if self.status != 101 or self.request.upgrade is None:
             self.events.broken("unexpected upgrade from upstream")
@@ -355,5 +377,5 @@ class ResponseReader:
         self.received_headers, self.headers = self.headers, []
         if rest:
             self.conn.write(rest)
-        self.to(Receive.UPGRADED)
+        self.to(UPGRADED)
         self.events.upgraded()

@@ -8,11 +8,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from pico.http.head import Headers
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from pico.http.proxy import ProxyConnection
@@ -41,9 +39,12 @@ class ProxyLimits:
     write_high_water: int = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """What an observer learns about a finished request (metrics, access log)."""
+class RequestRecord(NamedTuple):
+    """What an observer learns about a finished request (metrics, access log).
+
+    A NamedTuple, not a frozen dataclass: one is built per request, and a frozen dataclass's
+    `__init__` (one `object.__setattr__` per field) cost 2.5 us of the node's ~40 us.
+    """
 
     method: str
     host: str
@@ -57,8 +58,8 @@ class RequestRecord:
     forwarded: bool
     remote: bool
     client_ip: str = ""
-    request_headers: Headers = ()  # type: ignore[assignment]
-    response_headers: Headers = ()  # type: ignore[assignment]
+    request_headers: Sequence[tuple[bytes, bytes]] = ()
+    response_headers: Sequence[tuple[bytes, bytes]] = ()
 
 
 Observer = Callable[[RequestRecord], None]
