@@ -16,6 +16,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _common(f: F) -> F:
     f = click.option(
+        "--token",
+        envvar="PICO_TOKEN",
+        default="",
+        metavar="TOKEN",
+        help="Bearer token for an admin port with auth (or PICO_TOKEN).",
+    )(f)
+    f = click.option(
         "-o",
         "--output",
         type=click.Choice(["yaml", "json"]),
@@ -64,18 +71,18 @@ def cluster() -> None:
 
 @cluster.command("nodes")
 @_common
-def cluster_nodes(server_url: str, forward: str, output: str) -> None:
+def cluster_nodes(server_url: str, forward: str, output: str, token: str) -> None:
     """List the nodes of the cluster."""
-    client = StatusClient(server_url, forward)
+    client = StatusClient(server_url, forward, token)
     _run("cluster nodes", lambda: {"nodes": client.cluster_nodes()}, output)
 
 
 @cluster.command("node")
 @click.argument("node_id")
 @_common
-def cluster_node(node_id: str, server_url: str, forward: str, output: str) -> None:
+def cluster_node(node_id: str, server_url: str, forward: str, output: str, token: str) -> None:
     """Show one node (NODE_ID, or 'local' for the node answering)."""
-    client = StatusClient(server_url, forward)
+    client = StatusClient(server_url, forward, token)
     _run("cluster node", lambda: client.cluster_node(node_id), output)
 
 
@@ -86,9 +93,9 @@ def proxy() -> None:
 
 @proxy.command("endpoints")
 @_common
-def proxy_endpoints(server_url: str, forward: str, output: str) -> None:
+def proxy_endpoints(server_url: str, forward: str, output: str, token: str) -> None:
     """List the endpoints with upstreams on the node, and the upstreams' addresses."""
-    client = StatusClient(server_url, forward)
+    client = StatusClient(server_url, forward, token)
     _run("endpoints", lambda: {"endpoints": client.proxy_endpoints()}, output)
 
 
@@ -99,16 +106,16 @@ def gossip() -> None:
 
 @gossip.command("nodes")
 @_common
-def gossip_nodes(server_url: str, forward: str, output: str) -> None:
+def gossip_nodes(server_url: str, forward: str, output: str, token: str) -> None:
     """List the nodes gossip knows about."""
-    client = StatusClient(server_url, forward)
+    client = StatusClient(server_url, forward, token)
     _run("gossip nodes", lambda: {"nodes": client.gossip_nodes()}, output)
 
 
 @gossip.command("node")
 @click.argument("node_id")
 @_common
-def gossip_node(node_id: str, server_url: str, forward: str, output: str) -> None:
+def gossip_node(node_id: str, server_url: str, forward: str, output: str, token: str) -> None:
     """Show one node's gossip state and entries."""
-    client = StatusClient(server_url, forward)
+    client = StatusClient(server_url, forward, token)
     _run("gossip node", lambda: client.gossip_node(node_id), output)

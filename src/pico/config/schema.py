@@ -6,9 +6,10 @@ into errors that name the key.
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
@@ -161,6 +162,100 @@ class AccessLogConfig(_Model):
     response_headers: HeaderFilter = Field(default_factory=HeaderFilter)
 
 
+class JwksConfig(_Model):
+    """``<port>.auth.jwks``: keys from a JSON Web Key Set, selected by `kid`."""
+
+    endpoint: str = Field(
+        "",
+        description="JWKS location: file:///path (read at start) or https://... (fetched, "
+        "then refreshed every cache_ttl and when a token names an unknown kid, at most once "
+        "a second). Not together with the static keys.",
+    )
+    cache_ttl: PositiveDuration = Field(300.0, description="How long a fetched JWKS is used.")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> JwksConfig:
+        if self.endpoint and not self.endpoint.startswith(("file://", "https://")):
+            raise ValueError(f"endpoint: use file:// or https:// (got {self.endpoint!r})")
+        if self.endpoint.startswith("file://"):
+            path = self.endpoint[len("file://") :]
+            if not os.path.isfile(path):
+                raise ValueError(f"endpoint: no such file {path!r}")
+        return self
+
+
+def _public_key(kind: str) -> Callable[[str], str]:
+    """Validate a PEM public key given inline or as a path; errors name what is wrong."""
+
+    def check(value: str) -> str:
+        if not value:
+            return value
+        text = value
+        if not value.lstrip().startswith("-----BEGIN"):
+            if not os.path.isfile(value):
+                raise ValueError(f"not a PEM key and no such file: {value!r}")
+            with open(value) as f:
+                text = f.read()
+        from cryptography.hazmat.primitives.asymmetric import ec, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        try:
+            key = load_pem_public_key(text.encode())
+        except ValueError:
+            raise ValueError(f"not a PEM {kind} public key") from None
+        wanted = rsa.RSAPublicKey if kind == "RSA" else ec.EllipticCurvePublicKey
+        if not isinstance(key, wanted):
+            raise ValueError(f"not an {kind} public key")
+        return value
+
+    return check
+
+
+class AuthConfig(_Model):
+    """``<port>.auth``: JWT verification; on when a key or a JWKS is set."""
+
+    hmac_secret_key: str = Field("", description="HMAC secret: accepts HS256/384/512 tokens.")
+    rsa_public_key: Annotated[str, AfterValidator(_public_key("RSA"))] = Field(
+        "", description="RSA public key (PEM, inline or a path): accepts RS256/384/512 tokens."
+    )
+    ecdsa_public_key: Annotated[str, AfterValidator(_public_key("ECDSA"))] = Field(
+        "", description="ECDSA public key (PEM, inline or a path): accepts ES256/384/512 tokens."
+    )
+    audience: str = Field("", description="Required `aud` claim (not checked if empty).")
+    issuer: str = Field("", description="Required `iss` claim (not checked if empty).")
+    allow_no_expiry: bool = Field(
+        False, description="Accept tokens without an `exp` claim (never expire)."
+    )
+    jwks: JwksConfig = Field(default_factory=JwksConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuthConfig:
+        static = self.hmac_secret_key or self.rsa_public_key or self.ecdsa_public_key
+        if self.jwks.endpoint and static:
+            raise ValueError("jwks.endpoint: not together with hmac/rsa/ecdsa keys")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when a key or a JWKS is configured (tokens are then required)."""
+        return bool(
+            self.hmac_secret_key
+            or self.rsa_public_key
+            or self.ecdsa_public_key
+            or self.jwks.endpoint
+        )
+
+
+class UpstreamAuthConfig(AuthConfig):
+    """``upstream.auth``: tokens of agents."""
+
+    disable_disconnect_on_expiry: bool = Field(
+        False,
+        description="Keep a tunnel open when its token expires (exp is still checked when "
+        "it connects).",
+    )
+
+
 class ProxyConfig(_Model):
     """``proxy``: the HTTP listener clients send requests to."""
 
@@ -189,6 +284,7 @@ class ProxyConfig(_Model):
         "502; unknown endpoints are answered at once (0 disables).",
     )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class UpstreamConfig(_Model):
@@ -198,6 +294,7 @@ class UpstreamConfig(_Model):
     advertise_addr: AdvertiseAddr = Field(
         "", description="Upstream address advertised to other nodes (derived if empty)."
     )
+    auth: UpstreamAuthConfig = Field(default_factory=UpstreamAuthConfig)
 
 
 class AdminConfig(_Model):
@@ -207,6 +304,7 @@ class AdminConfig(_Model):
     advertise_addr: AdvertiseAddr = Field(
         "", description="Admin address advertised to other nodes (derived if empty)."
     )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class GossipConfig(_Model):

@@ -120,6 +120,22 @@ def _drop_set(headers: Headers, base: frozenset[bytes] = _DROP) -> frozenset[byt
     return base if extra is None else base | (extra - _PROTECTED)
 
 
+AUTH_HEADER = b"x-pico-authorization"
+
+
+def take_credentials(headers: Headers) -> tuple[bytes | None, Headers]:
+    """The credentials of a request for Pico itself, and the headers without them.
+
+    `x-pico-authorization` wins and is removed (the service's own `Authorization` passes
+    untouched); without it, `Authorization` is taken and removed.
+    """
+    for wanted in (AUTH_HEADER, b"authorization"):
+        found = [v for n, v in headers if n.lower() == wanted]
+        if found:
+            return found[-1], [(n, v) for n, v in headers if n.lower() != wanted]
+    return None, headers
+
+
 def render_trailers(trailers: Headers) -> bytes:
     """The last chunk of a chunked body: `0`, the trailer fields that may pass, a blank line."""
     if not trailers:

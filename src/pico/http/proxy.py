@@ -21,10 +21,17 @@ from pico.http.exchange import Exchange
 from pico.http.head import (
     Headers,
     error_response,
+    take_credentials,
     valid_endpoint_id,
 )
 from pico.http.request import BadRequest, Request, inspect_head
-from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
+from pico.http.settings import (
+    ConnectionTracker,
+    Observer,
+    ProxyLimits,
+    RequestAuth,
+    RequestRecord,
+)
 from pico.http.timer import LazyTimer
 from pico.mux.buffers import write_unpinned
 
@@ -35,6 +42,7 @@ _CORK_LIMIT = 16 * 1024
 _PAUSE_CHANNEL = 1  # the upstream channel cannot take more request body yet
 _PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their turn
 _PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
+_CHALLENGE = ((b"WWW-Authenticate", b"Bearer"),)
 
 
 class _NoRequests:
@@ -54,8 +62,12 @@ class ProxyConnection(asyncio.Protocol):
         observer: Observer | None = None,
         connections: ConnectionTracker | None = None,
         trusted_forwarder: Callable[[str], bool] | None = None,
+        auth: RequestAuth | None = None,
     ) -> None:
         self.router = router
+        # With `auth`, a request needs a token for its endpoint; one another node forwarded
+        # was checked where it came in.
+        self.auth = auth
         self.connections = connections
         # Says whether a client IP is another node of the cluster: only those may mark a
         # request as forwarded (which keeps X-Forwarded-For as is and stops re-forwarding).
@@ -323,6 +335,12 @@ class ProxyConnection(asyncio.Protocol):
                 if not valid_endpoint_id(req.endpoint):
                     self._respond_error(req, 400, "invalid endpoint id")
                     continue
+                if self.auth is not None and not req.forwarded:
+                    credentials, req.headers = take_credentials(req.headers)
+                    refusal = self.auth.refusal(credentials, req.endpoint)
+                    if refusal is not None:
+                        self._respond_error(req, *refusal)
+                        continue
                 # With no candidates the exchange answers 502, or holds the request briefly if
                 # the endpoint just lost its upstreams (a node restarting or failing).
                 candidates = self.router.candidates(req.endpoint, req.forwarded)
@@ -345,7 +363,10 @@ class ProxyConnection(asyncio.Protocol):
         unread = req.expects_body and not req.body_done
         close = not req.keep_alive or unread or req.upgrade is not None
         head_request = req.method == b"HEAD"
-        self._write(error_response(status, message, close=close, head_request=head_request))
+        headers = _CHALLENGE if status == 401 else ()
+        self._write(
+            error_response(status, message, close=close, head_request=head_request, headers=headers)
+        )
         self.finish_exchange(req, status, 0, "", remote=False, close=close)
 
     def _reject(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from pico.http.proxy import ProxyConnection
@@ -60,6 +60,17 @@ class RequestRecord(NamedTuple):
     client_ip: str = ""
     request_headers: Sequence[tuple[bytes, bytes]] = ()
     response_headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+class RequestAuth(Protocol):
+    """Decides whether a client request may reach its endpoint (the proxy port's tokens)."""
+
+    def refusal(self, credentials: bytes | None, endpoint_id: str) -> tuple[int, str] | None:
+        """None if the request may go on, else the status (401/403) and message to answer.
+
+        `credentials` is the `x-pico-authorization` (or `Authorization`) value, if any.
+        """
+        ...
 
 
 Observer = Callable[[RequestRecord], None]

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pico import log
+from pico.auth import AuthFailure, TokenVerifier
 from pico.server.cluster import ClusterState
 from pico.server.dashboard import serve_dashboard
 from pico.server.metrics import NodeMetrics
@@ -26,6 +27,9 @@ _FORWARD_TIMEOUT = 10.0
 # Bounds what a forwarded answer can make this node hold in memory.
 _MAX_FORWARD_BODY = 32 << 20
 _HOP_HEADER = "x-pico-admin-forwarded"
+# Probes stay open whatever the auth config: orchestrators do not carry tokens.
+_OPEN_ROUTES = frozenset({"/health", "/ready"})
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -39,8 +43,11 @@ class AdminServer:
         registry: EndpointRegistry,
         metrics: NodeMetrics,
         gossip_status: Callable[[str | None], object] | None = None,
+        auth: TokenVerifier | None = None,
     ) -> None:
         self.cluster = cluster
+        # With `auth`, every route but the probes (/health, /ready) needs a bearer token.
+        self.auth = auth
         self.registry = registry
         self.metrics = metrics
         self.gossip_status = gossip_status
@@ -49,7 +56,7 @@ class AdminServer:
 
     def app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(middlewares=[self._forward_middleware])
+        app = web.Application(middlewares=[self._auth_middleware, self._forward_middleware])
         r = app.router
         r.add_get("/", serve_dashboard)
         r.add_get("/health", self.health)
@@ -69,6 +76,16 @@ class AdminServer:
             await self._client.close()
 
     @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self.auth is None or request.path in _OPEN_ROUTES:
+            return await handler(request)
+        try:
+            self.auth.check(request.headers.get("Authorization"))
+        except AuthFailure as exc:
+            return web.json_response({"error": exc.message}, status=exc.status, headers=_CHALLENGE)
+        return await handler(request)
+
+    @web.middleware
     async def _forward_middleware(
         self, request: web.Request, handler: Handler
     ) -> web.StreamResponse:
@@ -80,6 +97,8 @@ class AdminServer:
             # admin address leads elsewhere (a load balancer?). Stop instead of looping.
             message = f"node {target!r} is not reachable at its advertised admin address"
             return web.json_response({"error": message}, status=508)
+        if request.method != "GET":
+            return web.json_response({"error": "only GET is forwarded"}, status=405)
         node = self.cluster.node(target)
         if node is None:
             return web.json_response({"error": f"unknown node {target!r}"}, status=404)
@@ -88,14 +107,12 @@ class AdminServer:
                 timeout=aiohttp.ClientTimeout(total=_FORWARD_TIMEOUT)
             )
         url = f"http://{node.admin_addr}{request.rel_url}"
+        headers = {_HOP_HEADER: "1"}
+        token = request.headers.get("Authorization")
+        if token is not None:
+            headers["Authorization"] = token  # the target checks the caller's token too
         try:
-            async with self._client.request(
-                request.method,
-                url,
-                allow_redirects=False,
-                data=await request.read(),
-                headers={_HOP_HEADER: "1"},
-            ) as resp:
+            async with self._client.get(url, allow_redirects=False, headers=headers) as resp:
                 body = await resp.content.read(_MAX_FORWARD_BODY + 1)
                 if len(body) > _MAX_FORWARD_BODY:
                     return web.json_response({"error": "response too large"}, status=502)

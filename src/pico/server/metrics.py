@@ -53,6 +53,17 @@ class NodeMetrics:
         self.upstream_disconnects = Counter(
             "pico_upstream_disconnects_total", "Upstream tunnels closed.", registry=r
         )
+        # Labels are bounded: three ports, and the reasons pico.auth defines.
+        self.auth_failures = Counter(
+            "pico_auth_failures_total",
+            "Requests refused for their token, by port and reason.",
+            ["port", "reason"],
+            registry=r,
+        )
+
+    def auth_failure_counter(self, port: str) -> Callable[[str], None]:
+        """What a port's verifier calls with the reason of each refusal."""
+        return lambda reason: self.auth_failures.labels(port, reason).inc()
 
     def observe(self, record: RequestRecord) -> None:
         """Account one finished request (the hot path)."""

@@ -21,6 +21,7 @@ import psutil
 from aiohttp import web
 
 from pico import log
+from pico.auth import ProxyAuth, verifier_for
 from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
 from pico.gossip.transport import GossipTransport
@@ -104,8 +105,19 @@ class Node:
         self.cluster = ClusterState(NodeInfo(id=self.node_id, proxy_addr="", admin_addr=""))
         self.node_upstreams = NodeUpstreams(self._proxy_addr_of)
         self.router = NodeRouter(self.registry, self.cluster, self.node_upstreams.get)
-        self.upstream_server = UpstreamServer(self.registry)
-        self.admin = AdminServer(self.cluster, self.registry, self.metrics, self._gossip_status)
+        upstream_auth = config.upstream.auth
+        self.upstream_server = UpstreamServer(
+            self.registry,
+            auth=verifier_for(upstream_auth, self.metrics.auth_failure_counter("upstream")),
+            disconnect_on_expiry=not upstream_auth.disable_disconnect_on_expiry,
+        )
+        self.admin = AdminServer(
+            self.cluster,
+            self.registry,
+            self.metrics,
+            self._gossip_status,
+            auth=verifier_for(config.admin.auth, self.metrics.auth_failure_counter("admin")),
+        )
         self.gossip = GossipTransport("", 0, self._on_gossip_events)
         self.syncer: ClusterSyncer | None = None
         # Set when the node must stop on its own (the cluster join failed for good).
@@ -328,9 +340,11 @@ class Node:
         loop = asyncio.get_running_loop()
         router, limits, conns = self.router, self.limits, self.connections
         observe = self._observer()
+        verifier = verifier_for(self.config.proxy.auth, self.metrics.auth_failure_counter("proxy"))
+        auth = ProxyAuth(verifier) if verifier is not None else None
         try:
             server = await loop.create_server(
-                lambda: ProxyConnection(router, limits, observe, conns, self._is_peer),
+                lambda: ProxyConnection(router, limits, observe, conns, self._is_peer, auth),
                 host or None,
                 port,
                 reuse_address=True,

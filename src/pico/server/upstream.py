@@ -16,6 +16,7 @@ from typing import cast
 import httptools
 
 from pico import log
+from pico.auth import AuthFailure, Token, TokenVerifier
 from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
 from pico.http.head import endpoint_key, error_response, valid_endpoint_id
 from pico.mux.handshake import accept_response, upgrade_error
@@ -42,6 +43,7 @@ class TunnelUpstream:
         self.addr = addr
         self.connected_at = time.time()
         self.graceful = False  # the agent said goodbye (GoAway) before the tunnel closed
+        self.expiry: asyncio.TimerHandle | None = None  # when its token expires
         self._idle: list[tuple[float, MuxStream]] = []
 
     @property
@@ -196,12 +198,18 @@ class UpstreamServer:
         self,
         registry: EndpointRegistry,
         *,
+        auth: TokenVerifier | None = None,
+        disconnect_on_expiry: bool = True,
         ping_interval: float = 15.0,
         ping_timeout: float = 15.0,
         on_connect: Callable[[str], None] | None = None,
         on_disconnect: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.registry = registry
+        # With `auth`, an agent needs a token that permits the endpoint it registers; its
+        # tunnel is drained when the token expires unless `disconnect_on_expiry` is off.
+        self.auth = auth
+        self.disconnect_on_expiry = disconnect_on_expiry
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.on_connect = on_connect
@@ -219,8 +227,14 @@ class UpstreamServer:
         )
         return int(self._server.sockets[0].getsockname()[1])
 
-    def accept(self, endpoint_id: str, transport: asyncio.BaseTransport, rest: bytes) -> None:
-        """Serve an upgraded connection as the tunnel of `endpoint_id`."""
+    def accept(
+        self,
+        endpoint_id: str,
+        transport: asyncio.BaseTransport,
+        rest: bytes,
+        token: Token | None = None,
+    ) -> None:
+        """Serve an upgraded connection as the tunnel of `endpoint_id` (with its `token`)."""
         tunnel = Tunnel(
             client=False, ping_interval=self.ping_interval, ping_timeout=self.ping_timeout
         )
@@ -241,16 +255,38 @@ class UpstreamServer:
         _log.info("upstream connected", endpoint_id=endpoint_id, client_ip=addr)
         if self.on_connect:
             self.on_connect(endpoint_id)
-        task = asyncio.get_running_loop().create_task(self._serve(upstream))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._serve(upstream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if token is not None and token.expires is not None and self.disconnect_on_expiry:
+            delay = max(0.0, token.expires - time.time())
+            upstream.expiry = loop.call_later(delay, self._expired, upstream)
         if rest:
             tunnel.data_received(rest)
+
+    def _expired(self, upstream: TunnelUpstream) -> None:
+        """The agent's token expired: no new requests, GoAway, and the open ones finish."""
+        upstream.expiry = None
+        _log.info(
+            "upstream token expired", endpoint_id=upstream.endpoint_id, client_ip=upstream.addr
+        )
+        self.registry.remove(upstream)
+        upstream.close_idle()
+        upstream.tunnel.close_reason = "upstream token expired"
+        task = asyncio.get_running_loop().create_task(
+            upstream.tunnel.drain_and_close(_EXPIRY_DRAIN)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, upstream: TunnelUpstream) -> None:
         try:
             await upstream.tunnel.run()
         finally:
+            if upstream.expiry is not None:
+                upstream.expiry.cancel()
+                upstream.expiry = None
             self.registry.remove(upstream)
             upstream.close_idle()
             self._tunnels.discard(upstream)
@@ -295,6 +331,9 @@ class UpstreamServer:
 _MAX_HEAD = 16 * 1024
 _HEAD_TIMEOUT = 10.0
 _PATH_PREFIX = "/pico/v1/upstream/"
+_CHALLENGE = ((b"WWW-Authenticate", b"Bearer"),)
+# A tunnel whose token expired has this long to finish its open streams.
+_EXPIRY_DRAIN = 10.0
 
 
 class _UpgradeRequest(asyncio.Protocol):
@@ -309,6 +348,7 @@ class _UpgradeRequest(asyncio.Protocol):
         self.size = 0
         self.error: tuple[int, str] | None = None
         self.endpoint_id = ""
+        self.token: Token | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -356,6 +396,13 @@ class _UpgradeRequest(asyncio.Protocol):
         if problem is not None:
             self.error = (400, problem)
             return
+        auth = self.server.auth
+        if auth is not None:
+            try:
+                self.token = auth.check(self.headers.get("authorization"), endpoint_id)
+            except AuthFailure as exc:
+                self.error = (exc.status, exc.message)
+                return
         self.endpoint_id = endpoint_id
 
     def on_message_complete(self) -> None:
@@ -375,14 +422,15 @@ class _UpgradeRequest(asyncio.Protocol):
             self.timer.cancel()
         self.transport = None
         transport.write(accept_response(self.headers["sec-websocket-key"]))
-        self.server.accept(self.endpoint_id, transport, rest)
+        self.server.accept(self.endpoint_id, transport, rest, self.token)
 
     def _respond(self, status: int, message: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
         transport, self.transport = self.transport, None
         if transport is not None:
-            transport.write(error_response(status, message, close=True))
+            headers = _CHALLENGE if status == 401 else ()
+            transport.write(error_response(status, message, close=True, headers=headers))
             transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

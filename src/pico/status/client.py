@@ -19,17 +19,21 @@ class StatusError(Exception):
 class StatusClient:
     """GETs JSON from a node's admin API (optionally forwarded to another node)."""
 
-    def __init__(self, url: str, forward: str = "") -> None:
+    def __init__(self, url: str, forward: str = "", token: str = "") -> None:
         self.url = url.rstrip("/")
         self.forward = forward
+        self.token = token
 
     def get(self, path: str) -> Any:
         """GET `path` and decode its JSON body. Raises StatusError."""
         url = self.url + path
         if self.forward:
             url += "?" + urllib.parse.urlencode({"forward": self.forward})
+        request = urllib.request.Request(url)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(url, timeout=_TIMEOUT) as resp:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = ""
