@@ -9,6 +9,7 @@ message for the client (nothing from the key or the token is echoed) and a reaso
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
@@ -20,7 +21,10 @@ from typing import Any
 import jwt
 from jwt.types import Options
 
+from pico import log
 from pico.config.schema import AuthConfig
+
+_log = log.get_logger("auth")
 
 _HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 _RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
@@ -100,20 +104,26 @@ class _Jwks:
     """The keys of a JWKS, by `kid`: a `file://` set loaded once, or an https one fetched
     (in a thread, never on the event loop) every `cache_ttl` and when a `kid` is unknown."""
 
-    def __init__(self, endpoint: str, cache_ttl: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        cache_ttl: float,
+        clock: Callable[[], float],
+        fetch: Callable[[], Any] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.cache_ttl = cache_ttl
         self.clock = clock
         self.keys: dict[str, jwt.PyJWK] = {}
         self.fetched = float("-inf")
         self.wanted = False  # an unknown kid was seen: refresh at the next chance
-        if endpoint.startswith("file://"):
-            self._load(Path(endpoint[len("file://") :]).read_text())
-            self.fetched = float("inf")
+        self.remote = not endpoint.startswith("file://")
+        self._fetch = fetch or self._fetch_https
+        if not self.remote:
+            self._load(jwt.PyJWKSet.from_json(Path(endpoint[len("file://") :]).read_text()))
 
-    def _load(self, text: str) -> None:
-        keys = jwt.PyJWKSet.from_json(text).keys
-        self.keys = {k.key_id or "": k for k in keys}
+    def _load(self, keys: jwt.PyJWKSet) -> None:
+        self.keys = {k.key_id or "": k for k in keys.keys}
 
     def key(self, kid: str | None) -> jwt.PyJWK:
         key = self.keys.get(kid or "")
@@ -126,16 +136,20 @@ class _Jwks:
 
     def due(self) -> bool:
         """Whether `refresh()` should run now."""
+        if not self.remote:
+            return False
         age = self.clock() - self.fetched
         return age >= self.cache_ttl or (self.wanted and age >= _JWKS_MIN_REFRESH)
 
-    def refresh(self) -> None:
-        """Fetch the set (blocking: call it in a thread)."""
+    def _fetch_https(self) -> Any:
         client = jwt.PyJWKClient(self.endpoint, cache_keys=False, cache_jwk_set=False)
+        return client.fetch_data()
+
+    def refresh(self) -> None:
+        """Fetch the set (blocking: run it in a thread). Raises jwt.PyJWKClientError."""
         self.fetched = self.clock()
         self.wanted = False
-        data: Any = client.fetch_data()
-        self.keys = {k.key_id or "": k for k in jwt.PyJWKSet.from_dict(data).keys}
+        self._load(jwt.PyJWKSet.from_dict(self._fetch()))
 
 
 class TokenVerifier:
@@ -149,6 +163,7 @@ class TokenVerifier:
         config: AuthConfig,
         clock: Callable[[], float] = time.time,
         on_failure: Callable[[str], None] | None = None,
+        jwks_fetch: Callable[[], Any] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -161,7 +176,7 @@ class TokenVerifier:
         if config.ecdsa_public_key:
             self._keys.append((_pem(config.ecdsa_public_key), _ECDSA_ALGORITHMS))
         self.jwks = (
-            _Jwks(config.jwks.endpoint, config.jwks.cache_ttl, clock)
+            _Jwks(config.jwks.endpoint, config.jwks.cache_ttl, clock, jwks_fetch)
             if config.jwks.endpoint
             else None
         )
@@ -226,6 +241,25 @@ class TokenVerifier:
             if algorithm in algorithms:
                 return key, algorithms
         raise BAD_SIGNATURE  # signed with an algorithm no configured key verifies
+
+    async def keep_keys_fresh(self, poll: float = 0.25) -> None:
+        """Refetch an https JWKS when it is due (its TTL, or an unknown kid), until cancelled.
+
+        A failed fetch keeps the keys it had and is logged at most once a minute.
+        """
+        jwks = self.jwks
+        if jwks is None or not jwks.remote:
+            return
+        logged = float("-inf")
+        while True:
+            if jwks.due():
+                try:
+                    await asyncio.to_thread(jwks.refresh)
+                except (jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError) as exc:
+                    if self.clock() - logged >= 60:
+                        logged = self.clock()
+                        _log.warn("jwks fetch failed", endpoint=jwks.endpoint, error=str(exc))
+            await asyncio.sleep(poll)
 
     def verify_header(self, value: str | bytes | None) -> Token:
         """The grants of an `Authorization: Bearer <token>` value. Raises AuthFailure."""

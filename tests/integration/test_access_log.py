@@ -82,3 +82,37 @@ async def test_disabled_access_log_writes_nothing(h: Harness, logs: io.StringIO)
         async with http.get(proxy_url(node), headers={"x-pico-endpoint": "nope"}) as r:
             await r.read()
     assert access_lines(logs) == []
+
+
+async def test_credentials_are_never_logged_unless_allowed(h: Harness, logs: io.StringIO) -> None:
+    secrets = {
+        "Authorization": "Bearer tok-1",
+        "x-pico-authorization": "Bearer tok-2",
+        "Proxy-Authorization": "Basic tok-3",
+        "Cookie": "session=tok-4",
+    }
+    node, _, _ = await h.with_service()
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-pico-endpoint": "ep", "X-Trace": "t1", **secrets}
+        async with http.get(proxy_url(node) + "/echo", headers=headers) as r:
+            assert r.status == 200
+    (line,) = access_lines(logs)
+    assert line["request-headers"] == {
+        "Host": line["host"],
+        "x-pico-endpoint": "ep",
+        "X-Trace": "t1",
+        "Accept": "*/*",
+        "Accept-Encoding": "gzip, deflate",
+        "User-Agent": line["request-headers"]["User-Agent"],  # type: ignore[index]
+    }
+    assert "tok-" not in logs.getvalue()
+
+
+async def test_an_allow_list_may_name_a_credential(h: Harness, logs: io.StringIO) -> None:
+    node = await h.node(proxy={"access_log": {"request_headers": {"allow_list": ["cookie"]}}})
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-pico-endpoint": "nope", "Cookie": "a=1", "Authorization": "Bearer x"}
+        async with http.get(proxy_url(node), headers=headers) as r:
+            await r.read()
+    (line,) = access_lines(logs)
+    assert line["request-headers"] == {"Cookie": "a=1"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from pico.auth import AuthFailure, Token, TokenVerifier, bearer
 from pico.config import load_config_dict
 from pico.config.loader import ConfigError
 from pico.config.schema import AuthConfig
+from tests.support.cluster import wait_for
 
 SECRET = "s3cret-for-tests-only-" + "x" * 64
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -194,3 +197,65 @@ def test_an_ecdsa_key_is_not_accepted_as_rsa() -> None:
     with pytest.raises(ConfigError) as err:
         config(rsa_public_key=pem(EC_KEYS["ES256"]))
     assert "rsa_public_key" in str(err.value)
+
+
+async def test_an_https_jwks_is_fetched_when_due_and_on_an_unknown_kid_at_most_once_a_second(
+    tmp_path: Path,
+) -> None:
+    keys = json.loads(jwks_file(tmp_path).read_text())
+    served: dict[str, Any] = {"keys": keys["keys"][:1]}  # only r1 at first
+    fetches: list[float] = []
+    now = [1000.0]
+
+    def fetch() -> dict[str, Any]:
+        fetches.append(now[0])
+        return served
+
+    verifier = TokenVerifier(
+        config(jwks={"endpoint": "https://keys.example/jwks.json", "cache_ttl": "1h"}),
+        clock=lambda: now[0],
+        jwks_fetch=fetch,
+    )
+    jwks = verifier.jwks
+    assert jwks is not None and jwks.due()  # never fetched
+    jwks.refresh()
+    r1 = jwt.encode({"exp": 10**10}, RSA_KEY, algorithm="RS256", headers={"kid": "r1"})
+    assert verifier.verify(r1)
+    e1 = jwt.encode({"exp": 10**10}, EC_KEYS["ES256"], algorithm="ES256", headers={"kid": "e1"})
+    assert failure(verifier, e1).reason == "unknown_key"
+    assert not jwks.due()  # the unknown kid asks for a refresh, but not within a second
+    now[0] += 1.0
+    assert jwks.due()
+    served = {"keys": keys["keys"]}  # the key server now has e1 (a rotation)
+    jwks.refresh()
+    assert verifier.verify(e1)
+    assert fetches == [1000.0, 1001.0]
+    now[0] += 3600
+    assert jwks.due()  # the TTL ran out
+
+
+async def test_the_refresher_fetches_in_a_thread_and_keeps_its_keys_when_a_fetch_fails(
+    tmp_path: Path,
+) -> None:
+    keys = json.loads(jwks_file(tmp_path).read_text())
+    calls = [0]
+
+    def fetch() -> dict[str, Any]:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise jwt.PyJWKClientError("key server down")
+        return keys
+
+    verifier = TokenVerifier(
+        config(jwks={"endpoint": "https://keys.example/jwks.json", "cache_ttl": "10ms"}),
+        jwks_fetch=fetch,
+    )
+    task = asyncio.get_running_loop().create_task(verifier.keep_keys_fresh(poll=0.005))
+    try:
+        await wait_for(lambda: calls[0] >= 3, what="three fetches, two of them failing")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    r1 = jwt.encode({"exp": 10**10}, RSA_KEY, algorithm="RS256", headers={"kid": "r1"})
+    assert verifier.verify(r1)  # the keys of the first fetch are still in use

@@ -1,7 +1,8 @@
 """The access log: one structured line per proxied request (subsystem `proxy.access`).
 
-Header lists pass through an allow list or a block list (case-insensitive) so secrets such as
-`Authorization` or `Cookie` can be kept out of the logs. 5xx responses are logged at warn at
+Header lists pass through an allow list or a block list (case-insensitive); credentials
+(`Authorization`, `x-pico-authorization`, `Proxy-Authorization`, `Cookie`, `Set-Cookie`) are
+left out unless an allow list names them. 5xx responses are logged at warn at
 least. When the line's level is filtered out, nothing is built (no cost per request).
 """
 
@@ -14,6 +15,11 @@ from pico.config import AccessLogConfig, HeaderFilter
 from pico.http.settings import RequestRecord
 
 _RANK = {"debug": 0, "info": 1, "warn": 2, "error": 3}
+# Credentials are never logged unless an allow list names them: a block list that forgets
+# one (or none at all) must not put tokens and session cookies in the logs.
+_SECRETS = frozenset(
+    {b"authorization", b"x-pico-authorization", b"proxy-authorization", b"cookie", b"set-cookie"}
+)
 
 
 class _Filter:
@@ -21,7 +27,8 @@ class _Filter:
 
     def __init__(self, config: HeaderFilter) -> None:
         self.allow = frozenset(h.lower().encode("latin-1") for h in config.allow_list)
-        self.block = frozenset(h.lower().encode("latin-1") for h in config.block_list)
+        block = frozenset(h.lower().encode("latin-1") for h in config.block_list)
+        self.block = block if self.allow else block | _SECRETS
 
     def apply(self, headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -105,18 +105,29 @@ class Node:
         self.cluster = ClusterState(NodeInfo(id=self.node_id, proxy_addr="", admin_addr=""))
         self.node_upstreams = NodeUpstreams(self._proxy_addr_of)
         self.router = NodeRouter(self.registry, self.cluster, self.node_upstreams.get)
-        upstream_auth = config.upstream.auth
+        # One token verifier per port with auth on; their JWKS refreshers run while the
+        # node does (`_key_tasks`).
+        self.verifiers = {
+            port: verifier
+            for port, auth_config in (
+                ("proxy", config.proxy.auth),
+                ("upstream", config.upstream.auth),
+                ("admin", config.admin.auth),
+            )
+            if (verifier := verifier_for(auth_config, self.metrics.auth_failure_counter(port)))
+        }
+        self._key_tasks: set[asyncio.Task[None]] = set()
         self.upstream_server = UpstreamServer(
             self.registry,
-            auth=verifier_for(upstream_auth, self.metrics.auth_failure_counter("upstream")),
-            disconnect_on_expiry=not upstream_auth.disable_disconnect_on_expiry,
+            auth=self.verifiers.get("upstream"),
+            disconnect_on_expiry=not config.upstream.auth.disable_disconnect_on_expiry,
         )
         self.admin = AdminServer(
             self.cluster,
             self.registry,
             self.metrics,
             self._gossip_status,
-            auth=verifier_for(config.admin.auth, self.metrics.auth_failure_counter("admin")),
+            auth=self.verifiers.get("admin"),
         )
         self.gossip = GossipTransport("", 0, self._on_gossip_events)
         self.syncer: ClusterSyncer | None = None
@@ -214,6 +225,11 @@ class Node:
     async def start(self) -> None:
         """Bind every port and become ready. Raises StartupError with one clear line."""
         cfg = self.config
+        loop = asyncio.get_running_loop()
+        for verifier in self.verifiers.values():
+            # Started first: an https JWKS is being fetched while the ports open.
+            task = loop.create_task(verifier.keep_keys_fresh())
+            self._key_tasks.add(task)
         try:
             admin_runner, admin_addr = await self._start_app(
                 self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr"
@@ -340,7 +356,7 @@ class Node:
         loop = asyncio.get_running_loop()
         router, limits, conns = self.router, self.limits, self.connections
         observe = self._observer()
-        verifier = verifier_for(self.config.proxy.auth, self.metrics.auth_failure_counter("proxy"))
+        verifier = self.verifiers.get("proxy")
         auth = ProxyAuth(verifier) if verifier is not None else None
         try:
             server = await loop.create_server(
@@ -393,6 +409,10 @@ class Node:
         _log.info("shutdown complete", node_id=self.node_id)
 
     async def _cleanup(self) -> None:
+        for task in self._key_tasks:
+            task.cancel()
+        await asyncio.gather(*self._key_tasks, return_exceptions=True)
+        self._key_tasks.clear()
         await self.gossip.close()
         self.node_upstreams.close()
         if self._proxy_server is not None:
