@@ -3,7 +3,8 @@
 For A/B work on the data path: each pair is measured back to back, so the ratio does not
 swing with the machine's load the way separate runs do, and the CPU each Pico process spends
 per request (user and system, in µs) shows where a change helped. Environment: PAIRS (default
-4), PAIR_DURATION (seconds per run, default 4).
+4), PAIR_DURATION (seconds per run, default 4), PAIR_AUTH=1 (tokens on the proxy and upstream
+ports: every request carries one).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> int:
     tmp.chmod(0o755)
     (tmp / "logs").mkdir()
     bench = Bench(cfg, tmp)
+    if os.environ.get("PAIR_AUTH") == "1":
+        bench.enable_auth()
 
     def run(url: str, headers: list[str]) -> wrk.WrkResult:
         argv = [cfg.wrk, "-t1", "-c50", f"-d{duration}s", "--latency", *headers, url]
@@ -45,7 +48,7 @@ def main() -> int:
         procs = {role: psutil.Process(one.roles[role].pid) for role in ("server", "agent")}
         pico_url = f"http://{one.host}:{one.port}/{size}.bin"
         hop_url = f"http://{hop.host}:{hop.port}/{size}.bin"
-        pico_headers = ["-H", "x-pico-endpoint: bench"]
+        pico_headers = [a for k, v in one.headers.items() for a in ("-H", f"{k}: {v}")]
         run(pico_url, pico_headers)  # warm-up
         ratios = []
         for i in range(pairs):

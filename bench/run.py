@@ -145,6 +145,25 @@ class Bench:
         self.www = tmp / "www"
         self.origin: Setup | None = None
         self.notes: list[str] = []
+        # With a secret, Pico runs with tokens on the proxy and upstream ports (HS256): the
+        # agent and every request carry one (bench.pair's PAIR_AUTH=1).
+        self.auth_secret = ""
+        self.auth_token = ""
+
+    def enable_auth(self) -> None:
+        """Turn proxy and upstream auth on for the Pico setups started afterwards."""
+        import jwt
+
+        self.auth_secret = os.urandom(32).hex()
+        self.auth_token = jwt.encode(
+            {"exp": int(time.time()) + 86400}, self.auth_secret, algorithm="HS256"
+        )
+
+    def _endpoint_headers(self) -> dict[str, str]:
+        headers = {"x-pico-endpoint": ENDPOINT}
+        if self.auth_token:
+            headers["x-pico-authorization"] = f"Bearer {self.auth_token}"
+        return headers
 
     # ---- setups -------------------------------------------------------------------------------
 
@@ -187,6 +206,9 @@ class Bench:
             argv += [f"--{k}.bind-addr", f"{PICO_HOST}:{port}"]
         argv += ["--log.level", "warn", "--server.graceful-shutdown-timeout", "2s"]
         argv += ["--cluster.node-id", name]
+        if self.auth_secret:
+            for port in ("proxy", "upstream"):
+                argv += [f"--{port}.auth.hmac-secret-key", self.auth_secret]
         if join:
             argv += ["--cluster.join", join]
         proc = self.procs.start(name, argv)
@@ -212,6 +234,8 @@ class Bench:
             "--log.level",
             "warn",
         ]
+        if self.auth_token:
+            argv += ["--auth.api-key", self.auth_token]
         return self.procs.start("pico-agent", argv)
 
     def start_pico_one(self, origin: Setup) -> Setup:
@@ -226,7 +250,7 @@ class Bench:
             self.procs.check_alive(server, agent)
 
         wait_until("the agent to register endpoint 'bench'", registered, 15, alive)
-        headers = {"x-pico-endpoint": ENDPOINT}
+        headers = self._endpoint_headers()
         wait_until(
             "a 200 through the tunnel",
             lambda: probe_body(PICO_HOST, ports["proxy"], headers),
@@ -246,7 +270,7 @@ class Bench:
         def alive() -> None:
             self.procs.check_alive(server_a, server_b, agent)
 
-        headers = {"x-pico-endpoint": ENDPOINT}
+        headers = self._endpoint_headers()
         try:
             wait_until(
                 "a 200 forwarded by node B to node A",
