@@ -307,6 +307,20 @@ class AdminConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
+def _gossip_keys(values: list[str]) -> list[str]:
+    from pico.gossip.seal import parse_key
+
+    for i, value in enumerate(values):
+        try:
+            parse_key(value)
+        except ValueError as exc:
+            raise ValueError(f"key {i + 1}: {exc}") from None
+    return values
+
+
+GossipKeys = Annotated[list[str], BeforeValidator(_split_list), AfterValidator(_gossip_keys)]
+
+
 class GossipConfig(_Model):
     """``gossip``: cluster membership and state propagation."""
 
@@ -320,6 +334,14 @@ class GossipConfig(_Model):
     )
     expiry: Duration = Field(
         60.0, description="How long a dead or left node is remembered before it is forgotten."
+    )
+    secret_keys: Annotated[
+        list[str], BeforeValidator(_split_list), AfterValidator(_gossip_keys)
+    ] = Field(
+        default_factory=list,
+        description="Base64 AES keys (16, 24 or 32 bytes): every gossip packet and "
+        "join/leave is sealed with the first and opened with any (rotate by adding the new "
+        "key second, then first, then dropping the old). Empty: gossip is not authenticated.",
     )
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from pico import log
 from pico.gossip.codec import GossipDecodeError, GossipError, MessageType, stream_message_length
 from pico.gossip.events import GossipEvent
 from pico.gossip.protocol import Gossiper, Outgoing
+from pico.gossip.seal import MAX_OVERHEAD, Keyring, SealError
 
 _log = log.get_logger("gossip")
 
@@ -43,6 +45,8 @@ class GossipCounters:
     connections_out: int = 0
     decode_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # Messages refused by the keyring, by reason (unsealed, bad_seal, stale).
+    rejected: dict[str, int] = field(default_factory=dict)
 
 
 def split_host_port(addr: str, default_port: int) -> tuple[str, int]:
@@ -84,8 +88,15 @@ class GossipTransport:
         host: str,
         port: int,
         on_events: Callable[[list[GossipEvent]], None],
+        keyring: Keyring | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._gossiper: Gossiper | None = None
+        # With a keyring every packet and join/leave message is sealed, and anything that does
+        # not open is dropped (and counted, never logged per packet). Seals carry wall-clock
+        # time: nodes compare it with their own.
+        self.keyring = keyring
+        self.wall_clock = wall_clock
         self.host = host
         self.port = port
         self.on_events = on_events
@@ -192,6 +203,12 @@ class GossipTransport:
         c = self.counters
         c.packets_in += 1
         c.packet_bytes_in += len(data)
+        if self.keyring is not None:
+            try:
+                data = self.keyring.open(data, self.wall_clock())
+            except SealError as exc:
+                c.rejected[exc.reason] = c.rejected.get(exc.reason, 0) + 1
+                return
         try:
             replies = self.gossiper.receive_datagram(data, self._loop.time())
         except GossipDecodeError as exc:
@@ -206,13 +223,15 @@ class GossipTransport:
         if udp is None:
             return
         c = self.counters
+        keyring = self.keyring
         for out in outgoing:
             target = self._resolve(out.addr)
             if target is None:
                 continue
+            data = out.data if keyring is None else keyring.seal(out.data, self.wall_clock())
             c.packets_out += 1
-            c.packet_bytes_out += len(out.data)
-            udp.sendto(out.data, target)
+            c.packet_bytes_out += len(data)
+            udp.sendto(data, target)
 
     def _resolve(self, addr: str) -> tuple[str, int] | None:
         target = self._resolved.get(addr)
@@ -271,10 +290,14 @@ class GossipTransport:
                 answer = self.gossiper.handle_join(msg, now)
             else:
                 answer = self.gossiper.handle_leave(msg, now)
+            answer = self._frame(answer)
             self.counters.stream_bytes_out += len(answer)
             writer.write(answer)
             await asyncio.wait_for(writer.drain(), _TCP_TIMEOUT)
             self._flush_events()
+        except SealError as exc:
+            rejected = self.counters.rejected
+            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
         except (GossipError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             _log.warn("gossip stream failed", error=str(exc))
         finally:
@@ -282,7 +305,16 @@ class GossipTransport:
                 self._handlers.discard(task)
             writer.close()
 
+    def _frame(self, msg: bytes) -> bytes:
+        """A join/leave message as it goes on the wire: sealed and length-prefixed with keys."""
+        if self.keyring is None:
+            return msg
+        sealed = self.keyring.seal(msg, self.wall_clock())
+        return len(sealed).to_bytes(4, "big") + sealed
+
     async def _read_message(self, reader: asyncio.StreamReader, *, reply: bool) -> bytes:
+        if self.keyring is not None:
+            return await self._read_sealed(reader)
         buf = bytearray()
         tried_at = 0
         while True:
@@ -302,10 +334,28 @@ class GossipTransport:
             if n is not None:
                 return bytes(buf[:n])
 
+    async def _read_sealed(self, reader: asyncio.StreamReader) -> bytes:
+        """One length-prefixed sealed message, opened. Raises SealError, GossipDecodeError."""
+        assert self.keyring is not None
+        try:
+            size = int.from_bytes(await reader.readexactly(4), "big")
+            if size > _MAX_STREAM_MESSAGE + MAX_OVERHEAD:
+                raise GossipDecodeError(f"message larger than {_MAX_STREAM_MESSAGE} bytes")
+            sealed = await reader.readexactly(size)
+        except asyncio.IncompleteReadError:
+            # A peer without our keys reads our sealed join as garbage and hangs up.
+            raise GossipDecodeError("connection closed mid-message (gossip keys differ?)") from None
+        self.counters.stream_bytes_in += 4 + size
+        msg = self.keyring.open(sealed, self.wall_clock())
+        if not msg:
+            raise GossipDecodeError("empty message")
+        return msg
+
     async def _exchange(self, host: str, port: int, data: bytes) -> bytes:
         self.counters.connections_out += 1
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _TCP_TIMEOUT)
         try:
+            data = self._frame(data)
             writer.write(data)
             self.counters.stream_bytes_out += len(data)
             await writer.drain()

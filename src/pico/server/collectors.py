@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import ProcessCollector
 
-from pico.server.metrics import CounterCollector, GaugeCollector
+from pico.server.metrics import CounterCollector, CounterFamilyCollector, GaugeCollector
 
 if TYPE_CHECKING:
     from pico.server.node import Node
@@ -51,6 +51,15 @@ def register(node: Node) -> None:
         metrics.add_collector(
             CounterCollector(f"pico_gossip_{name}_total", doc, _reader(counters, attr))
         )
+
+    metrics.add_collector(
+        CounterFamilyCollector(
+            "pico_gossip_rejected_total",
+            "Gossip messages refused by the keyring (unsealed, bad_seal, stale).",
+            ["reason"],
+            lambda: [((reason,), float(n)) for reason, n in sorted(counters.rejected.items())],
+        )
+    )
 
     for direction in ("inbound", "outbound"):
         for kind in ("digest", "delta"):

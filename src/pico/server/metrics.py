@@ -96,6 +96,28 @@ class GaugeCollector(Collector):
         yield family
 
 
+class CounterFamilyCollector(Collector):
+    """A labelled counter whose values are read from a callback at scrape time."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: list[str],
+        read: Callable[[], Iterable[tuple[Sequence[str], float]]],
+    ) -> None:
+        self.name = name.removesuffix("_total")
+        self.doc = doc
+        self.labels = labels
+        self.read = read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for label_values, value in self.read():
+            family.add_metric(list(label_values), value)
+        yield family
+
+
 class CounterCollector(Collector):
     """A counter whose value is read from a callback at scrape time (kept by a sans-I/O core)."""
 

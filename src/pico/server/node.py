@@ -24,6 +24,7 @@ from pico import log
 from pico.auth import ProxyAuth, verifier_for
 from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
+from pico.gossip.seal import Keyring, parse_key
 from pico.gossip.transport import GossipTransport
 from pico.http.proxy import ProxyConnection
 from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
@@ -129,7 +130,9 @@ class Node:
             self._gossip_status,
             auth=self.verifiers.get("admin"),
         )
-        self.gossip = GossipTransport("", 0, self._on_gossip_events)
+        keys = [parse_key(k) for k in config.gossip.secret_keys]
+        self.keyring = Keyring(keys, self.node_id) if keys else None
+        self.gossip = GossipTransport("", 0, self._on_gossip_events, keyring=self.keyring)
         self.syncer: ClusterSyncer | None = None
         # Set when the node must stop on its own (the cluster join failed for good).
         self.fatal: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -258,7 +261,9 @@ class Node:
             self.addrs.gossip_advertise,
             GossipConfig(
                 interval=cfg.gossip.interval,
-                max_packet_size=cfg.gossip.max_packet_size,
+                # Room for the seal, so that a sealed packet still fits the configured size.
+                max_packet_size=cfg.gossip.max_packet_size
+                - (self.keyring.overhead if self.keyring is not None else 0),
                 expiry=cfg.gossip.expiry,
             ),
         )
