@@ -10,6 +10,9 @@ from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+UNDELIVERED_GARBAGE = (
+    b"HTTP/1.1 502 Bad Gateway\r\nx-pico-undelivered: true\r\nContent-Length: 3\r\n\r\nabczz"
+)
 # A 600 KB response head (the limit is 256 KiB), delivered in one piece.
 BIG_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
@@ -41,6 +44,9 @@ class FakeChannel:
         loop = asyncio.get_running_loop()
         if self.behaviour == "ok":
             loop.call_soon(self._deliver, RESPONSE)
+        elif self.behaviour == "undelivered_garbage":
+            # Another node's "not delivered", then bytes that break the parser, in one read.
+            loop.call_soon(self._deliver, UNDELIVERED_GARBAGE)
         elif self.behaviour == "big_head":
             loop.call_soon(self._deliver, BIG_HEAD)
         else:
@@ -72,10 +78,11 @@ class FakeChannel:
 
 
 class FakeUpstream:
-    def __init__(self, name: str, behaviour: str, log: list[str]) -> None:
+    def __init__(self, name: str, behaviour: str, log: list[str], *, remote: bool = False) -> None:
         self.name = name
         self.behaviour = behaviour
         self.log = log
+        self._remote = remote
 
     @property
     def label(self) -> str:
@@ -83,7 +90,7 @@ class FakeUpstream:
 
     @property
     def remote(self) -> bool:
-        return False
+        return self._remote
 
     def open_channel(self, fresh: bool = False) -> tuple[Channel, bool]:
         return FakeChannel(self.behaviour, self.log), False
@@ -252,3 +259,17 @@ async def test_a_huge_response_head_in_one_piece_gets_502() -> None:
     log: list[str] = []
     status = await request_through([FakeUpstream("odd", "big_head", log)])
     assert status == b"HTTP/1.1 502 Bad Gateway"
+
+
+async def test_a_broken_not_delivered_answer_is_answered_once_and_never_crashes() -> None:
+    """The reroute of a "not delivered" ran after the parser error had ended the exchange:
+    a TransitionError in the loop, and the 502 already written was never sent."""
+    log: list[str] = []
+    status = await request_through(
+        [
+            FakeUpstream("node-b", "undelivered_garbage", log, remote=True),
+            FakeUpstream("healthy", "ok", log),
+        ]
+    )
+    assert status == b"HTTP/1.1 502 Bad Gateway"
+    assert log == ["undelivered_garbage"]

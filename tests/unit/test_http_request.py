@@ -87,3 +87,20 @@ def test_upgrade_counts_only_with_an_upgrade_header_the_parser_accepted() -> Non
         [HOST, (b"Upgrade", b"h2c"), (b"Content-Length", b"400")],
         upgrade=True,
     )
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_http_versions_other_than_1x_are_505(version: str) -> None:
+    refused(505, "HTTP version not supported", [HOST], version=version)
+
+
+def test_asterisk_form_is_for_options_only() -> None:
+    refused(400, "invalid request target", [HOST], url=b"*")
+
+
+def test_duplicate_endpoint_headers_are_400() -> None:
+    refused(
+        400,
+        "duplicate x-pico-endpoint header",
+        [HOST, (b"x-pico-endpoint", b"a"), (b"x-pico-endpoint", b"b")],
+    )

@@ -159,3 +159,11 @@ def test_a_finished_response_cannot_fail_afterwards() -> None:
     r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     with pytest.raises(TransitionError):
         r.to(Receive.FAILED)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_a_status_outside_100_599_is_broken(status: bytes) -> None:
+    r, client, events = reader()
+    r.feed(b"HTTP/1.1 " + status + b" Weird\r\nContent-Length: 0\r\n\r\n")
+    assert client.out == b""
+    assert events.seen[-1][0] == "broken"

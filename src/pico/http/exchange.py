@@ -55,6 +55,7 @@ class Exchange:
         "hold_failure",
         "progress_mark",
         "replay",
+        "replay_complete",
         "replay_size",
         "request",
         "response",
@@ -79,6 +80,7 @@ class Exchange:
         self.retried_fresh = False  # a stale pooled channel was already retried once
         self.replay: list[bytes] | None = []  # request bytes sent, while they fit the limit
         self.replay_size = 0
+        self.replay_complete = False  # the replay ends with the end of the body
         self.progress_mark = 0  # request bytes received when the response timer last fired
         # While the response parser is being fed, the fate of a finished channel waits for
         # the end of the chunk (bytes after the response make it unusable).
@@ -208,6 +210,12 @@ class Exchange:
         )
         for chunk in self.replay or ():
             channel.write(chunk)
+        if self.replay_complete:
+            # The replay ends with the end of the body (a retry after SENT): it is all out.
+            self._to_send(SENT)
+            if not self.conn.response_timer.armed:
+                self._arm_timer()
+            return
         body, req.body = req.body, []
         if body:
             self.conn.release_held_body(req)
@@ -245,6 +253,8 @@ class Exchange:
         req = self.request
         if req.chunked:
             self._send(render_trailers(req.trailers))
+        # Kept while the replay holds every byte: a retry then sends it all, and nothing more.
+        self.replay_complete = self.replay is not None
         self._to_send(SENT)
         if req.expects_body and self.response.state is AWAITING_HEAD:
             self._arm_timer()  # the wait for the response head starts now
@@ -258,16 +268,18 @@ class Exchange:
         corked = conn.cork()
         self.feeding = True
         try:
-            self.response.feed(data)
-        finally:
+            response = self.response
+            response.feed(data)
             self.feeding = False
-            if self.response.undelivered:
+            if response.undelivered and response.state is AWAITING_HEAD:
                 self._reroute()
             retire, self.retire = self.retire, None
             if retire is not None:
-                self._retire(retire[0], retire[1] and not self.response.stray_bytes)
+                self._retire(retire[0], retire[1] and not response.stray_bytes)
+        finally:
+            self.feeding = False
             if corked:
-                conn.uncork()
+                conn.uncork()  # whatever happened, what was written goes out
 
     def eof_received(self) -> None:
         if self.response.state in FINAL:

@@ -42,8 +42,13 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _DROP = HOP_BY_HOP | _FRAMING
 # Where the body is not relayed chunked, the `Trailer` header announces nothing.
 _DROP_UNCHUNKED = _DROP | {b"trailer"}
-# A Connection token cannot remove these: routing must not depend on what survived filtering.
-_PROTECTED = frozenset({b"host"})
+# "Not delivered" is said by a node (`error_response`), never by a service: a service that
+# sent it could make the node that forwarded its request send it again elsewhere.
+_RESPONSE_DROP = _DROP | {UNDELIVERED_HEADER}
+_RESPONSE_DROP_UNCHUNKED = _DROP_UNCHUNKED | {UNDELIVERED_HEADER}
+# A Connection token cannot remove these: routing must not depend on what survived filtering
+# (a forwarded request is routed again by the node that receives it).
+_PROTECTED = frozenset({b"host", ENDPOINT_HEADER})
 # Trailer fields that could change routing, framing or what the node asserts about the client
 # if a service merged them into the header section: dropped (RFC 9110 §6.5.1).
 _TRAILER_DROP = _DROP | {
@@ -227,7 +232,7 @@ def rewrite_response_head(
     The body is stated as `framing` says; `chunked` is false where a chunked body is de-chunked
     (for an HTTP/1.0 client: it then ends by closing, and its `Trailer` header is dropped).
     """
-    drop = _drop_set(headers, _DROP if chunked else _DROP_UNCHUNKED)
+    drop = _drop_set(headers, _RESPONSE_DROP if chunked else _RESPONSE_DROP_UNCHUNKED)
     out = [_status_line(status, reason)]
     for name, value in headers:
         if name.lower() not in drop:

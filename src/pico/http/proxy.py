@@ -43,6 +43,9 @@ _PAUSE_CHANNEL = 1  # the upstream channel cannot take more request body yet
 _PAUSE_PIPELINE = 2  # too many bytes of pipelined requests are waiting their turn
 _PAUSE_UPGRADE = 4  # bytes after an Upgrade request wait for the 101
 _CHALLENGE = ((b"WWW-Authenticate", b"Bearer"),)
+# What a queued request is counted for beyond its head bytes (its Request, lists, tuples):
+# without it, thousands of tiny pipelined heads would pass the pipeline limit unnoticed.
+_QUEUED_REQUEST_COST = 512
 
 
 class _NoRequests:
@@ -176,6 +179,11 @@ class ProxyConnection(asyncio.Protocol):
             self._spliced.write_eof()
             return True
         self._client_eof = True
+        if self._in_head and self._queue:
+            # Only the head of a request behind the ones queued was cut short: answer those,
+            # then close (nothing more will be parsed).
+            self._last_read = True
+            return True
         if self._in_message:
             # The request being received can never be completed: drop the connection
             # (connection_lost abandons the exchange and frees its stream).
@@ -254,7 +262,7 @@ class ProxyConnection(asyncio.Protocol):
         req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         inspect_head(req, upgrade=parser.should_upgrade())
-        self._header_bytes = 0  # trailers have a budget of their own
+        head_size, self._header_bytes = self._header_bytes, 0  # trailers: a budget of their own
         if req.forward_claimed:
             trusted = self.trusted_forwarder
             req.forwarded = trusted is not None and trusted(self.client_ip)
@@ -264,7 +272,8 @@ class ProxyConnection(asyncio.Protocol):
         if self._exchange is None and len(self._queue) == 1:
             self._start_next()
         else:
-            self._hold(req, self._header_bytes)
+            # A queued request costs its head and its objects, however small the head.
+            self._hold(req, head_size + _QUEUED_REQUEST_COST)
 
     def on_body(self, body: bytes) -> None:
         req = self._parsing
@@ -457,7 +466,10 @@ class ProxyConnection(asyncio.Protocol):
             return  # upgraded: the connection is a byte relay now
         self._resume(_PAUSE_CHANNEL)  # a pause asked for by this exchange's channel ends here
         unread = req.expects_body and not req.body_done
-        if close or self._drain or self._client_eof or unread or self._upgrade_buffer is not None:
+        # An upgrade request that got an answer other than 101: the bytes after it were meant
+        # for a protocol that is not coming, so the connection ends here.
+        declined = req.upgrade is not None
+        if close or self._drain or self._client_eof or unread or declined:
             self._close()
             return
         if self._queue:

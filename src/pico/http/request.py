@@ -69,6 +69,8 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
 
     `upgrade` is what the parser concluded (Connection: upgrade with an Upgrade header).
     """
+    if req.version not in ("1.1", "1.0"):
+        raise BadRequest(505, "HTTP version not supported")
     if req.method == b"CONNECT":
         raise BadRequest(405, "CONNECT is not supported", _ALLOW)
     content_lengths: list[bytes] = []
@@ -87,6 +89,8 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
                 raise BadRequest(400, "duplicate Host header")
             host = value
         elif lname == ENDPOINT_HEADER:
+            if endpoint_header is not None:
+                raise BadRequest(400, "duplicate x-pico-endpoint header")
             endpoint_header = value
         elif lname == FORWARD_HEADER:
             req.forward_claimed = value.strip().lower() == b"true"
@@ -100,6 +104,8 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
     if upgrading:
         req.upgrade = upgrade_value
     url = req.url
+    if url == b"*" and req.method != b"OPTIONS":
+        raise BadRequest(400, "invalid request target")  # RFC 9112 §3.2.4: OPTIONS only
     if url[:1] != b"/" and url != b"*":
         host = _absolute_form(req)
     elif host is None:

@@ -236,7 +236,10 @@ class ResponseReader:
         assert self.parser is not None
         status = self.parser.get_status_code()
         req = self.request
-        if 100 <= status < 200 and status != 101:
+        if not 100 <= status <= 599:
+            self.events.broken(f"status {status} outside 100-599")  # RFC 9110 §15
+            return
+        if status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): relay it and keep waiting.
             if req.version != "1.0":
                 self.conn.write(

@@ -254,7 +254,7 @@ class UpstreamServer:
         self._tunnels.add(upstream)
         _log.info("upstream connected", endpoint_id=endpoint_id, client_ip=addr)
         if self.on_connect:
-            self.on_connect(endpoint_id)
+            self.on_connect(endpoint_key(endpoint_id))
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._serve(upstream))
         self._tasks.add(task)
@@ -297,7 +297,7 @@ class UpstreamServer:
                 reason=upstream.tunnel.close_reason,
             )
             if self.on_disconnect:
-                self.on_disconnect(upstream.endpoint_id, upstream.graceful)
+                self.on_disconnect(endpoint_key(upstream.endpoint_id), upstream.graceful)
 
     def tunnels(self) -> Sequence[TunnelUpstream]:
         """Every open tunnel."""
