@@ -283,3 +283,17 @@ async def test_agent_frames_carry_the_mask_key_of_its_mode(random_mask: bool, si
     assert all((key != ZERO_KEY) == random_mask for key in keys)
     decoded, _ = FrameDecoder(expect_mask=True).feed(wire)
     assert b"\x55" * size in b"".join(decoded)
+
+
+async def test_a_stream_finishing_after_its_pool_closed_is_not_pooled(h: Harness) -> None:
+    """A request finishing between the pool's close and the GoAway put its stream back in the
+    pool; the drain then waited for it until the end of the grace period."""
+    node, _, _ = await h.with_service()
+    (upstream,) = node.upstream_server.tunnels()
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.ensure_future(get(http, node, "/slow?delay=0.3"))
+        await wait_for(lambda: len(upstream.tunnel.streams) == 1, what="request in flight")
+        upstream.close_idle()  # what a drain does first
+        assert await asyncio.wait_for(pending, 10) == (200, "slow")
+    assert upstream.idle_count == 0
+    await wait_for(lambda: not upstream.tunnel.streams, what="the stream reset")

@@ -242,17 +242,7 @@ class ResponseReader:
         if status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): relay it and keep waiting.
             if req.version != "1.0":
-                self.conn.write(
-                    rewrite_response_head(
-                        status,
-                        self.reason,
-                        self.headers,
-                        framing=NO_BODY,
-                        chunked=False,
-                        close=False,
-                        upgrade=False,
-                    )
-                )
+                self._write_bodiless_head(status, upgrade=False)
             self._new_head()
             return
         if (
@@ -271,6 +261,20 @@ class ResponseReader:
                 self.events.broken("unexpected upgrade from upstream")
             return  # the parser stops here with HttpParserUpgrade: `_on_upgrade` relays it
         self._relay_head(status)
+
+    def _write_bodiless_head(self, status: int, *, upgrade: bool) -> None:
+        """Relay a 1xx head (interim, or the 101 of an upgrade): no body, no framing."""
+        self.conn.write(
+            rewrite_response_head(
+                status,
+                self.reason,
+                self.headers,
+                framing=NO_BODY,
+                chunked=False,
+                close=False,
+                upgrade=upgrade,
+            )
+        )
 
     def _relay_head(self, status: int) -> None:
         req = self.request
@@ -366,17 +370,7 @@ class ResponseReader:
         if self.status != 101 or self.request.upgrade is None:
             self.events.broken("unexpected upgrade from upstream")
             return
-        self.conn.write(
-            rewrite_response_head(
-                101,
-                self.reason,
-                self.headers,
-                framing=NO_BODY,
-                chunked=False,
-                close=False,
-                upgrade=True,
-            )
-        )
+        self._write_bodiless_head(101, upgrade=True)
         self.received_headers, self.headers = self.headers, []
         if rest:
             self.conn.write(rest)

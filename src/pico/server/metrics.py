@@ -74,8 +74,8 @@ class NodeMetrics:
         self.registry.register(collector)
 
 
-class GaugeCollector(Collector):
-    """A gauge whose labelled values are read from a callback at scrape time."""
+class _FamilyCollector(Collector):
+    """A labelled metric whose values are read from a callback at scrape time."""
 
     def __init__(
         self,
@@ -89,33 +89,25 @@ class GaugeCollector(Collector):
         self.labels = labels
         self.read = read
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.doc, labels=self.labels)
+    def _fill(self, family: GaugeMetricFamily | CounterMetricFamily) -> Metric:
         for label_values, value in self.read():
             family.add_metric(list(label_values), value)
-        yield family
+        return family
 
 
-class CounterFamilyCollector(Collector):
+class GaugeCollector(_FamilyCollector):
+    """A gauge whose labelled values are read from a callback at scrape time."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._fill(GaugeMetricFamily(self.name, self.doc, labels=self.labels))
+
+
+class CounterFamilyCollector(_FamilyCollector):
     """A labelled counter whose values are read from a callback at scrape time."""
 
-    def __init__(
-        self,
-        name: str,
-        doc: str,
-        labels: list[str],
-        read: Callable[[], Iterable[tuple[Sequence[str], float]]],
-    ) -> None:
-        self.name = name.removesuffix("_total")
-        self.doc = doc
-        self.labels = labels
-        self.read = read
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for label_values, value in self.read():
-            family.add_metric(list(label_values), value)
-        yield family
+    def collect(self) -> Iterator[Metric]:
+        name = self.name.removesuffix("_total")
+        yield self._fill(CounterMetricFamily(name, self.doc, labels=self.labels))
 
 
 class CounterCollector(Collector):

@@ -45,6 +45,7 @@ class TunnelUpstream:
         self.graceful = False  # the agent said goodbye (GoAway) before the tunnel closed
         self.expiry: asyncio.TimerHandle | None = None  # when its token expires
         self._idle: list[tuple[float, MuxStream]] = []
+        self._pool_closed = False
 
     @property
     def label(self) -> str:
@@ -71,7 +72,7 @@ class TunnelUpstream:
     def release_channel(self, channel: Channel) -> None:
         """Keep a finished stream for the next request, if the pool has room."""
         assert isinstance(channel, MuxStream)
-        if len(self._idle) >= _POOL_SIZE or not self.tunnel.usable:
+        if len(self._idle) >= _POOL_SIZE or not self.tunnel.usable or self._pool_closed:
             channel.reset(ResetReason.NORMAL)
             return
         channel.set_receiver(_IdleStream(self, channel))
@@ -87,7 +88,9 @@ class TunnelUpstream:
         self._idle = [(t, s) for t, s in self._idle if s is not stream]
 
     def close_idle(self) -> None:
-        """Reset every idle stream (the tunnel is going away)."""
+        """Reset every idle stream, and every stream released from now on (the tunnel is
+        going away: a stream pooled after this would keep its drain waiting to the end)."""
+        self._pool_closed = True
         idle, self._idle = self._idle, []
         for _, stream in idle:
             stream.reset(ResetReason.NORMAL)
