@@ -104,3 +104,31 @@ def test_local_endpoint_counts_are_published_and_deleted_at_zero() -> None:
     sync.local_endpoint_changed("ep", 0)
     entries = {e.key: e for e in gossiper.node_state("local").entries}  # type: ignore[union-attr]
     assert entries["endpoint:ep"].deleted
+
+
+def test_addresses_that_are_not_a_plain_host_port_never_make_a_node_known() -> None:
+    """A fake admin_addr once turned `?forward=` into a request to any URL (SSRF)."""
+    cluster = state()
+    sync = syncer(cluster)
+    bad = [
+        "10.0.0.9:8002/admin?x=",
+        "evil@10.0.0.9:8002",
+        "10.0.0.9:8002#frag",
+        "10.0.0.9",
+        ":8002",
+        "10.0.0.9:99999",
+        " 10.0.0.9:8002",
+        "http://10.0.0.9:8002",
+    ]
+    for i, addr in enumerate(bad):
+        node = f"n{i}"
+        sync.apply(
+            [
+                NodeJoined(node, f"{node}:8003"),
+                NodeUpdated(node, "proxy_addr", "10.0.0.9:8000"),
+                NodeUpdated(node, "admin_addr", addr),
+            ]
+        )
+        assert node not in cluster.remotes, addr
+    sync.apply([NodeUpdated("n0", "admin_addr", "[fd00::9]:8002")])
+    assert cluster.remotes["n0"].admin_addr == "[fd00::9]:8002"

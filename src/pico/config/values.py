@@ -182,6 +182,18 @@ def _split_host_port(value: str) -> tuple[str, int]:
     return host, port
 
 
+def is_member_addr(value: str) -> bool:
+    """True for a plain `host:port` with a host and a port 1-65535: what a node may advertise
+    (no path, query, fragment, userinfo or spaces: the address goes into URLs)."""
+    if value != value.strip():
+        return False
+    try:
+        host, port = _split_host_port(value)
+    except ValueError:
+        return False
+    return bool(host) and 0 < port
+
+
 def parse_host_port(value: str, *, key: str) -> tuple[str, int]:
     """Parse "host:port" (":8000" -> ("", 8000), "[::1]:8000" -> ("::1", 8000)).
 

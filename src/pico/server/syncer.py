@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pico import log
+from pico.config.values import is_member_addr
 from pico.gossip import (
     Gossiper,
     GossipEvent,
@@ -121,6 +122,11 @@ class ClusterSyncer:
             return
         if node is not None:
             # Addresses are fixed for a node's life; a re-versioned copy (compaction) is ignored.
+            return
+        if not is_member_addr(value):
+            # It would go into URLs (`?forward=`, forwarding): a path, userinfo or another
+            # port's syntax must never get there. The node stays unknown until it sends a valid one.
+            _log.debug("ignoring invalid address in gossip", node_id=node_id, key=key)
             return
         assert pending is not None
         setattr(pending, key, value)
