@@ -78,3 +78,15 @@ async def test_status_api_lists_local_node_and_endpoint(h: Harness) -> None:
             assert (await resp.json())["endpoints"] == {"my-endpoint": 1}
         async with http.get(admin_url(node) + "/status/cluster/nodes/nope") as resp:
             assert resp.status == 404
+
+
+async def test_forwarding_headers_are_kept_only_from_trusted_proxies(h: Harness) -> None:
+    claims = {"x-pico-endpoint": "ep", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "x.io"}
+    for trusted, proto in (([], "http"), (["127.0.0.0/8"], "https")):
+        node = await h.node(proxy={"trusted_proxies": trusted})
+        port = await h.service(sample_app())
+        await h.agent(node, [f"ep/127.0.0.1:{port}"])
+        await h.tunnel_up(node, "ep")
+        async with aiohttp.ClientSession() as http:
+            async with http.get(proxy_url(node) + "/echo", headers=claims) as resp:
+                assert resp.headers["x-seen-x-forwarded-proto"] == proto, trusted

@@ -498,3 +498,13 @@ def test_cli_agent_requires_endpoints() -> None:
     result = CliRunner().invoke(_agent_cmd, [])
     assert result.exit_code != 0
     assert "endpoints" in result.output
+
+
+def test_trusted_proxies_must_be_cidrs() -> None:
+    from pico.config import ServerConfig, load_config_dict
+    from pico.config.loader import ConfigError
+
+    cfg = load_config_dict(ServerConfig, {"proxy": {"trusted_proxies": "10.0.0.0/8,::1"}})
+    assert cfg.proxy.trusted_proxies == ["10.0.0.0/8", "::1"]
+    with pytest.raises(ConfigError, match=r"proxy\.trusted_proxies"):
+        load_config_dict(ServerConfig, {"proxy": {"trusted_proxies": ["10.0.0.0/33"]}})

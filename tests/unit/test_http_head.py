@@ -116,7 +116,7 @@ def test_rewrite_request_head_drops_hop_by_hop_and_connection_listed_headers() -
     assert dict(seen)[b"X-Forwarded-Host"] == b"ep.example.com"
 
 
-def test_rewrite_request_head_appends_to_x_forwarded_for_and_keeps_proxy_headers() -> None:
+def test_rewrite_request_head_appends_to_x_forwarded_for_and_keeps_a_trusted_proxys() -> None:
     headers = [
         (b"Host", b"ep.example.com"),
         (b"X-Forwarded-For", b"1.1.1.1"),
@@ -133,6 +133,7 @@ def test_rewrite_request_head_appends_to_x_forwarded_for_and_keeps_proxy_headers
         upgrade=None,
         forwarded=False,
         mark_forward=True,
+        trusted_client=True,
     )
     _, seen = _parse_request(head + b"0\r\n\r\n")
     values = dict((n.lower(), v) for n, v in seen)
@@ -327,3 +328,26 @@ def test_endpoint_ids_fold_ascii_case() -> None:
     assert endpoint_id(None, b"WEB.Example.COM") == "web"
     assert endpoint_id(b"My-App", None) == "my-app"
     assert endpoint_key("My-App") == "my-app"
+
+
+def test_forwarding_headers_of_an_untrusted_client_are_replaced() -> None:
+    headers = [
+        (b"Host", b"ep.example.com"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"bank.example.com"),
+    ]
+    head = rewrite_request_head(
+        b"GET",
+        b"/",
+        headers,
+        client_ip="6.6.6.6",
+        framing=NO_BODY,
+        upgrade=None,
+        forwarded=False,
+        mark_forward=False,
+    )
+    _, seen = _parse_request(head)
+    values = {n.lower(): v for n, v in seen}
+    assert values[b"x-forwarded-proto"] == b"http"
+    assert values[b"x-forwarded-host"] == b"ep.example.com"
+    assert _names(seen).count(b"x-forwarded-proto") == 1

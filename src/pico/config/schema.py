@@ -6,6 +6,7 @@ into errors that name the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -162,6 +163,15 @@ class AccessLogConfig(_Model):
     response_headers: HeaderFilter = Field(default_factory=HeaderFilter)
 
 
+def _cidrs(values: list[str]) -> list[str]:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"not a CIDR or an IP address: {value!r}") from None
+    return values
+
+
 class JwksConfig(_Model):
     """``<port>.auth.jwks``: keys from a JSON Web Key Set, selected by `kid`."""
 
@@ -282,6 +292,13 @@ class ProxyConfig(_Model):
         description="How long a request waits for an upstream when its endpoint just lost all "
         "of them (a node restarting or failing while its agents reconnect elsewhere) before "
         "502; unknown endpoints are answered at once (0 disables).",
+    )
+    trusted_proxies: Annotated[list[str], BeforeValidator(_split_list), AfterValidator(_cidrs)] = (
+        Field(
+            default_factory=list,
+            description="CIDRs of load balancers whose X-Forwarded-Proto/-Host are kept (e.g. "
+            "10.0.0.0/8); from others Pico sets them from what it saw.",
+        )
     )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

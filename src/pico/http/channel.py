@@ -111,6 +111,7 @@ class ClientSide(Protocol):
     limits: ProxyLimits
     router: Router
     client_ip: str
+    trusted_client: bool  # a listed proxy: its X-Forwarded-Proto/-Host are kept
     response_timer: LazyTimer
 
     @property

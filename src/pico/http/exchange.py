@@ -206,6 +206,7 @@ class Exchange:
                 upgrade=req.upgrade,
                 forwarded=req.forwarded,
                 mark_forward=upstream.remote,
+                trusted_client=self.conn.trusted_client,
             )
         )
         for chunk in self.replay or ():

@@ -163,15 +163,18 @@ def rewrite_request_head(
     upgrade: bytes | None,
     forwarded: bool,
     mark_forward: bool,
+    trusted_client: bool = False,
 ) -> bytes:
     """The request head to send upstream, as HTTP/1.1.
 
     Drops hop-by-hop headers and the client's framing headers, and states the body as `framing`
-    says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and X-Forwarded-Host
-    when absent (a load balancer in front may have set them). A request that another node
-    forwarded already carries them and is passed unchanged. `mark_forward` adds
-    `x-pico-forward: true` for the hop to another node.
+    says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and X-Forwarded-Host;
+    the client's own are kept only from a `trusted_client` (a load balancer listed in
+    `proxy.trusted_proxies`, which may have set them). A request that another node forwarded
+    already carries them and is passed unchanged. `mark_forward` adds `x-pico-forward: true` for
+    the hop to another node.
     """
+    keep_client = trusted_client or forwarded
     body = framing.body
     chunked = body is BODY_CHUNKED
     drop = _drop_set(headers, _DROP if chunked else _DROP_UNCHUNKED)
@@ -189,8 +192,12 @@ def rewrite_request_head(
         if lname == b"host":
             host = value
         elif lname == b"x-forwarded-proto":
+            if not keep_client:
+                continue  # anyone could claim https: Pico says what it saw
             has_proto = True
         elif lname == b"x-forwarded-host":
+            if not keep_client:
+                continue
             has_fhost = True
         elif lname == FORWARD_HEADER:
             continue

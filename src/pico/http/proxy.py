@@ -80,6 +80,7 @@ class ProxyConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
+        self.trusted_client = False
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         self._parsing: Request | None = None
@@ -132,6 +133,7 @@ class ProxyConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        self.trusted_client = self.limits.trusts(self.client_ip)
         if self.trusted_forwarder is not None and self.trusted_forwarder(self.client_ip):
             # A node adds X-Forwarded-Host (a copy of Host, itself within the limit) and less
             # than 1 KiB of other fields (X-Forwarded-For/-Proto, x-pico-forward, framing).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -37,6 +38,19 @@ class ProxyLimits:
     upstream_wait: float = 5.0
     # Client write buffer high-water mark; above it we stop crediting the upstream.
     write_high_water: int = 256 * 1024
+    # Load balancers whose X-Forwarded-Proto/-Host are believed (`proxy.trusted_proxies`);
+    # from anyone else they are replaced by what the node saw.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+
+    def trusts(self, ip: str) -> bool:
+        """Whether `ip` is one of the trusted proxies."""
+        if not self.trusted_proxies:
+            return False
+        try:
+            addr = ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_proxies)
 
 
 class RequestRecord(NamedTuple):

@@ -144,6 +144,9 @@ class Node:
             idle_timeout=config.proxy.idle_timeout,
             response_timeout=config.proxy.timeout,
             upstream_wait=config.proxy.upstream_wait,
+            trusted_proxies=tuple(
+                ipaddress.ip_network(c, strict=False) for c in config.proxy.trusted_proxies
+            ),
         )
         self.connections = ConnectionTracker()
         self.addrs: BoundAddrs | None = None
