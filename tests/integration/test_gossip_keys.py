@@ -121,3 +121,18 @@ async def _metrics(node: Node) -> str:
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://{host}:{port}/metrics") as resp:
             return await resp.text()
+
+
+async def test_with_keys_only_a_members_proof_makes_a_request_forwarded(h: Harness) -> None:
+    """Every node here shares 127.0.0.1: by address alone, a client's `x-pico-forward: true`
+    would pass as a member's (and the node would not route it on)."""
+    a, b = await keyed_cluster(h, 2, [KEY])
+    port = await h.service(sample_app())
+    await h.agent(a, [f"ep/127.0.0.1:{port}"])
+    await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("ep") == 1)
+    async with aiohttp.ClientSession() as http:
+        for claim in ("true", "v1.intruder.1.deadbeef"):
+            headers = {"x-pico-endpoint": "ep", "x-pico-forward": claim}
+            async with http.get(proxy_url(b) + "/echo", headers=headers) as resp:
+                assert resp.status == 200, claim  # treated as a client's, and routed to a
+                assert resp.headers["x-seen-x-forwarded-for"] == "127.0.0.1"

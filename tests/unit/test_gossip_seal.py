@@ -72,3 +72,17 @@ def test_keys_are_base64_of_16_24_or_32_bytes() -> None:
     for bad, why in [("not base64!", "base64"), (base64.b64encode(b"x" * 20).decode(), "20")]:
         with pytest.raises(ValueError, match=why):
             parse_key(bad)
+
+
+def test_a_forwarding_proof_holds_for_its_request_only() -> None:
+    ring = Keyring([K1], "node-a")
+    mark = ring.forward_mark(b"POST", b"/pay?x=1", NOW)
+    other = Keyring([K1], "node-b")
+    assert other.forwarded_by_member(mark, b"POST", b"/pay?x=1", NOW + 5)
+    assert not other.forwarded_by_member(mark, b"GET", b"/pay?x=1", NOW)
+    assert not other.forwarded_by_member(mark, b"POST", b"/pay?x=2", NOW)
+    assert not other.forwarded_by_member(mark, b"POST", b"/pay?x=1", NOW + 31)  # replayed later
+    assert not Keyring([K2], "c").forwarded_by_member(mark, b"POST", b"/pay?x=1", NOW)
+    for forged in (b"true", b"", b"v1.node-a.1.00", mark.replace(b"node-a", b"node-x")):
+        assert not other.forwarded_by_member(forged, b"POST", b"/pay?x=1", NOW), forged
+    assert Keyring([K2, K1], "d").forwarded_by_member(mark, b"POST", b"/pay?x=1", NOW)

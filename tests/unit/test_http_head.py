@@ -100,7 +100,7 @@ def test_rewrite_request_head_drops_hop_by_hop_and_connection_listed_headers() -
         framing=NO_BODY,
         upgrade=None,
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     assert head.startswith(b"GET /path?q=1 HTTP/1.1\r\n")
     assert head.endswith(b"\r\n\r\n")
@@ -132,7 +132,7 @@ def test_rewrite_request_head_appends_to_x_forwarded_for_and_keeps_a_trusted_pro
         framing=CHUNKED,
         upgrade=None,
         forwarded=False,
-        mark_forward=True,
+        forward_mark=b"true",
         trusted_client=True,
     )
     _, seen = _parse_request(head + b"0\r\n\r\n")
@@ -159,7 +159,7 @@ def test_rewrite_request_head_passes_a_forwarded_request_unchanged() -> None:
         framing=NO_BODY,
         upgrade=None,
         forwarded=True,
-        mark_forward=False,
+        forward_mark=None,
     )
     _, seen = _parse_request(head)
     assert seen == [(b"Host", b"ep.example.com"), (b"X-Forwarded-For", b"9.9.9.9")]
@@ -175,7 +175,7 @@ def test_rewrite_request_head_restates_an_upgrade() -> None:
         framing=NO_BODY,
         upgrade=b"websocket",
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     assert b"Connection: Upgrade\r\nUpgrade: websocket\r\n" in head
     assert head.count(b"Upgrade:") == 1
@@ -240,7 +240,7 @@ def test_connection_tokens_cannot_remove_the_framing_the_node_writes() -> None:
         framing=Framing(Body.LENGTH, 39),
         upgrade=None,
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     _, seen = _parse_request(head)
     values = {n.lower(): v for n, v in seen}
@@ -260,7 +260,7 @@ def test_client_framing_headers_are_replaced_by_the_parsed_framing() -> None:
         framing=CHUNKED,
         upgrade=None,
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     assert b"Content-Length" not in chunked
     assert b"Transfer-Encoding: chunked\r\n" in chunked
@@ -273,7 +273,7 @@ def test_client_framing_headers_are_replaced_by_the_parsed_framing() -> None:
         framing=NO_BODY,
         upgrade=None,
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     assert b"Content-Length" not in plain and b"Trailer" not in plain
 
@@ -344,7 +344,7 @@ def test_forwarding_headers_of_an_untrusted_client_are_replaced() -> None:
         framing=NO_BODY,
         upgrade=None,
         forwarded=False,
-        mark_forward=False,
+        forward_mark=None,
     )
     _, seen = _parse_request(head)
     values = {n.lower(): v for n, v in seen}

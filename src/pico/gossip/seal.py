@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pico.gossip.codec import GossipDecodeError
 
@@ -61,6 +65,11 @@ class Keyring:
         if not keys:
             raise ValueError("a keyring needs at least one key")
         self._ciphers = [AESGCM(k) for k in keys]
+        # A key of its own for proving that a member forwarded a request (derived, so that a
+        # forwarding proof can never be used as a gossip seal or the reverse).
+        self._forward_keys = [
+            HKDF(hashes.SHA256(), 32, salt=None, info=b"pico forward v1").derive(k) for k in keys
+        ]
         self.sender = sender.encode()[:255]
         self.max_skew = max_skew
 
@@ -104,3 +113,26 @@ class Keyring:
         if not payload or payload[0] != kind:
             raise SealError("bad_seal", "message type differs from the sealed one")
         return payload
+
+    def forward_mark(self, method: bytes, target: bytes, now: float) -> bytes:
+        """The `x-pico-forward` value proving that this member forwarded `method target`."""
+        head = b"v1.%s.%d" % (self.sender, int(now))
+        return head + b"." + self._mac(self._forward_keys[0], head, method, target)
+
+    def forwarded_by_member(self, value: bytes, method: bytes, target: bytes, now: float) -> bool:
+        """Whether `value` proves a member forwarded this request within `max_skew`."""
+        head, _, mac = value.strip().rpartition(b".")
+        parts = head.split(b".")
+        if len(parts) < 3 or parts[0] != b"v1" or not parts[-1].isdigit():
+            return False
+        if abs(now - int(parts[-1])) > self.max_skew:
+            return False
+        return any(
+            hmac.compare_digest(mac, self._mac(key, head, method, target))
+            for key in self._forward_keys
+        )
+
+    @staticmethod
+    def _mac(key: bytes, head: bytes, method: bytes, target: bytes) -> bytes:
+        message = b"\n".join((head, method, target))
+        return hmac.new(key, message, hashlib.sha256).hexdigest().encode()

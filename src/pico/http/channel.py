@@ -16,7 +16,7 @@ from pico.mux.frame import ResetReason
 if TYPE_CHECKING:
     from pico.http.head import Headers
     from pico.http.request import Request
-    from pico.http.settings import ProxyLimits
+    from pico.http.settings import ForwardProof, ProxyLimits
     from pico.http.timer import LazyTimer
 
 __all__ = [
@@ -112,6 +112,7 @@ class ClientSide(Protocol):
     router: Router
     client_ip: str
     trusted_client: bool  # a listed proxy: its X-Forwarded-Proto/-Host are kept
+    forward_proof: ForwardProof | None  # marks requests forwarded to other nodes
     response_timer: LazyTimer
 
     @property

@@ -205,7 +205,7 @@ class Exchange:
                 client_ip=self.conn.client_ip,
                 upgrade=req.upgrade,
                 forwarded=req.forwarded,
-                mark_forward=upstream.remote,
+                forward_mark=self._forward_mark() if upstream.remote else None,
                 trusted_client=self.conn.trusted_client,
             )
         )
@@ -226,6 +226,11 @@ class Exchange:
             self.end_body()
         if not self.conn.response_timer.armed:
             self._arm_timer()
+
+    def _forward_mark(self) -> bytes:
+        proof = self.conn.forward_proof
+        req = self.request
+        return b"true" if proof is None else proof.mark(req.method, req.url)
 
     def _send(self, data: bytes) -> None:
         if self.replay is not None:

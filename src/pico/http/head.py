@@ -162,7 +162,7 @@ def rewrite_request_head(
     client_ip: str,
     upgrade: bytes | None,
     forwarded: bool,
-    mark_forward: bool,
+    forward_mark: bytes | None,
     trusted_client: bool = False,
 ) -> bytes:
     """The request head to send upstream, as HTTP/1.1.
@@ -171,8 +171,8 @@ def rewrite_request_head(
     says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and X-Forwarded-Host;
     the client's own are kept only from a `trusted_client` (a load balancer listed in
     `proxy.trusted_proxies`, which may have set them). A request that another node forwarded
-    already carries them and is passed unchanged. `mark_forward` adds `x-pico-forward: true` for
-    the hop to another node.
+    already carries them and is passed unchanged. `forward_mark` is the `x-pico-forward` value for
+    the hop to another node (None: not forwarded).
     """
     keep_client = trusted_client or forwarded
     body = framing.body
@@ -212,8 +212,8 @@ def rewrite_request_head(
             out.append(b"X-Forwarded-Proto: http\r\n")
         if not has_fhost and host is not None:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
-    if mark_forward:
-        out.append(b"x-pico-forward: true\r\n")
+    if forward_mark is not None:
+        out += (b"x-pico-forward: ", forward_mark, b"\r\n")
     if chunked:
         out.append(b"Transfer-Encoding: chunked\r\n")
     elif body is BODY_LENGTH:

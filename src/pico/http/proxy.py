@@ -27,6 +27,7 @@ from pico.http.head import (
 from pico.http.request import BadRequest, Request, inspect_head
 from pico.http.settings import (
     ConnectionTracker,
+    ForwardProof,
     Observer,
     ProxyLimits,
     RequestAuth,
@@ -66,11 +67,15 @@ class ProxyConnection(asyncio.Protocol):
         connections: ConnectionTracker | None = None,
         trusted_forwarder: Callable[[str], bool] | None = None,
         auth: RequestAuth | None = None,
+        forward_proof: ForwardProof | None = None,
     ) -> None:
         self.router = router
         # With `auth`, a request needs a token for its endpoint; one another node forwarded
         # was checked where it came in.
         self.auth = auth
+        # With the cluster's keys, forwarded requests carry an HMAC; it marks ours and checks
+        # others'. Without, a member's address is the proof (`trusted_forwarder`).
+        self.forward_proof = forward_proof
         self.connections = connections
         # Says whether a client IP is another node of the cluster: only those may mark a
         # request as forwarded (which keeps X-Forwarded-For as is and stops re-forwarding).
@@ -265,9 +270,18 @@ class ProxyConnection(asyncio.Protocol):
         req.keep_alive = parser.should_keep_alive()
         inspect_head(req, upgrade=parser.should_upgrade())
         head_size, self._header_bytes = self._header_bytes, 0  # trailers: a budget of their own
-        if req.forward_claimed:
-            trusted = self.trusted_forwarder
-            req.forwarded = trusted is not None and trusted(self.client_ip)
+        claim = req.forward_claim
+        if claim is not None:
+            proof = self.forward_proof
+            if proof is not None:  # gossip keys: only a member's HMAC proves it
+                req.forwarded = proof.verify(claim, req.method, req.url)
+            else:
+                trusted = self.trusted_forwarder
+                req.forwarded = (
+                    claim.strip().lower() == b"true"
+                    and trusted is not None
+                    and trusted(self.client_ip)
+                )
         if not self._queue:
             self._cancel_timer()
         self._queue.append(req)

@@ -27,7 +27,7 @@ class Request:
         "chunked",
         "endpoint",
         "expects_body",
-        "forward_claimed",
+        "forward_claim",
         "forwarded",
         "framing",
         "headers",
@@ -56,7 +56,8 @@ class Request:
         self.upgrade: bytes | None = None
         self.endpoint = ""
         self.host = b""
-        self.forward_claimed = False  # says x-pico-forward: true (trusted only from peers)
+        # The x-pico-forward value: believed only with proof (a member's HMAC or address).
+        self.forward_claim: bytes | None = None
         self.forwarded = False
         self.body: list[bytes] = []
         self.held = 0  # bytes of this request counted in the pipeline budget
@@ -93,7 +94,7 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
                 raise BadRequest(400, "duplicate x-pico-endpoint header")
             endpoint_header = value
         elif lname == FORWARD_HEADER:
-            req.forward_claimed = value.strip().lower() == b"true"
+            req.forward_claim = value
         elif lname == b"upgrade":
             upgrade_value = value
     upgrading = upgrade and upgrade_value is not None

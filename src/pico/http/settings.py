@@ -87,6 +87,18 @@ class RequestAuth(Protocol):
         ...
 
 
+class ForwardProof(Protocol):
+    """Proves that a request came from another member (the cluster's gossip keys)."""
+
+    def mark(self, method: bytes, target: bytes) -> bytes:
+        """The `x-pico-forward` value for a request this node forwards."""
+        ...
+
+    def verify(self, value: bytes, method: bytes, target: bytes) -> bool:
+        """Whether an `x-pico-forward` value proves a member sent this request."""
+        ...
+
+
 Observer = Callable[[RequestRecord], None]
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from pico.gossip.seal import Keyring
 from pico.http.channel import Channel, ChannelReceiver, ResetReason, UpstreamUnavailable
 
 # Bounds the TCP connect to another node (a dead node must not stall the request for long).
@@ -270,3 +271,18 @@ class NodeUpstreams:
         """Close every pool."""
         for node_id in list(self._nodes):
             self.forget(node_id)
+
+
+class MemberProof:
+    """`ForwardProof` over the cluster's gossip keyring: an HMAC of (node, time, method,
+    target) with a key derived from the gossip key; valid for 30 s."""
+
+    def __init__(self, keyring: Keyring, clock: Callable[[], float] = time.time) -> None:
+        self.keyring = keyring
+        self.clock = clock
+
+    def mark(self, method: bytes, target: bytes) -> bytes:
+        return self.keyring.forward_mark(method, target, self.clock())
+
+    def verify(self, value: bytes, method: bytes, target: bytes) -> bool:
+        return self.keyring.forwarded_by_member(value, method, target, self.clock())

@@ -32,7 +32,7 @@ from pico.server import collectors
 from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
-from pico.server.forward import NodeUpstreams
+from pico.server.forward import MemberProof, NodeUpstreams
 from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
@@ -366,9 +366,12 @@ class Node:
         observe = self._observer()
         verifier = self.verifiers.get("proxy")
         auth = ProxyAuth(verifier) if verifier is not None else None
+        proof = MemberProof(self.keyring) if self.keyring is not None else None
         try:
             server = await loop.create_server(
-                lambda: ProxyConnection(router, limits, observe, conns, self._is_peer, auth),
+                lambda: ProxyConnection(
+                    router, limits, observe, conns, self._is_peer, auth, forward_proof=proof
+                ),
                 host or None,
                 port,
                 reuse_address=True,
