@@ -321,3 +321,33 @@ async def test_dashboard_shows_nodes_endpoints_upstreams_and_request_rate(
     assert view["banner"] == ""
     assert view["refreshed"].startswith("Last refresh")
     assert console_errors == []
+
+
+async def test_the_dashboard_of_an_admin_port_with_auth_takes_its_token_from_the_fragment(
+    h: Harness, tmp_path: Path
+) -> None:
+    if CHROMIUM is None:
+        pytest.fail("chromium is required for the dashboard test: apt-get install chromium")
+    import time
+
+    import jwt
+
+    secret = "dashboard-secret-" + "d" * 48
+    node = await h.node(admin={"auth": {"hmac_secret_key": secret}})
+    token = jwt.encode({"exp": int(time.time()) + 300}, secret, algorithm="HS256")
+    async with Chromium.launch(tmp_path / "profile", tmp_path / "chromium.log") as page:
+        await page.call("Page.navigate", url=admin_url(node) + "/")
+        view: dict[str, Any] = {}
+
+        async def shown(what: str) -> bool:
+            snapshot = await page.evaluate(SNAPSHOT_JS)
+            if snapshot is None:
+                return False
+            view.update(snapshot)
+            return what in (view["banner"] if what == "token" else str(view["nodes"]))
+
+        # Without a token, the page says how to give one.
+        await wait_for(lambda: shown("token"), timeout=20, what="the banner asking for a token")
+        await page.call("Page.navigate", url=admin_url(node) + "/#token=" + token)
+        await wait_for(lambda: shown(node.node_id), timeout=20, what="the node listed")
+        assert await page.evaluate("location.hash") == ""  # out of the address bar at once

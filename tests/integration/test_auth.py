@@ -148,10 +148,10 @@ async def test_a_forwarded_request_is_checked_once_at_the_edge(h: Harness) -> No
 async def test_admin_routes_need_a_token_but_probes_stay_open(h: Harness) -> None:
     node = await h.node(admin=AUTH)
     async with aiohttp.ClientSession() as http:
-        for path in ("/health", "/ready"):
+        for path in ("/health", "/ready", "/"):  # probes, and the page without data
             async with http.get(admin_url(node) + path) as resp:
                 assert resp.status == 200, path
-        for path in ("/metrics", "/status/cluster/nodes", "/"):
+        for path in ("/metrics", "/status/cluster/nodes", "/status/proxy/stats"):
             async with http.get(admin_url(node) + path) as resp:
                 assert resp.status == 401, path
                 assert resp.headers["WWW-Authenticate"] == "Bearer"

@@ -27,8 +27,10 @@ _FORWARD_TIMEOUT = 10.0
 # Bounds what a forwarded answer can make this node hold in memory.
 _MAX_FORWARD_BODY = 32 << 20
 _HOP_HEADER = "x-pico-admin-forwarded"
-# Probes stay open whatever the auth config: orchestrators do not carry tokens.
-_OPEN_ROUTES = frozenset({"/health", "/ready"})
+# Probes stay open whatever the auth config: orchestrators do not carry tokens. So does the
+# dashboard page: it is static and holds no data (its data routes need the token, which the
+# page takes from `/#token=...`).
+_OPEN_ROUTES = frozenset({"/health", "/ready", "/"})
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
