@@ -46,6 +46,11 @@ class AuthFailure(Exception):
         self.message = message
         self.reason = reason
 
+    def fresh(self) -> AuthFailure:
+        """A new instance to raise: a shared one would keep the last traceback (and the
+        frames, tokens included, it refers to) alive, and chain each raise to the one before."""
+        return AuthFailure(self.status, self.message, self.reason)
+
 
 MISSING = AuthFailure(401, "missing token", "missing")
 MALFORMED = AuthFailure(401, "malformed token", "malformed")
@@ -83,13 +88,13 @@ def _glob(pattern: str) -> re.Pattern[str]:
 def bearer(value: str | bytes | None) -> str:
     """The token of an `Authorization: Bearer <token>` value. Raises AuthFailure."""
     if value is None:
-        raise MISSING
+        raise MISSING.fresh()
     text = value.decode("latin-1") if isinstance(value, bytes) else value
     scheme, _, token = text.strip().partition(" ")
     if not token:
-        raise MISSING if not scheme else MALFORMED
+        raise (MISSING if not scheme else MALFORMED).fresh()
     if scheme.lower() != "bearer":
-        raise UNSUPPORTED
+        raise UNSUPPORTED.fresh()
     return token.strip()
 
 
@@ -131,7 +136,7 @@ class _Jwks:
             key = next(iter(self.keys.values()))
         if key is None:
             self.wanted = True
-            raise UNKNOWN_KEY
+            raise UNKNOWN_KEY.fresh()
         return key
 
     def due(self) -> bool:
@@ -191,7 +196,7 @@ class TokenVerifier:
             if cached.expires is None or self.clock() < cached.expires:
                 return cached
             del self._cache[token]
-            raise EXPIRED
+            raise EXPIRED.fresh()
         grants = self._verify(token)
         if len(self._cache) >= _CACHE_SIZE:
             del self._cache[next(iter(self._cache))]  # the oldest entry
@@ -202,10 +207,10 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            raise MALFORMED from None
+            raise MALFORMED.fresh() from None
         algorithm = header.get("alg")
         if not isinstance(algorithm, str):
-            raise MALFORMED
+            raise MALFORMED.fresh()
         key, algorithms = self._key_for(algorithm, header.get("kid"))
         try:
             claims = jwt.decode(
@@ -218,29 +223,29 @@ class TokenVerifier:
                 leeway=0,
             )
         except jwt.ExpiredSignatureError:
-            raise EXPIRED from None
+            raise EXPIRED.fresh() from None
         except jwt.ImmatureSignatureError:
-            raise NOT_YET_VALID from None
+            raise NOT_YET_VALID.fresh() from None
         except jwt.MissingRequiredClaimError as exc:
-            raise NO_EXPIRY if exc.claim == "exp" else BAD_CLAIMS from None
+            raise (NO_EXPIRY if exc.claim == "exp" else BAD_CLAIMS).fresh() from None
         except jwt.InvalidSignatureError:
-            raise BAD_SIGNATURE from None
+            raise BAD_SIGNATURE.fresh() from None
         except jwt.DecodeError:
-            raise MALFORMED from None
+            raise MALFORMED.fresh() from None
         except jwt.InvalidTokenError:
-            raise BAD_CLAIMS from None
+            raise BAD_CLAIMS.fresh() from None
         return Token(_expiry(claims), _endpoints(claims))
 
     def _key_for(self, algorithm: str, kid: object) -> tuple[Any, Sequence[str]]:
         if self.jwks is not None:
             key = self.jwks.key(kid if isinstance(kid, str) else None)
             if key.algorithm_name != algorithm:
-                raise BAD_SIGNATURE
+                raise BAD_SIGNATURE.fresh()
             return key.key, (algorithm,)
         for key, algorithms in self._keys:
             if algorithm in algorithms:
                 return key, algorithms
-        raise BAD_SIGNATURE  # signed with an algorithm no configured key verifies
+        raise BAD_SIGNATURE.fresh()  # signed with an algorithm no configured key verifies
 
     async def keep_keys_fresh(self, poll: float = 0.25) -> None:
         """Refetch an https JWKS when it is due (its TTL, or an unknown kid), until cancelled.
@@ -273,7 +278,7 @@ class TokenVerifier:
         try:
             token = self.verify(bearer(value))
             if endpoint_id is not None and not token.permits(endpoint_id):
-                raise NOT_PERMITTED
+                raise NOT_PERMITTED.fresh()
         except AuthFailure as exc:
             if self.on_failure is not None:
                 self.on_failure(exc.reason)
@@ -294,7 +299,7 @@ def _endpoints(claims: dict[str, Any]) -> tuple[str, ...] | None:
     if endpoints is None or endpoints == []:
         return None  # a missing or empty list means every endpoint (as in Piko)
     if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
-        raise BAD_CLAIMS
+        raise BAD_CLAIMS.fresh()
     return tuple(endpoints)
 
 

@@ -36,9 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 from collections import Counter
@@ -50,6 +48,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pico.devtools.nginx import nginx_binary
 from pico.server.node import Node
 from tests.support.cluster import Harness, wait_for
 from tests.support.recorder import (
@@ -62,10 +61,7 @@ from tests.support.recorder import (
 )
 from tests.support.services import RawConnection, RawResponse
 
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-)
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+NGINX = nginx_binary()
 
 # Enough to cover the strategy's shapes in well under a minute on 2 cores.
 MAX_EXAMPLES = 800
@@ -339,7 +335,7 @@ async def accepts(port: int, nginx: subprocess.Popen[bytes]) -> bool:
 
 
 def start_nginx(directory: Path, upstream: int) -> tuple[subprocess.Popen[bytes], int]:
-    assert NGINX is not None
+    assert NGINX is not None, "nginx is required for the differential test (installed by .ci/run)"
     port = free_port()
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=directory, port=port, upstream=upstream))

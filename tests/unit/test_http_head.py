@@ -318,6 +318,7 @@ def test_trailers_drop_routing_framing_and_forwarding_fields() -> None:
         (b"X-Forwarded-For", b"6.6.6.6"),
         (b"Transfer-Encoding", b"chunked"),
         (b"x-pico-endpoint", b"other"),
+        (b"x-pico-authorization", b"Bearer t"),
         (b"X-Checksum", b"abc"),
     ]
     assert render_trailers(trailers) == b"0\r\nX-Checksum: abc\r\n\r\n"

@@ -60,6 +60,7 @@ _TRAILER_DROP = _DROP | {
     b"x-pico-endpoint",
     b"x-pico-forward",
     b"x-pico-undelivered",
+    b"x-pico-authorization",
 }
 
 Headers = list[tuple[bytes, bytes]]
