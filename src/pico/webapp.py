@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from aiohttp import web
 
 from pico.config import parse_host_port
@@ -12,13 +14,13 @@ class BindError(Exception):
 
 
 async def serve_app(
-    app: web.Application, bind: str, key: str
+    app: web.Application, bind: str, key: str, tls: ssl.SSLContext | None = None
 ) -> tuple[web.AppRunner, tuple[str, int]]:
-    """Start `app` on `bind`; returns the runner and the bound (host, port)."""
+    """Start `app` on `bind` (TLS with `tls`); returns the runner and the bound (host, port)."""
     host, port = parse_host_port(bind, key=key)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host or None, port, reuse_address=True)
+    site = web.TCPSite(runner, host or None, port, reuse_address=True, ssl_context=tls)
     try:
         await site.start()
     except OSError as exc:

@@ -27,6 +27,7 @@ from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
+from pico.tls import client_context
 from pico.webapp import serve_app
 
 _log = log.get_logger("agent")
@@ -100,7 +101,10 @@ class EndpointLink:
         while not self.stopping:
             try:
                 transport, rest = await open_websocket(
-                    self.url, self.agent.auth_headers, timeout=_CONNECT_TIMEOUT
+                    self.url,
+                    self.agent.auth_headers,
+                    timeout=_CONNECT_TIMEOUT,
+                    ssl_context=self.agent.tls,
                 )
             except HandshakeError as exc:
                 if exc.status in _FATAL_STATUSES:
@@ -218,6 +222,15 @@ class Agent:
         self.metrics = AgentMetrics()
         self.auth_headers: dict[str, str] = (
             {"Authorization": f"Bearer {config.auth.api_key}"} if config.auth.api_key else {}
+        )
+        tls = config.server.tls
+        # wss: the tunnel is encrypted, copied rather than spliced (see pico.mux.tunnel).
+        self.tls = (
+            client_context(
+                tls.root_ca, tls.cert, tls.key, insecure_skip_verify=tls.insecure_skip_verify
+            )
+            if config.server.url.startswith("https")
+            else None
         )
         self.links = [EndpointLink(self, spec) for spec in config.parsed_endpoints()]
         self._admin: web.AppRunner | None = None

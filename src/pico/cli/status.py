@@ -10,11 +10,35 @@ import click
 import yaml
 
 from pico.status.client import StatusClient, StatusError
+from pico.tls import client_context
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _common(f: F) -> F:
+    f = click.option(
+        "--server.tls.insecure-skip-verify",
+        "insecure_skip_verify",
+        is_flag=True,
+        help="Do not verify the admin port's certificate (testing only).",
+    )(f)
+    f = click.option(
+        "--server.tls.key", "key", default="", metavar="PATH", help="Key of --server.tls.cert."
+    )(f)
+    f = click.option(
+        "--server.tls.cert",
+        "cert",
+        default="",
+        metavar="PATH",
+        help="Client certificate (PEM) for an admin port that requires mTLS.",
+    )(f)
+    f = click.option(
+        "--server.tls.root-ca",
+        "root_ca",
+        default="",
+        metavar="PATH",
+        help="CA certificates (PEM) to verify an https admin port with (default: system roots).",
+    )(f)
     f = click.option(
         "--token",
         envvar="PICO_TOKEN",
@@ -41,6 +65,25 @@ def _common(f: F) -> F:
         help="Admin URL of any node (or the load balancer).",
     )(f)
     return f
+
+
+def _client(
+    server_url: str,
+    forward: str,
+    token: str,
+    root_ca: str,
+    cert: str,
+    key: str,
+    insecure_skip_verify: bool,
+) -> StatusClient:
+    tls = None
+    if server_url.startswith("https:"):
+        try:
+            tls = client_context(root_ca, cert, key, insecure_skip_verify=insecure_skip_verify)
+        except (OSError, ValueError) as exc:
+            click.echo(f"--server.tls: cannot load the certificates: {exc}", err=True)
+            raise SystemExit(1) from None
+    return StatusClient(server_url, forward, token, tls)
 
 
 def _emit(data: Any, output: str) -> None:
@@ -71,18 +114,18 @@ def cluster() -> None:
 
 @cluster.command("nodes")
 @_common
-def cluster_nodes(server_url: str, forward: str, output: str, token: str) -> None:
+def cluster_nodes(output: str, **connect: Any) -> None:
     """List the nodes of the cluster."""
-    client = StatusClient(server_url, forward, token)
+    client = _client(**connect)
     _run("cluster nodes", lambda: {"nodes": client.cluster_nodes()}, output)
 
 
 @cluster.command("node")
 @click.argument("node_id")
 @_common
-def cluster_node(node_id: str, server_url: str, forward: str, output: str, token: str) -> None:
+def cluster_node(node_id: str, output: str, **connect: Any) -> None:
     """Show one node (NODE_ID, or 'local' for the node answering)."""
-    client = StatusClient(server_url, forward, token)
+    client = _client(**connect)
     _run("cluster node", lambda: client.cluster_node(node_id), output)
 
 
@@ -93,9 +136,9 @@ def proxy() -> None:
 
 @proxy.command("endpoints")
 @_common
-def proxy_endpoints(server_url: str, forward: str, output: str, token: str) -> None:
+def proxy_endpoints(output: str, **connect: Any) -> None:
     """List the endpoints with upstreams on the node, and the upstreams' addresses."""
-    client = StatusClient(server_url, forward, token)
+    client = _client(**connect)
     _run("endpoints", lambda: {"endpoints": client.proxy_endpoints()}, output)
 
 
@@ -106,16 +149,16 @@ def gossip() -> None:
 
 @gossip.command("nodes")
 @_common
-def gossip_nodes(server_url: str, forward: str, output: str, token: str) -> None:
+def gossip_nodes(output: str, **connect: Any) -> None:
     """List the nodes gossip knows about."""
-    client = StatusClient(server_url, forward, token)
+    client = _client(**connect)
     _run("gossip nodes", lambda: {"nodes": client.gossip_nodes()}, output)
 
 
 @gossip.command("node")
 @click.argument("node_id")
 @_common
-def gossip_node(node_id: str, server_url: str, forward: str, output: str, token: str) -> None:
+def gossip_node(node_id: str, output: str, **connect: Any) -> None:
     """Show one node's gossip state and entries."""
-    client = StatusClient(server_url, forward, token)
+    client = _client(**connect)
     _run("gossip node", lambda: client.gossip_node(node_id), output)

@@ -172,6 +172,60 @@ def _cidrs(values: list[str]) -> list[str]:
     return values
 
 
+class TlsConfig(_Model):
+    """``<port>.tls``: serve the port over TLS (https, wss), optionally requiring client certs."""
+
+    cert: str = Field("", description="Certificate chain (PEM file): with key, the port is TLS.")
+    key: str = Field("", description="Private key of cert (PEM file).")
+    client_cas: str = Field(
+        "",
+        description="CA certificates (PEM file): clients must present a certificate signed by "
+        "one of them (mTLS). Needs cert and key.",
+    )
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        from pico.tls import check_cas, check_pair
+
+        check_pair(self.cert, self.key)
+        if self.client_cas and not self.cert:
+            raise ValueError("client_cas: needs cert and key (mTLS is on top of TLS)")
+        check_cas(self.client_cas, "client_cas")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when the port speaks TLS."""
+        return bool(self.cert)
+
+
+class ClusterTlsConfig(_Model):
+    """``cluster.tls``: how this node connects to other nodes' TLS ports (forwarding, admin)."""
+
+    root_ca: str = Field(
+        "",
+        description="CA certificates (PEM file) that other nodes' certificates are verified "
+        "against (the system's roots when empty).",
+    )
+    cert: str = Field(
+        "", description="Certificate (PEM file) this node presents to nodes that require mTLS."
+    )
+    key: str = Field("", description="Private key of cert (PEM file).")
+    server_name: str = Field(
+        "",
+        description="Name other nodes' certificates must be valid for (default: the host of "
+        "the address each node advertises).",
+    )
+
+    @model_validator(mode="after")
+    def _files(self) -> ClusterTlsConfig:
+        from pico.tls import check_cas, check_pair
+
+        check_pair(self.cert, self.key)
+        check_cas(self.root_ca, "root_ca")
+        return self
+
+
 class JwksConfig(_Model):
     """``<port>.auth.jwks``: keys from a JSON Web Key Set, selected by `kid`."""
 
@@ -302,6 +356,7 @@ class ProxyConfig(_Model):
     )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
 
 class UpstreamConfig(_Model):
@@ -312,6 +367,7 @@ class UpstreamConfig(_Model):
         "", description="Upstream address advertised to other nodes (derived if empty)."
     )
     auth: UpstreamAuthConfig = Field(default_factory=UpstreamAuthConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
 
 class AdminConfig(_Model):
@@ -322,6 +378,7 @@ class AdminConfig(_Model):
         "", description="Admin address advertised to other nodes (derived if empty)."
     )
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
 
 def _gossip_keys(values: list[str]) -> list[str]:
@@ -381,6 +438,7 @@ class ClusterConfig(_Model):
     abort_if_join_fails: bool = Field(
         True, description="Exit 1 if no member could be joined within join_timeout."
     )
+    tls: ClusterTlsConfig = Field(default_factory=ClusterTlsConfig)
 
     @model_validator(mode="after")
     def _check_ids(self) -> ClusterConfig:
@@ -475,6 +533,33 @@ def _http_url(value: str) -> str:
     return value
 
 
+class AgentTlsConfig(_Model):
+    """``server.tls`` (agent side): verifying an https server, and the agent's own certificate."""
+
+    root_ca: str = Field(
+        "",
+        description="CA certificates (PEM file) the server's certificate is verified against "
+        "(the system's roots when empty).",
+    )
+    cert: str = Field(
+        "", description="Client certificate (PEM file), for servers that require mTLS."
+    )
+    key: str = Field("", description="Private key of cert (PEM file).")
+    insecure_skip_verify: bool = Field(
+        False,
+        description="Do not verify the server's certificate (testing only: anyone on the path "
+        "can then read and change the tunnel).",
+    )
+
+    @model_validator(mode="after")
+    def _files(self) -> AgentTlsConfig:
+        from pico.tls import check_cas, check_pair
+
+        check_pair(self.cert, self.key)
+        check_cas(self.root_ca, "root_ca")
+        return self
+
+
 class AgentServerSection(_Model):
     """``server`` (agent side): how to reach the Pico server."""
 
@@ -494,6 +579,7 @@ class AgentServerSection(_Model):
         "it on when the agent reaches a plain-http server through a transparent HTTP proxy "
         "that does not understand WebSocket.",
     )
+    tls: AgentTlsConfig = Field(default_factory=AgentTlsConfig)
 
 
 class AgentAuthConfig(_Model):
@@ -530,6 +616,15 @@ class AgentConfig(_Model):
     forwarder: ForwarderConfig = Field(default_factory=ForwarderConfig)
     admin: AgentAdminConfig = Field(default_factory=AgentAdminConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> AgentConfig:
+        tls = self.server.tls
+        if (tls.root_ca or tls.cert or tls.insecure_skip_verify) and not self.server.url.startswith(
+            "https"
+        ):
+            raise ValueError("server.tls: set, but server.url is not https://")
+        return self
 
     def parsed_endpoints(self) -> list[EndpointSpec]:
         """The endpoints as :class:`EndpointSpec` values."""

@@ -112,6 +112,7 @@ class ClientSide(Protocol):
     router: Router
     client_ip: str
     trusted_client: bool  # a listed proxy: its X-Forwarded-Proto/-Host are kept
+    scheme: bytes  # b"http" or b"https": how the client reached us
     forward_proof: ForwardProof | None  # marks requests forwarded to other nodes
     response_timer: LazyTimer
 

@@ -207,6 +207,7 @@ class Exchange:
                 forwarded=req.forwarded,
                 forward_mark=self._forward_mark() if upstream.remote else None,
                 trusted_client=self.conn.trusted_client,
+                scheme=self.conn.scheme,
             )
         )
         for chunk in self.replay or ():

@@ -165,11 +165,13 @@ def rewrite_request_head(
     forwarded: bool,
     forward_mark: bytes | None,
     trusted_client: bool = False,
+    scheme: bytes = b"http",
 ) -> bytes:
     """The request head to send upstream, as HTTP/1.1.
 
     Drops hop-by-hop headers and the client's framing headers, and states the body as `framing`
-    says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto and X-Forwarded-Host;
+    says. Appends the client to X-Forwarded-For and sets X-Forwarded-Proto (`scheme`: what the
+    client spoke to us) and X-Forwarded-Host;
     the client's own are kept only from a `trusted_client` (a load balancer listed in
     `proxy.trusted_proxies`, which may have set them). A request that another node forwarded
     already carries them and is passed unchanged. `forward_mark` is the `x-pico-forward` value for
@@ -210,7 +212,7 @@ def rewrite_request_head(
         ip = client_ip.encode()
         out += (b"X-Forwarded-For: ", (xff + b", " + ip) if xff else ip, b"\r\n")
         if not has_proto:
-            out.append(b"X-Forwarded-Proto: http\r\n")
+            out += (b"X-Forwarded-Proto: ", scheme, b"\r\n")
         if not has_fhost and host is not None:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
     if forward_mark is not None:

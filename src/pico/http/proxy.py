@@ -86,6 +86,7 @@ class ProxyConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.trusted_client = False
+        self.scheme = b"http"  # what the client spoke: X-Forwarded-Proto when Pico sets it
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request] = deque()
         self._parsing: Request | None = None
@@ -139,6 +140,8 @@ class ProxyConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
         self.trusted_client = self.limits.trusts(self.client_ip)
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
         if self.trusted_forwarder is not None and self.trusted_forwarder(self.client_ip):
             # A node adds X-Forwarded-Host (a copy of Host, itself within the limit) and less
             # than 1 KiB of other fields (X-Forwarded-For/-Proto, x-pico-forward, framing).

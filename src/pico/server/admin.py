@@ -7,6 +7,7 @@ Every route honours `?forward=NODE_ID`: the request is proxied to that node's ad
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,7 @@ from pico.server.cluster import ClusterState
 from pico.server.dashboard import serve_dashboard
 from pico.server.metrics import NodeMetrics
 from pico.server.upstream import EndpointRegistry
+from pico.tls import PeerTls, client_context
 
 _log = log.get_logger("admin")
 
@@ -46,8 +48,11 @@ class AdminServer:
         metrics: NodeMetrics,
         gossip_status: Callable[[str | None], object] | None = None,
         auth: TokenVerifier | None = None,
+        peer_tls: PeerTls | None = None,
     ) -> None:
         self.cluster = cluster
+        # How `?forward=` reaches a node whose admin port speaks TLS.
+        self.peer_tls = peer_tls or PeerTls(client_context())
         # With `auth`, every route but the probes (/health, /ready) needs a bearer token.
         self.auth = auth
         self.registry = registry
@@ -108,13 +113,18 @@ class AdminServer:
             self._client = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=_FORWARD_TIMEOUT)
             )
-        url = f"http://{node.admin_addr}{request.rel_url}"
+        secure = "admin" in node.tls
+        url = f"{'https' if secure else 'http'}://{node.admin_addr}{request.rel_url}"
+        tls: dict[str, Any] = {}
+        if secure:
+            host = node.admin_addr.rpartition(":")[0].strip("[]")
+            tls = {"ssl": self.peer_tls.context, "server_hostname": self.peer_tls.hostname(host)}
         headers = {_HOP_HEADER: "1"}
         token = request.headers.get("Authorization")
         if token is not None:
             headers["Authorization"] = token  # the target checks the caller's token too
         try:
-            async with self._client.get(url, allow_redirects=False, headers=headers) as resp:
+            async with self._client.get(url, allow_redirects=False, headers=headers, **tls) as resp:
                 body = await resp.content.read(_MAX_FORWARD_BODY + 1)
                 if len(body) > _MAX_FORWARD_BODY:
                     return web.json_response({"error": "response too large"}, status=502)

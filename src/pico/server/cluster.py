@@ -22,6 +22,8 @@ class NodeInfo:
     admin_addr: str
     status: NodeStatus = "active"
     endpoints: dict[str, int] = field(default_factory=dict)
+    # Which of its ports ("proxy", "admin") speak TLS: other nodes connect to them over TLS.
+    tls: frozenset[str] = frozenset()
 
     def metadata(self) -> dict[str, object]:
         """The `/status/cluster/nodes` shape."""

@@ -1,4 +1,5 @@
-"""Forwarding to other nodes: a keep-alive pool of TCP connections to each node's proxy port.
+"""Forwarding to other nodes: a keep-alive pool of TCP connections to each node's proxy port
+(over TLS to a node whose proxy port speaks TLS, verified with `cluster.tls`).
 
 `NodeUpstream` is an `Upstream` whose channels are TCP connections (`TcpChannel`) that connect
 lazily: bytes written before the connection is up wait in memory (bounded by the engine's
@@ -16,6 +17,8 @@ from typing import cast
 
 from pico.gossip.seal import Keyring
 from pico.http.channel import Channel, ChannelReceiver, ResetReason, UpstreamUnavailable
+from pico.server.cluster import NodeInfo
+from pico.tls import PeerTls, client_context
 
 # Bounds the TCP connect to another node (a dead node must not stall the request for long).
 _CONNECT_TIMEOUT = 3.0
@@ -30,9 +33,10 @@ _POOL_IDLE = 30.0
 class TcpChannel(asyncio.Protocol):
     """A channel over a TCP connection to another node's proxy port."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: PeerTls | None = None) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
         self.receiver: ChannelReceiver | None = None
         self.transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
@@ -49,9 +53,19 @@ class TcpChannel(asyncio.Protocol):
 
     async def _dial(self) -> None:
         loop = asyncio.get_running_loop()
+        tls = self.tls
         try:
+            # The TLS handshake counts as connecting: a node we cannot verify is not reached
+            # (ssl.SSLError is an OSError), and the request goes to the next one.
             await asyncio.wait_for(
-                loop.create_connection(lambda: self, self.host, self.port), _CONNECT_TIMEOUT
+                loop.create_connection(
+                    lambda: self,
+                    self.host,
+                    self.port,
+                    ssl=tls.context if tls is not None else None,
+                    server_hostname=tls.hostname(self.host) if tls is not None else None,
+                ),
+                _CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError):
             self._fail(ResetReason.UNREACHABLE)
@@ -195,9 +209,10 @@ class NodeUpstream:
 
     remote = True
 
-    def __init__(self, node_id: str, proxy_addr: str) -> None:
+    def __init__(self, node_id: str, proxy_addr: str, tls: PeerTls | None = None) -> None:
         self.node_id = node_id
         self.proxy_addr = proxy_addr
+        self.tls = tls
         host, _, port = proxy_addr.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -219,7 +234,7 @@ class NodeUpstream:
             return channel, True
         if self.port <= 0:
             raise UpstreamUnavailable(f"node {self.node_id} has no proxy address")
-        channel = TcpChannel(self.host, self.port)
+        channel = TcpChannel(self.host, self.port, self.tls)
         channel.connect()
         return channel, False
 
@@ -242,23 +257,33 @@ class NodeUpstream:
 
 
 class NodeUpstreams:
-    """One `NodeUpstream` per remote node, created on first use."""
+    """One `NodeUpstream` per remote node, created on first use.
 
-    def __init__(self, proxy_addr_of: Callable[[str], str | None]) -> None:
-        self._proxy_addr_of = proxy_addr_of
+    `node_of` gives what gossip told about a node (None if unknown); `tls` is how to reach
+    the nodes whose proxy port speaks TLS (None: this node has no `cluster.tls`, and connects
+    with the system's trust roots).
+    """
+
+    def __init__(
+        self, node_of: Callable[[str], NodeInfo | None], tls: PeerTls | None = None
+    ) -> None:
+        self._node_of = node_of
+        self._tls = tls or PeerTls(client_context())
         self._nodes: dict[str, NodeUpstream] = {}
 
     def get(self, node_id: str) -> NodeUpstream | None:
         """The upstream of `node_id`, or None if its proxy address is unknown."""
-        addr = self._proxy_addr_of(node_id)
-        if not addr:
+        node = self._node_of(node_id)
+        if node is None or not node.proxy_addr:
             return None
+        addr = node.proxy_addr
         upstream = self._nodes.get(node_id)
         if upstream is None or upstream.proxy_addr != addr:
             if upstream is not None:
                 upstream.close()
+            tls = self._tls if "proxy" in node.tls else None
             with contextlib.suppress(ValueError):
-                upstream = self._nodes[node_id] = NodeUpstream(node_id, addr)
+                upstream = self._nodes[node_id] = NodeUpstream(node_id, addr, tls)
         return upstream
 
     def forget(self, node_id: str) -> None:

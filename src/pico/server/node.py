@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import secrets
 import socket
+import ssl
 from dataclasses import dataclass
 
 import psutil
@@ -37,6 +38,7 @@ from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
 from pico.server.upstream import EndpointRegistry, UpstreamServer
+from pico.tls import PeerTls, client_context, server_context
 from pico.webapp import BindError, serve_app
 
 _log = log.get_logger("server")
@@ -103,8 +105,27 @@ class Node:
         self.node_id = cluster_cfg.node_id or generate_node_id(cluster_cfg.node_id_prefix)
         self.metrics = NodeMetrics()
         self.registry = EndpointRegistry()
-        self.cluster = ClusterState(NodeInfo(id=self.node_id, proxy_addr="", admin_addr=""))
-        self.node_upstreams = NodeUpstreams(self._proxy_addr_of)
+        # Server TLS context of each port that has a certificate; how we reach other nodes'.
+        self.tls = {
+            port: server_context(tls.cert, tls.key, tls.client_cas)
+            for port, tls in (
+                ("proxy", config.proxy.tls),
+                ("upstream", config.upstream.tls),
+                ("admin", config.admin.tls),
+            )
+            if tls.enabled
+        }
+        peer = config.cluster.tls
+        self.peer_tls = PeerTls(client_context(peer.root_ca, peer.cert, peer.key), peer.server_name)
+        self.cluster = ClusterState(
+            NodeInfo(
+                id=self.node_id,
+                proxy_addr="",
+                admin_addr="",
+                tls=frozenset(self.tls) & {"proxy", "admin"},
+            )
+        )
+        self.node_upstreams = NodeUpstreams(self.cluster.remotes.get, self.peer_tls)
         self.router = NodeRouter(self.registry, self.cluster, self.node_upstreams.get)
         # One token verifier per port with auth on; their JWKS refreshers run while the
         # node does (`_key_tasks`).
@@ -129,6 +150,7 @@ class Node:
             self.metrics,
             self._gossip_status,
             auth=self.verifiers.get("admin"),
+            peer_tls=self.peer_tls,
         )
         keys = [parse_key(k) for k in config.gossip.secret_keys]
         self.keyring = Keyring(keys, self.node_id) if keys else None
@@ -169,10 +191,6 @@ class Node:
     def _on_node_gone(self, node_id: str) -> None:
         self.node_upstreams.forget(node_id)
         self.metrics.proxy.forget_node(node_id)
-
-    def _proxy_addr_of(self, node_id: str) -> str | None:
-        node = self.cluster.remotes.get(node_id)
-        return node.proxy_addr if node is not None else None
 
     def _on_gossip_events(self, events: list[GossipEvent]) -> None:
         if self.syncer is not None:
@@ -238,7 +256,7 @@ class Node:
             self._key_tasks.add(task)
         try:
             admin_runner, admin_addr = await self._start_app(
-                self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr"
+                self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr", self.tls.get("admin")
             )
             self._admin_runner = admin_runner
             up_addr = await self._start_upstream(cfg.upstream.bind_addr)
@@ -343,17 +361,17 @@ class Node:
         return _join_host_port(advertise_host(bound[0]), bound[1])
 
     async def _start_app(
-        self, app: web.Application, bind: str, key: str
+        self, app: web.Application, bind: str, key: str, tls: ssl.SSLContext | None
     ) -> tuple[web.AppRunner, tuple[str, int]]:
         try:
-            return await serve_app(app, bind, key)
+            return await serve_app(app, bind, key, tls)
         except BindError as exc:
             raise StartupError(str(exc)) from exc
 
     async def _start_upstream(self, bind: str) -> tuple[str, int]:
         host, port = parse_host_port(bind, key="upstream.bind_addr")
         try:
-            return host, await self.upstream_server.start(host, port)
+            return host, await self.upstream_server.start(host, port, self.tls.get("upstream"))
         except OSError as exc:
             raise StartupError(
                 f"upstream.bind_addr: cannot listen on {bind!r}: {exc.strerror or exc}"
@@ -376,6 +394,11 @@ class Node:
                 port,
                 reuse_address=True,
                 backlog=2048,
+                ssl=self.tls.get("proxy"),
+                # The handshake is part of the head a client owes us.
+                ssl_handshake_timeout=(self.limits.read_header_timeout or None)
+                if "proxy" in self.tls
+                else None,
             )
         except OSError as exc:
             raise StartupError(

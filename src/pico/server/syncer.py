@@ -1,7 +1,9 @@
 """Keeps gossip and the routing state in step, both ways.
 
-Out: this node's `proxy_addr`, `admin_addr` and `endpoint:<id>` = local upstream count are
-published as gossip keys (a count of 0 deletes the key). In: gossip events about other nodes
+Out: this node's `tls` (its ports that speak TLS), `proxy_addr`, `admin_addr` and
+`endpoint:<id>` = local upstream count are published as gossip keys (a count of 0 deletes the
+key). `tls` goes first: entries arrive in version order, so a node is never routed to before
+its peers know how to connect to it. In: gossip events about other nodes
 update `ClusterState`; a node is routed to only once both of its addresses are known.
 """
 
@@ -27,14 +29,17 @@ from pico.server.cluster import ClusterState, NodeInfo, NodeStatus
 _log = log.get_logger("cluster")
 
 ENDPOINT_PREFIX = "endpoint:"
+TLS_KEY = "tls"
+_TLS_PORTS = frozenset({"proxy", "admin"})
 
 
 class _Pending:
-    __slots__ = ("admin_addr", "endpoints", "proxy_addr", "status")
+    __slots__ = ("admin_addr", "endpoints", "proxy_addr", "status", "tls")
 
     def __init__(self) -> None:
         self.proxy_addr = ""
         self.admin_addr = ""
+        self.tls: frozenset[str] = frozenset()
         self.status: NodeStatus = "active"
         self.endpoints: dict[str, int] = {}
 
@@ -60,6 +65,8 @@ class ClusterSyncer:
     def publish_local(self) -> None:
         """Publish this node's addresses and endpoint counts."""
         local = self.cluster.local
+        if local.tls:
+            self.gossiper.upsert(TLS_KEY, ",".join(sorted(local.tls)))
         self.gossiper.upsert("proxy_addr", local.proxy_addr)
         self.gossiper.upsert("admin_addr", local.admin_addr)
         for endpoint_id, count in local.endpoints.items():
@@ -117,18 +124,21 @@ class ClusterSyncer:
             if node is not None and node.status == "active":
                 self._notify(endpoint_id, count > 0)
             return
-        if key not in ("proxy_addr", "admin_addr"):
+        if key not in ("proxy_addr", "admin_addr", TLS_KEY):
             _log.debug("ignoring unknown gossip key", node_id=node_id, key=key)
             return
         if node is not None:
             # Addresses are fixed for a node's life; a re-versioned copy (compaction) is ignored.
+            return
+        assert pending is not None
+        if key == TLS_KEY:
+            pending.tls = frozenset(value.split(",")) & _TLS_PORTS
             return
         if not is_member_addr(value):
             # It would go into URLs (`?forward=`, forwarding): a path, userinfo or another
             # port's syntax must never get there. The node stays unknown until it sends a valid one.
             _log.debug("ignoring invalid address in gossip", node_id=node_id, key=key)
             return
-        assert pending is not None
         setattr(pending, key, value)
         if pending.proxy_addr and pending.admin_addr:
             del self._pending[node_id]
@@ -138,6 +148,7 @@ class ClusterSyncer:
                 admin_addr=pending.admin_addr,
                 status=pending.status,
                 endpoints=pending.endpoints,
+                tls=pending.tls,
             )
             _log.info("node joined", node_id=node_id, proxy_addr=pending.proxy_addr)
             if pending.status == "active":

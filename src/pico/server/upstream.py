@@ -8,6 +8,7 @@ round-robin; a tunnel leaves the registry the moment it closes, fails its pings,
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -222,11 +223,17 @@ class UpstreamServer:
         self._tunnels: set[TunnelUpstream] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on (host, port); returns the bound port. Raises OSError."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen on (host, port), over TLS with `tls`; returns the bound port. Raises OSError."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _UpgradeRequest(self), host or None, port, reuse_address=True, backlog=1024
+            lambda: _UpgradeRequest(self),
+            host or None,
+            port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=tls,
+            ssl_handshake_timeout=_HEAD_TIMEOUT if tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,8 +20,11 @@ class StatusError(Exception):
 class StatusClient:
     """GETs JSON from a node's admin API (optionally forwarded to another node)."""
 
-    def __init__(self, url: str, forward: str = "", token: str = "") -> None:
+    def __init__(
+        self, url: str, forward: str = "", token: str = "", tls: ssl.SSLContext | None = None
+    ) -> None:
         self.url = url.rstrip("/")
+        self.tls = tls
         self.forward = forward
         self.token = token
 
@@ -33,7 +37,7 @@ class StatusClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=_TIMEOUT) as resp:
+            with urllib.request.urlopen(request, timeout=_TIMEOUT, context=self.tls) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             detail = ""
