@@ -23,6 +23,7 @@ from jwt.types import Options
 
 from pico import log
 from pico.config.schema import AuthConfig
+from pico.tls import client_context
 
 _log = log.get_logger("auth")
 
@@ -35,6 +36,8 @@ _CACHE_SIZE = 4096
 # A JWKS fetched over https is refetched at most this often for an unknown `kid`: a client
 # cannot make the node hammer the key server by sending made-up key ids.
 _JWKS_MIN_REFRESH = 1.0
+# A JWKS server that does not answer must not hold a refresher thread for long.
+_JWKS_TIMEOUT = 10.0
 
 
 class AuthFailure(Exception):
@@ -115,8 +118,10 @@ class _Jwks:
         cache_ttl: float,
         clock: Callable[[], float],
         fetch: Callable[[], Any] | None = None,
+        root_ca: str = "",
     ) -> None:
         self.endpoint = endpoint
+        self.root_ca = root_ca
         self.cache_ttl = cache_ttl
         self.clock = clock
         self.keys: dict[str, jwt.PyJWK] = {}
@@ -147,7 +152,13 @@ class _Jwks:
         return age >= self.cache_ttl or (self.wanted and age >= _JWKS_MIN_REFRESH)
 
     def _fetch_https(self) -> Any:
-        client = jwt.PyJWKClient(self.endpoint, cache_keys=False, cache_jwk_set=False)
+        client = jwt.PyJWKClient(
+            self.endpoint,
+            cache_keys=False,
+            cache_jwk_set=False,
+            timeout=_JWKS_TIMEOUT,
+            ssl_context=client_context(self.root_ca),
+        )
         return client.fetch_data()
 
     def refresh(self) -> None:
@@ -181,7 +192,13 @@ class TokenVerifier:
         if config.ecdsa_public_key:
             self._keys.append((_pem(config.ecdsa_public_key), _ECDSA_ALGORITHMS))
         self.jwks = (
-            _Jwks(config.jwks.endpoint, config.jwks.cache_ttl, clock, jwks_fetch)
+            _Jwks(
+                config.jwks.endpoint,
+                config.jwks.cache_ttl,
+                clock,
+                jwks_fetch,
+                root_ca=config.jwks.root_ca,
+            )
             if config.jwks.endpoint
             else None
         )
@@ -246,6 +263,20 @@ class TokenVerifier:
             if algorithm in algorithms:
                 return key, algorithms
         raise BAD_SIGNATURE.fresh()  # signed with an algorithm no configured key verifies
+
+    async def load_keys(self) -> bool:
+        """Fetch an https JWKS once (the port then opens with its keys, so the first agents
+        are not refused for an unknown key). False if the fetch failed: it is logged, and
+        `keep_keys_fresh` retries."""
+        jwks = self.jwks
+        if jwks is None or not jwks.remote:
+            return True
+        try:
+            await asyncio.to_thread(jwks.refresh)
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, OSError, ValueError) as exc:
+            _log.warn("jwks fetch failed", endpoint=jwks.endpoint, error=str(exc))
+            return False
+        return True
 
     async def keep_keys_fresh(self, poll: float = 0.25) -> None:
         """Refetch an https JWKS when it is due (its TTL, or an unknown kid), until cancelled.

@@ -11,6 +11,7 @@ validators, so a bad file is reported against its key before anything listens.
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass
 
@@ -49,10 +50,11 @@ def check_pair(cert: str, key: str) -> None:
     if bool(cert) != bool(key):
         raise ValueError("cert and key must be set together")
     if cert:
+        for path in (cert, key):
+            if not os.path.isfile(path):
+                raise ValueError(f"no such file: {path!r}")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
-        except FileNotFoundError as exc:
-            raise ValueError(f"no such file: {exc.filename!r}") from None
         except (ssl.SSLError, OSError) as exc:
             reason = _reason(exc)
             raise ValueError(f"cannot load cert {cert!r} with key {key!r}: {reason}") from None
@@ -62,10 +64,10 @@ def check_cas(path: str, name: str) -> None:
     """ValueError unless `path` is empty or a PEM bundle of CA certificates."""
     if not path:
         return
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: no such file: {path!r}")
     try:
         ssl.create_default_context().load_verify_locations(cafile=path)
-    except FileNotFoundError:
-        raise ValueError(f"{name}: no such file: {path!r}") from None
     except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"{name}: cannot load {path!r}: {_reason(exc)}") from None
 

@@ -236,6 +236,11 @@ class JwksConfig(_Model):
         "a second). Not together with the static keys.",
     )
     cache_ttl: PositiveDuration = Field(300.0, description="How long a fetched JWKS is used.")
+    root_ca: str = Field(
+        "",
+        description="CA certificates (PEM file) an https endpoint is verified against (the "
+        "system's roots when empty).",
+    )
 
     @model_validator(mode="after")
     def _scheme(self) -> JwksConfig:
@@ -245,6 +250,9 @@ class JwksConfig(_Model):
             path = self.endpoint[len("file://") :]
             if not os.path.isfile(path):
                 raise ValueError(f"endpoint: no such file {path!r}")
+        from pico.tls import check_cas
+
+        check_cas(self.root_ca, "root_ca")
         return self
 
 

@@ -1,8 +1,9 @@
 """One Pico node: composes the ports and spells out start-up and shutdown order.
 
-Start: admin (with /ready = 503) → gossip → upstream → proxy → publish our addresses and join
-the cluster → ready. A join that keeps failing is retried in the background and, with
-`cluster.abort_if_join_fails`, stops the node with an error.
+Start: token keys → admin (with /ready = 503) → bind upstream and proxy (not accepting yet) →
+publish our addresses and join the cluster → accept agents → accept clients → ready. A join
+that keeps failing is retried in the background and, with `cluster.abort_if_join_fails`, stops
+the node with an error.
 Stop: /ready = 503 → stop accepting proxy clients → GoAway on every tunnel so agents move
 elsewhere → leave the cluster (peers see `left` at once) → let in-flight requests finish
 (bounded by `server.graceful_shutdown_timeout`) → close tunnels, gossip, admin.
@@ -247,18 +248,28 @@ class Node:
     # -- start -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind every port and become ready. Raises StartupError with one clear line."""
+        """Bind every port and become ready. Raises StartupError with one clear line.
+
+        Every part was built in `__init__` from its config (keys, TLS contexts, limits); the
+        order here is what makes a starting node safe to reach at any moment.
+        """
         cfg = self.config
         loop = asyncio.get_running_loop()
+        # 1. Token keys first: an https JWKS is fetched (bounded by its timeout) before any
+        #    port accepts, so the first agents are not refused for a key we have not read.
+        await asyncio.gather(*(v.load_keys() for v in self.verifiers.values()))
         for verifier in self.verifiers.values():
-            # Started first: an https JWKS is being fetched while the ports open.
             task = loop.create_task(verifier.keep_keys_fresh())
             self._key_tasks.add(task)
         try:
+            # 2. The admin port serves at once: /health answers and /ready says 503 while
+            #    the node joins, so an orchestrator sees it starting, not dead.
             admin_runner, admin_addr = await self._start_app(
                 self.admin.app(), cfg.admin.bind_addr, "admin.bind_addr", self.tls.get("admin")
             )
             self._admin_runner = admin_runner
+            # 3. Bind the upstream and proxy ports without accepting: their addresses are
+            #    known (to announce) and a port in use fails the start before we announce.
             up_addr = await self._start_upstream(cfg.upstream.bind_addr)
             proxy_addr = await self._start_proxy(cfg.proxy.bind_addr)
             gossip_addr = await self._bind_gossip(cfg.gossip.bind_addr)
@@ -292,10 +303,18 @@ class Node:
         self.syncer = ClusterSyncer(
             self.cluster, gossiper, self._on_node_gone, self._on_remote_endpoint
         )
+        # 4. Gossip and join before serving: the first request a client sends us is then
+        #    routed to endpoints on other nodes instead of getting 502 (as Piko's server.go
+        #    does). A join that fails is retried in the background; we serve alone meanwhile.
         self.syncer.publish_local()
         self.gossip.start()
         if cfg.cluster.join and not await self._join_once():
             self._join_task = asyncio.get_running_loop().create_task(self._join_retry())
+        # 5. Agents, then clients: connections that queued in the backlog since step 3 are
+        #    accepted now. Ready last, when every port serves.
+        await self.upstream_server.serve()
+        assert self._proxy_server is not None
+        await self._proxy_server.start_serving()
         self.admin.ready = True
         _log.info(
             "node started",
@@ -394,6 +413,7 @@ class Node:
                 port,
                 reuse_address=True,
                 backlog=2048,
+                start_serving=False,
                 ssl=self.tls.get("proxy"),
                 # The handshake is part of the head a client owes us.
                 ssl_handshake_timeout=(self.limits.read_header_timeout or None)

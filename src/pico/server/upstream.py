@@ -224,7 +224,8 @@ class UpstreamServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
-        """Listen on (host, port), over TLS with `tls`; returns the bound port. Raises OSError."""
+        """Bind (host, port), over TLS with `tls`, without accepting yet (`serve()` starts);
+        returns the bound port. Raises OSError."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _UpgradeRequest(self),
@@ -232,10 +233,16 @@ class UpstreamServer:
             port,
             reuse_address=True,
             backlog=1024,
+            start_serving=False,
             ssl=tls,
             ssl_handshake_timeout=_HEAD_TIMEOUT if tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def serve(self) -> None:
+        """Start accepting agents on the port `start()` bound."""
+        if self._server is not None:
+            await self._server.start_serving()
 
     def accept(
         self,
