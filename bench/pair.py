@@ -4,7 +4,7 @@ For A/B work on the data path: each pair is measured back to back, so the ratio 
 swing with the machine's load the way separate runs do, and the CPU each Pico process spends
 per request (user and system, in µs) shows where a change helped. Environment: PAIRS (default
 4), PAIR_DURATION (seconds per run, default 4), PAIR_AUTH=1 (tokens on the proxy and upstream
-ports: every request carries one).
+ports: every request carries one; and gossip keys), PAIR_TLS=1 (the tunnel over wss).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ def main() -> int:
     tmp.chmod(0o755)
     (tmp / "logs").mkdir()
     bench = Bench(cfg, tmp)
-    if os.environ.get("PAIR_AUTH") == "1":
-        bench.enable_auth()
+    bench.configure_from_env()
 
     def run(url: str, headers: list[str]) -> wrk.WrkResult:
         argv = [cfg.wrk, "-t1", "-c50", f"-d{duration}s", "--latency", *headers, url]

@@ -6,7 +6,9 @@ compared with are measured minutes apart at most, under the same machine load. A
 median of the per-round ratios; the other columns are the median run.
 
 Environment: BENCH_DURATION (seconds per run, default 5), BENCH_WARMUP (default 1),
-BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 5).
+BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 5), BENCH_SECURE=1 (Pico with
+tokens on the proxy and upstream ports and gossip keys: what an Internet-facing cluster runs),
+BENCH_TLS=1 (the tunnels over wss: the agent copies instead of splicing).
 """
 
 from __future__ import annotations
@@ -149,6 +151,35 @@ class Bench:
         # agent and every request carry one (bench.pair's PAIR_AUTH=1).
         self.auth_secret = ""
         self.auth_token = ""
+        self.gossip_key = ""  # with a key, gossip and forwarding are sealed/authenticated
+        self.tunnel_ca = ""  # with a CA, the upstream port speaks TLS and agents use wss
+
+    def enable_gossip_keys(self) -> None:
+        """Seal gossip and sign forwarded requests in the Pico setups started afterwards."""
+        import base64
+
+        self.gossip_key = base64.b64encode(os.urandom(32)).decode()
+
+    def enable_tunnel_tls(self) -> None:
+        """Serve the upstream port over TLS (a trustme certificate): tunnels are wss."""
+        import trustme
+
+        ca = trustme.CA()
+        cert = ca.issue_cert(PICO_HOST)
+        self.tunnel_ca = str(self.tmp / "ca.pem")
+        ca.cert_pem.write_to_path(self.tunnel_ca)
+        cert.cert_chain_pems[0].write_to_path(str(self.tmp / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(self.tmp / "key.pem"))
+
+    def configure_from_env(self) -> None:
+        """BENCH_SECURE / PAIR_AUTH: tokens and gossip keys; BENCH_TLS / PAIR_TLS: wss."""
+        if "1" in (os.environ.get("BENCH_SECURE"), os.environ.get("PAIR_AUTH")):
+            self.enable_auth()
+            self.enable_gossip_keys()
+            self.notes.append("tokens on the proxy and upstream ports, gossip keys set")
+        if "1" in (os.environ.get("BENCH_TLS"), os.environ.get("PAIR_TLS")):
+            self.enable_tunnel_tls()
+            self.notes.append("tunnels over TLS (wss)")
 
     def enable_auth(self) -> None:
         """Turn proxy and upstream auth on for the Pico setups started afterwards."""
@@ -209,6 +240,11 @@ class Bench:
         if self.auth_secret:
             for port in ("proxy", "upstream"):
                 argv += [f"--{port}.auth.hmac-secret-key", self.auth_secret]
+        if self.gossip_key:
+            argv += ["--gossip.secret-keys", self.gossip_key]
+        if self.tunnel_ca:
+            argv += ["--upstream.tls.cert", str(self.tmp / "cert.pem")]
+            argv += ["--upstream.tls.key", str(self.tmp / "key.pem")]
         if join:
             argv += ["--cluster.join", join]
         proc = self.procs.start(name, argv)
@@ -228,7 +264,7 @@ class Bench:
             "--endpoints",
             f"{ENDPOINT}/{origin.host}:{origin.port}",
             "--server.url",
-            f"http://{PICO_HOST}:{server_ports['upstream']}",
+            f"{'https' if self.tunnel_ca else 'http'}://{PICO_HOST}:{server_ports['upstream']}",
             "--admin.bind-addr",
             f"{PICO_HOST}:0",
             "--log.level",
@@ -236,6 +272,8 @@ class Bench:
         ]
         if self.auth_token:
             argv += ["--auth.api-key", self.auth_token]
+        if self.tunnel_ca:
+            argv += ["--server.tls.root-ca", self.tunnel_ca]
         return self.procs.start("pico-agent", argv)
 
     def start_pico_one(self, origin: Setup) -> Setup:
@@ -535,6 +573,7 @@ def main() -> int:
     tmp.chmod(0o755)  # nginx workers (which may not be our user) read files below it
     (tmp / "logs").mkdir()
     bench = Bench(cfg, tmp)
+    bench.configure_from_env()
     ok = False
     try:
         bench.run()
