@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from pico.mux.frame import Flags, FrameType, encode_header
-from pico.mux.handshake import accept_response, open_websocket
+from pico.mux.handshake import open_websocket
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
+from pico.mux.upgrade import accept_response
 from pico.mux.websocket import OP_BINARY, encode_frame
 from pico.server.cluster import NodeInfo
 from tests.support.cluster import Harness, admin_url, proxy_url, wait_for

@@ -10,20 +10,17 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import cast
 
-import httptools
-
 from pico import log
-from pico.auth import AuthFailure, Token, TokenVerifier
+from pico.auth import Token, TokenVerifier
 from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
-from pico.http.head import endpoint_key, error_response, valid_endpoint_id
-from pico.mux.handshake import accept_response, upgrade_error
+from pico.http.head import endpoint_key
 from pico.mux.session import MuxError
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
+from pico.mux.upgrade import Accepted, Rejected, ServerHandshake, accept_response, reject_response
 
 _log = log.get_logger("upstream")
 
@@ -343,29 +340,24 @@ class UpstreamServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-# The upgrade request must arrive quickly and be small: this port faces the internet (the
-# limit counts every byte before the upgrade, body included: an upgrade request has none).
-_MAX_HEAD = 16 * 1024
+# The upgrade request must arrive quickly (its size is bounded by the `ServerHandshake`):
+# this port faces the internet.
 _HEAD_TIMEOUT = 10.0
-_PATH_PREFIX = "/pico/v1/upstream/"
-_CHALLENGE = ((b"WWW-Authenticate", b"Bearer"),)
 # A tunnel whose token expired has this long to finish its open streams.
 _EXPIRY_DRAIN = 10.0
 
 
 class _UpgradeRequest(asyncio.Protocol):
-    """Reads one upgrade request; answers an error or hands the connection to a tunnel."""
+    """Feeds one upgrade request to a `ServerHandshake`; answers its error, or hands the
+    connection to a tunnel."""
 
     def __init__(self, server: UpstreamServer) -> None:
         self.server = server
+        self.handshake = ServerHandshake(
+            server.auth.check if server.auth is not None else None,
+            accepting=lambda: server.accepting,
+        )
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.headers: dict[str, str] = {}
-        self.size = 0
-        self.error: tuple[int, str] | None = None
-        self.endpoint_id = ""
-        self.token: Token | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -373,84 +365,34 @@ class _UpgradeRequest(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(_HEAD_TIMEOUT, self._timeout)
 
     def _timeout(self) -> None:
-        self._respond(408, "request head not received in time")
+        self._reject(Rejected(408, "request head not received in time"))
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
-        # httptools buffers an unfinished header line whole and reports it only once complete:
-        # bound the head by the raw bytes received, or one endless line grows without limit.
-        self.size += len(data)
-        if self.size > _MAX_HEAD:
-            self._respond(431, "request header fields too large")
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data[exc.args[0] :])
-        except httptools.HttpParserError as exc:
-            self._respond(400, f"malformed request: {exc}")
+        match self.handshake.receive_data(data):
+            case Accepted(endpoint_id, key, token, rest):
+                transport, self.transport = self.transport, None
+                self._stop_timer()
+                transport.write(accept_response(key))
+                self.server.accept(endpoint_id, transport, rest, token)
+            case Rejected() as rejected:
+                self._reject(rejected)
+            case None:
+                pass
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_headers_complete(self) -> None:
-        path = urllib.parse.unquote(self.url.decode("latin-1").split("?", 1)[0])
-        if not path.startswith(_PATH_PREFIX):
-            self.error = (404, "not found")
-            return
-        endpoint_id = path[len(_PATH_PREFIX) :]
-        if not valid_endpoint_id(endpoint_id):
-            self.error = (400, "invalid endpoint id: use 1-128 characters of [A-Za-z0-9._-]")
-            return
-        if not self.server.accepting:
-            self.error = (503, "node shutting down")
-            return
-        problem = upgrade_error(self.parser.get_method(), self.headers)
-        if problem is not None:
-            self.error = (400, problem)
-            return
-        auth = self.server.auth
-        if auth is not None:
-            try:
-                self.token = auth.check(self.headers.get("authorization"), endpoint_id)
-            except AuthFailure as exc:
-                self.error = (exc.status, exc.message)
-                return
-        self.endpoint_id = endpoint_id
-
-    def on_message_complete(self) -> None:
-        if not self.parser.should_upgrade():
-            status, message = self.error or (400, "expected a WebSocket upgrade")
-            self._respond(status, message)
-
-    def _upgrade(self, rest: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if self.error is not None or not self.endpoint_id:
-            status, message = self.error or (400, "expected a WebSocket upgrade")
-            self._respond(status, message)
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        self.transport = None
-        transport.write(accept_response(self.headers["sec-websocket-key"]))
-        self.server.accept(self.endpoint_id, transport, rest, self.token)
-
-    def _respond(self, status: int, message: str) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+    def _reject(self, rejected: Rejected) -> None:
+        self._stop_timer()
         transport, self.transport = self.transport, None
         if transport is not None:
-            headers = _CHALLENGE if status == 401 else ()
-            transport.write(error_response(status, message, close=True, headers=headers))
+            transport.write(reject_response(rejected))
             transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _stop_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+            self.timer = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         self.transport = None
