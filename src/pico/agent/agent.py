@@ -27,6 +27,7 @@ from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
+from pico.mux.upgrade import UPSTREAM_PATH
 from pico.tls import client_context
 from pico.webapp import serve_app
 
@@ -92,7 +93,7 @@ class EndpointLink:
         # The endpoint path is appended to any path prefix of server.url (a reverse proxy
         # in front of the cluster may serve it under a prefix).
         ws_base = "ws" + base[4:] if base.startswith("http") else base
-        self.url = f"{ws_base}/pico/v1/upstream/{spec.endpoint_id}"
+        self.url = f"{ws_base}{UPSTREAM_PATH}{spec.endpoint_id}"
 
     async def run(self) -> None:
         """Connect and serve until stopped. Raises AgentRejected on a fatal refusal."""

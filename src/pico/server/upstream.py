@@ -190,9 +190,9 @@ class EndpointRegistry:
 class UpstreamServer:
     """The upstream port: accepts agent WebSockets and keeps the registry current.
 
-    A raw asyncio server: the upgrade request is parsed with httptools, answered with a JSON
-    error or a 101, and the connection is then handed to a `Tunnel` (no HTTP framework on the
-    data path).
+    A raw asyncio server: the upgrade request is checked by `pico.mux.upgrade.ServerHandshake`,
+    answered with a JSON error or a 101, and the connection is then handed to a `Tunnel` (no
+    HTTP framework on the data path).
     """
 
     def __init__(
