@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench install clean
+.PHONY: demo test lint unit bench fuzz install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/pico dev demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff format --check src tests bench fuzz
 	$(BIN)/mypy src
 
 unit: $(STAMP)
@@ -30,6 +30,15 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Each fuzz target for FUZZ_SECONDS (default 120), keeping what it learns in fuzz/corpus/.
+FUZZ_SECONDS ?= 120
+fuzz: $(STAMP)
+	for t in mux websocket gossip http config; do \
+		mkdir -p fuzz/corpus/$$t && \
+		$(BIN)/python -m fuzz.run $$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz/corpus/$$t \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

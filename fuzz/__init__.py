@@ -1,0 +1,1 @@
+"""Fuzz targets (`targets.py`) and their atheris runner (`python -m fuzz.run`)."""
