@@ -493,3 +493,35 @@ def test_dockerfile_copies_what_the_build_needs() -> None:
         *sources, _dest = rest.split()
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository root"
+
+
+# Kubernetes version the manifests are validated against (kubernetes-validate ships the schemas).
+K8S_VERSION = "1.34.0"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((DEPLOY / "kubernetes").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_k8s_manifests_validate_against_the_kubernetes_schemas(path: Path) -> None:
+    import kubernetes_validate
+
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc is None:
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {doc.get('kind')} {exc.message} at {list(exc.path)}")
+
+
+def test_k8s_validation_catches_a_broken_manifest() -> None:
+    import kubernetes_validate
+
+    statefulset = yaml.safe_load((DEPLOY / "kubernetes" / "statefulset.yaml").read_text())
+    statefulset["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, K8S_VERSION, strict=True)
+    statefulset["spec"]["replicas"] = 3
+    statefulset["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):  # strict: unknown fields fail
+        kubernetes_validate.validate(statefulset, K8S_VERSION, strict=True)
