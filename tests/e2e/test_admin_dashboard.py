@@ -199,8 +199,19 @@ SNAPSHOT_JS = """(() => {
     refreshed: document.getElementById("refresh").innerText,
     injected: document.querySelectorAll("main img, main script").length,
     pwned: window.pwned === 1,
+    charts: Object.fromEntries(["rate", "latency", "errors"].map((name) =>
+      [name, Number(document.getElementById(`chart-${name}`).dataset.drawn || 0)])),
+    scopes: [...document.getElementById("scope").options].map((o) => o.value),
   };
 })()"""
+
+# Show one endpoint's charts, as a person picking it in the list does.
+PICK_SCOPE_JS = """((name) => {
+  const select = document.getElementById("scope");
+  select.value = name;
+  select.dispatchEvent(new Event("change"));
+  return Number(document.getElementById("chart-rate").dataset.drawn || 0);
+})(%s)"""
 
 
 def gossip_addr(node: Node) -> str:
@@ -290,6 +301,13 @@ async def test_dashboard_shows_nodes_endpoints_upstreams_and_request_rate(
                     return bool(rows) and rate(rows[0]) > 0
 
                 await wait_for(rate_shown, timeout=20, what=f"a request rate for {ENDPOINT}")
+
+                async def charts_drawn() -> bool:
+                    view.update(await page.evaluate(SNAPSHOT_JS))
+                    return view["charts"]["rate"] > 0 and view["charts"]["latency"] > 0
+
+                await wait_for(charts_drawn, timeout=20, what="the charts drawn from history")
+                endpoint_points = await page.evaluate(PICK_SCOPE_JS % json.dumps(ENDPOINT))
                 png = await page.screenshot()
                 console_errors = page.console_errors
         finally:
@@ -321,6 +339,15 @@ async def test_dashboard_shows_nodes_endpoints_upstreams_and_request_rate(
     assert view["banner"] == ""
     assert view["refreshed"].startswith("Last refresh")
     assert console_errors == []
+
+    # Charts: traffic sent before the page opened is drawn (the nodes keep the history), for
+    # the cluster and for the endpoint; no 5xx, so no error points; c took the requests.
+    assert view["charts"]["rate"] >= 1 and view["charts"]["latency"] >= 1
+    assert view["charts"]["errors"] == 0
+    assert ENDPOINT in view["scopes"]
+    assert endpoint_points >= 1
+    assert float(by_node[c.node_id]["Requests/s"]) > 0
+    assert by_node[b.node_id]["Requests/s"] in ("0.0", NO_RATE)
 
 
 async def test_the_dashboard_of_an_admin_port_with_auth_takes_its_token_from_the_fragment(

@@ -17,6 +17,7 @@ from pico import log
 from pico.auth import AuthFailure, TokenVerifier
 from pico.server.cluster import ClusterState
 from pico.server.dashboard import serve_dashboard
+from pico.server.history import History
 from pico.server.metrics import NodeMetrics
 from pico.server.upstream import EndpointRegistry
 from pico.tls import PeerTls, client_context
@@ -49,7 +50,9 @@ class AdminServer:
         gossip_status: Callable[[str | None], object] | None = None,
         auth: TokenVerifier | None = None,
         peer_tls: PeerTls | None = None,
+        history: History | None = None,
     ) -> None:
+        self.history = history or History()
         self.cluster = cluster
         # How `?forward=` reaches a node whose admin port speaks TLS.
         self.peer_tls = peer_tls or PeerTls(client_context())
@@ -75,6 +78,7 @@ class AdminServer:
         r.add_get("/status/proxy/stats", self.proxy_stats)
         r.add_get("/status/gossip/nodes", self.gossip_nodes)
         r.add_get("/status/gossip/nodes/{id}", self.gossip_node)
+        r.add_get("/status/history", self.history_handler)
         app.on_cleanup.append(self._close_client)
         return app
 
@@ -161,6 +165,10 @@ class AdminServer:
             for endpoint_id, ups in sorted(self.registry.endpoints().items())
         }
         return web.json_response(endpoints)
+
+    async def history_handler(self, request: web.Request) -> web.StreamResponse:
+        """The last 15 minutes of this node's client traffic (see pico.server.history)."""
+        return web.json_response(self.history.snapshot())
 
     async def proxy_stats(self, request: web.Request) -> web.StreamResponse:
         """Per endpoint on this node: its local upstreams and request counts since start."""

@@ -35,6 +35,7 @@ from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
 from pico.server.forward import MemberProof, NodeUpstreams
+from pico.server.history import History
 from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
@@ -105,6 +106,7 @@ class Node:
         cluster_cfg = config.cluster
         self.node_id = cluster_cfg.node_id or generate_node_id(cluster_cfg.node_id_prefix)
         self.metrics = NodeMetrics()
+        self.history = History()
         self.registry = EndpointRegistry()
         # Server TLS context of each port that has a certificate; how we reach other nodes'.
         self.tls = {
@@ -152,6 +154,7 @@ class Node:
             self._gossip_status,
             auth=self.verifiers.get("admin"),
             peer_tls=self.peer_tls,
+            history=self.history,
         )
         keys = [parse_key(k) for k in config.gossip.secret_keys]
         self.keyring = Keyring(keys, self.node_id) if keys else None
@@ -325,14 +328,22 @@ class Node:
         )
 
     def _observer(self) -> Observer:
-        """What happens after each request: metrics, and the access log unless disabled."""
+        """What happens after each request: metrics, the dashboard's history, and the access
+        log unless disabled."""
         metrics = self.metrics.observe
+        history = self.history.observe
         if self.config.proxy.access_log.disable:
-            return metrics
+
+            def observe_quietly(record: RequestRecord) -> None:
+                metrics(record)
+                history(record)
+
+            return observe_quietly
         access = AccessLog(self.config.proxy.access_log)
 
         def observe(record: RequestRecord) -> None:
             metrics(record)
+            history(record)
             access(record)
 
         return observe
