@@ -39,7 +39,16 @@ _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
 # Open streams get this long to finish after SIGTERM before the tunnel is closed.
 _GRACE_PERIOD = 30.0
-_FATAL_STATUSES = (400, 401, 403, 404)
+# Refusals that retrying will not fix. A 404 is not one: a reverse proxy in front of the
+# cluster may answer it for a moment (then it is retried, and logged once with a hint).
+_FATAL_STATUSES = (400, 401, 403)
+_PORT_HINT = "is --server.url the upstream port (default 8001)?"
+_HINTS = {
+    400: _PORT_HINT,
+    401: "does --auth.api-key hold a valid token for this cluster?",
+    403: "does the token of --auth.api-key permit this endpoint (claim pico.endpoints)?",
+    404: _PORT_HINT,
+}
 # Bounds connecting plus the WebSocket handshake to a node.
 _CONNECT_TIMEOUT = 10.0
 
@@ -99,6 +108,7 @@ class EndpointLink:
         """Connect and serve until stopped. Raises AgentRejected on a fatal refusal."""
         attempt = 0
         endpoint_id = self.spec.endpoint_id
+        not_found_logged = False
         while not self.stopping:
             try:
                 transport, rest = await open_websocket(
@@ -108,19 +118,35 @@ class EndpointLink:
                     ssl_context=self.agent.tls,
                 )
             except HandshakeError as exc:
+                hint = _HINTS.get(exc.status)
                 if exc.status in _FATAL_STATUSES:
                     raise AgentRejected(
                         f"server rejected endpoint {endpoint_id!r}: {exc.status} {exc.message}"
+                        + (f" ({hint})" if hint else "")
                     ) from exc
-                _log.warn(
-                    "connect failed", endpoint_id=endpoint_id, status=exc.status, error=exc.message
-                )
+                if exc.status == 404:
+                    if not not_found_logged:
+                        not_found_logged = True
+                        _log.error(
+                            "server answered 404; retrying",
+                            endpoint_id=endpoint_id,
+                            url=self.url,
+                            hint=hint,
+                        )
+                else:
+                    _log.warn(
+                        "connect failed",
+                        endpoint_id=endpoint_id,
+                        status=exc.status,
+                        error=exc.message,
+                    )
             except (OSError, TimeoutError) as exc:
                 _log.warn(
                     "connect failed", endpoint_id=endpoint_id, error=str(exc) or type(exc).__name__
                 )
             else:
                 attempt = 0
+                not_found_logged = False
                 if await self._serve(transport, rest):
                     continue  # the node is draining: reconnect at once (no backoff)
                 if self.stopping:

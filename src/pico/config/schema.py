@@ -600,7 +600,10 @@ class ForwarderConfig(_Model):
     """``forwarder``: requests to the local services."""
 
     timeout: Duration = Field(
-        10.0, description="Timeout per request to the local service; 504 when exceeded."
+        10.0,
+        description="How long the agent waits to connect to the local service for a request "
+        "(the node answers 504 when it runs out); it does not bound the response, which the "
+        "node's proxy.timeout does.",
     )
 
 
@@ -624,6 +627,20 @@ class AgentConfig(_Model):
     forwarder: ForwarderConfig = Field(default_factory=ForwarderConfig)
     admin: AgentAdminConfig = Field(default_factory=AgentAdminConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _unique_endpoints(self) -> AgentConfig:
+        seen: dict[str, str] = {}
+        for value in self.endpoints:
+            spec = parse_endpoint(value)
+            key = spec.endpoint_id.lower()  # ids fold ASCII case: `A` and `a` are one endpoint
+            if key in seen:
+                raise ValueError(
+                    f"endpoints: endpoint id {spec.endpoint_id!r} is given twice "
+                    f"({seen[key]!r} and {value!r})"
+                )
+            seen[key] = value
+        return self
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> AgentConfig:
