@@ -9,7 +9,7 @@ from pathlib import Path
 _TEMPLATE = """\
 worker_processes 1;
 daemon off;
-master_process on;
+master_process {master_process};
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -79,8 +79,14 @@ def render(
     listen: str = "127.0.0.1",
     ports: tuple[int, int, int] = (8000, 8001, 8002),
     node_ports: tuple[int, int, int] = (8000, 8001, 8002),
+    single_process: bool = False,
 ) -> Path:
-    """Write nginx.conf into `prefix` balancing over `nodes` (IP addresses); returns its path."""
+    """Write nginx.conf into `prefix` balancing over `nodes` (IP addresses); returns its path.
+
+    `single_process` runs nginx without a master (`master_process off`): one process to
+    stop, and one that dies with its parent (the demo), where workers would outlive a master
+    killed with SIGKILL.
+    """
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / sub).mkdir(parents=True, exist_ok=True)
     blocks = []
@@ -97,6 +103,7 @@ def render(
         proxy_port=ports[0],
         upstream_port=ports[1],
         admin_port=ports[2],
+        master_process="off" if single_process else "on",
     )
     path = prefix / "nginx.conf"
     path.write_text(conf)
