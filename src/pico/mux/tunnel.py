@@ -305,6 +305,7 @@ class Tunnel(asyncio.BufferedProtocol):
         self.wake_writer()
 
     def eof_received(self) -> bool:
+        self._return_read_buffer()
         self.close("connection closed by peer")
         return False
 
@@ -320,7 +321,15 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._return_read_buffer()
         self.close(f"connection lost: {exc}" if exc else "connection closed by peer")
+
+    def _return_read_buffer(self) -> None:
+        # The loop took a buffer for a read that found the end instead (no buffer_updated):
+        # give it back, or every closing tunnel would keep a 1 MiB buffer of its own.
+        buf, self._read_buffer = self._read_buffer, None
+        if buf is not None:
+            READ_BUFFERS.give(buf)
 
     # -- internals -------------------------------------------------------------------------------
 
