@@ -8,7 +8,9 @@ median of the per-round ratios; the other columns are the median run.
 Environment: BENCH_DURATION (seconds per run, default 5), BENCH_WARMUP (default 1),
 BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 5), BENCH_SECURE=1 (Pico with
 tokens on the proxy and upstream ports and gossip keys: what an Internet-facing cluster runs),
-BENCH_TLS=1 (the tunnels over wss: the agent copies instead of splicing).
+BENCH_TLS=1 (the tunnels over wss: the agent copies instead of splicing), PICO_BENCH_PEERS=DIR
+(Piko one node and forwarded, and frp, from the `piko`, `frps` and `frpc` in DIR, in the same
+rounds; `x pico` is each setup over Pico on one node).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from bench import nginx, wrk
+from bench import nginx, peers, wrk
 from bench.procs import BenchError, Proc, ProcessGroup, free_port, http_get, wait_until
 from bench.rss import Sampler
 
@@ -424,6 +426,18 @@ class Bench:
         else:
             for size in SIZES:
                 self.cases.append(Case(TWO_NODES, size, note="skipped (cluster not available)"))
+        folder = peers.peers_dir()
+        if folder is not None:
+            for name, start_peer in (
+                (peers.PIKO_ONE, peers.start_piko_one),
+                (peers.PIKO_TWO, peers.start_piko_two),
+                (peers.FRP, peers.start_frp),
+            ):
+                started = self.attempt(
+                    name, lambda start_peer=start_peer: start_peer(self, folder, origin)
+                )
+                if started:
+                    setups.append(started)
         measured = [
             (setup, Case(setup.name, size, shown=setup.shown)) for setup in setups for size in SIZES
         ]
@@ -434,7 +448,8 @@ class Bench:
                 self.measure_once(setup, case, warmup=round_no == 0)
         for _, case in measured:
             case.pick_median()
-        order = {name: i for i, name in enumerate(("nginx direct", HOP, ONE_NODE, TWO_NODES))}
+        names = ("nginx direct", HOP, ONE_NODE, TWO_NODES, *peers.NAMES)
+        order = {name: i for i, name in enumerate(names)}
         self.cases.sort(key=lambda c: (order.get(c.setup, 9), list(SIZES).index(c.size)))
         for setup in reversed(setups):
             self.stop(setup)
@@ -505,6 +520,7 @@ def cpu_per_req(case: Case) -> str:
 
 def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
     hop = {c.size: c for c in cases if c.setup == HOP and c.result}
+    pico = {c.size: c for c in cases if c.setup == ONE_NODE and c.result}
     lines = [
         "# Pico bench",
         "",
@@ -515,21 +531,22 @@ def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
         "reports it · CPU µs/req and peak RSS cover the processes named in the RSS column (not "
         "the origin nginx, except for nginx direct)",
         "",
-        "| setup | size | req/s | x hop | p50 | p99 | MB/s | x hop | CPU µs/req "
+        "| setup | size | req/s | x hop | x pico | p50 | p99 | MB/s | x hop | CPU µs/req "
         "| peak RSS (MB) | errors |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for c in cases:
         r = c.result
         if r is None:
-            lines.append(f"| {c.setup} | {c.size} | {c.note} | | | | | | | | |")
+            lines.append(f"| {c.setup} | {c.size} | {c.note} | | | | | | | | | |")
             continue
         base = hop.get(c.size)
         rss = ", ".join(f"{role} {c.rss.get(role, 0) / 2**20:.1f}" for role in c.shown)
         errors = "**" + "; ".join(c.problems) + "**" if c.problems else "none"
         lines.append(
             f"| {c.setup} | {c.size} | {r.rps:,.0f} | {fmt_ratio(ratio(c, base, 'rps'))} "
-            f"| {fmt_time(r.p50)} | {fmt_time(r.p99)} | {r.mib_per_sec:,.1f} "
+            f"| {fmt_ratio(ratio(c, pico.get(c.size), 'rps'))} | {fmt_time(r.p50)} "
+            f"| {fmt_time(r.p99)} | {r.mib_per_sec:,.1f} "
             f"| {fmt_ratio(ratio(c, base, 'mib_per_sec'))} | {cpu_per_req(c)} "
             f"| {rss} | {errors} |"
         )
