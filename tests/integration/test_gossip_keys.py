@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 
 from pico.gossip import codec
+from pico.gossip.records import Entry, NodeDelta
 from pico.gossip.seal import Keyring
-from pico.gossip.state import Entry, NodeDelta
 from pico.server.node import Node
 from tests.integration.test_cluster import gossip_addr
 from tests.support.cluster import Harness, proxy_url, wait_for

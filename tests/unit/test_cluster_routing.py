@@ -6,12 +6,14 @@ import random
 from collections import Counter
 
 from pico.gossip import (
+    GossipConfig,
     Gossiper,
     NodeExpired,
     NodeJoined,
     NodeKeyDeleted,
     NodeLeft,
     NodeReachable,
+    NodeRestarted,
     NodeUnreachable,
     NodeUpdated,
 )
@@ -132,3 +134,44 @@ def test_addresses_that_are_not_a_plain_host_port_never_make_a_node_known() -> N
         assert node not in cluster.remotes, addr
     sync.apply([NodeUpdated("n0", "admin_addr", "[fd00::9]:8002")])
     assert cluster.remotes["n0"].admin_addr == "[fd00::9]:8002"
+
+
+def test_a_restarted_node_loses_its_old_endpoints_and_takes_its_new_addresses() -> None:
+    cluster = state()
+    lost: list[tuple[str, bool]] = []
+    gone: list[str] = []
+    sync = ClusterSyncer(
+        cluster,
+        Gossiper("local", "10.0.0.1:8003"),
+        on_node_gone=gone.append,
+        on_endpoint=lambda ep, up: lost.append((ep, up)),
+    )
+    add(sync, "b", old=1)
+    sync.apply([NodeLeft("b")])
+    lost.clear()
+    gone.clear()
+    sync.apply(
+        [
+            NodeRestarted("b", "b:9003"),
+            NodeUpdated("b", "proxy_addr", "b:9000"),
+            NodeUpdated("b", "admin_addr", "b:9002"),
+            NodeUpdated("b", "endpoint:new", "1"),
+        ]
+    )
+    node = cluster.remotes["b"]
+    assert (node.status, node.proxy_addr, node.endpoints) == ("active", "b:9000", {"new": 1})
+    assert gone == ["b"]  # its connection pool (to the old address) is dropped
+    assert lost == [("new", True)]
+    assert [n.id for n in cluster.remote_candidates("new")] == ["b"]
+    assert cluster.remote_candidates("old") == []
+
+
+def test_an_endpoint_over_the_entry_limit_is_served_locally_but_not_gossiped() -> None:
+    cluster = state()
+    gossiper = Gossiper("local", "10.0.0.1:8003", GossipConfig(max_entries_per_node=8))
+    sync = ClusterSyncer(cluster, gossiper)
+    sync.publish_local()
+    for i in range(10):
+        sync.local_endpoint_changed(f"ep{i}", 1)  # never raises into the registry
+    published = {e.key for e in gossiper.node_state("local").entries}  # type: ignore[union-attr]
+    assert len(published) == 6

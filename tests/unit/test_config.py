@@ -195,6 +195,37 @@ def test_server_errors_name_key(data: dict[str, Any], message: str) -> None:
     assert message in str(info.value)
 
 
+def test_gossip_limits_have_defaults_flags_and_a_consistency_check() -> None:
+    g = load_config_dict(ServerConfig, {}).gossip
+    assert (g.max_nodes, g.max_entries_per_node, g.max_key_size, g.max_value_size) == (
+        1024,
+        16384,
+        256,
+        1024,
+    )
+    assert (g.max_version_step, g.max_join_size) == (2**32, 16 << 20)
+    with pytest.raises(ConfigError) as info:
+        load_config_dict(
+            ServerConfig, {"gossip": {"max_entries_per_node": 50000, "max_version_step": 65536}}
+        )
+    assert "max_version_step must be at least 2 x max_entries_per_node" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config_dict(ServerConfig, {"gossip": {"max_nodes": 1}})
+    assert "gossip.max_nodes:" in str(info.value)
+    result = CliRunner().invoke(_server_cmd, ["-h"])
+    for flag in (
+        "--gossip.max-nodes",
+        "--gossip.max-entries-per-node",
+        "--gossip.max-key-size",
+        "--gossip.max-value-size",
+        "--gossip.max-version-step",
+        "--gossip.max-join-size",
+    ):
+        assert flag in result.output
+    result = CliRunner().invoke(_server_cmd, ["--gossip.max-nodes", "1"])
+    assert result.exit_code != 0 and "gossip.max_nodes" in result.output
+
+
 def test_zero_proxy_timeout_disables() -> None:
     cfg = load_config_dict(ServerConfig, {"proxy": {"timeout": "0"}})
     assert cfg.proxy.timeout == 0.0

@@ -13,9 +13,11 @@ from pico.gossip import (
     DigestEntry,
     Entry,
     GossipDecodeError,
+    GossipRejected,
     NodeDelta,
     codec,
-    stream_message_length,
+    frame,
+    frame_length,
 )
 from pico.gossip.state import GossipState
 
@@ -113,17 +115,33 @@ def test_join_and_leave_round_trips() -> None:
     assert codec.decode_leave(codec.encode_leave_ack("b", "b:1")) == codec.Leave("b", "b:1", ())
 
 
-def test_stream_message_length_finds_message_boundaries() -> None:
+def test_a_frame_announces_its_length_and_one_over_the_limit_is_refused() -> None:
     join = codec.encode_join("a", "a:1", [NodeDelta("a", "a:1", entries("a", 5))], [])
-    for cut in range(len(join)):
-        assert stream_message_length(join[:cut], reply=False) is None
-    assert stream_message_length(join + b"extra", reply=False) == len(join)
-    ack = codec.encode_leave_ack("b", "b:1")
-    assert stream_message_length(ack, reply=True) == len(ack)
+    framed = frame(join)
+    assert framed[4:] == join
+    assert frame_length(framed[:4], max_size=len(join)) == len(join)
+    with pytest.raises(GossipRejected) as refused:
+        frame_length(framed[:4], max_size=len(join) - 1)
+    assert refused.value.reason == "join_size"
     with pytest.raises(GossipDecodeError):
-        stream_message_length(join, reply=False, max_size=len(join) // 2)
-    with pytest.raises(GossipDecodeError):
-        stream_message_length(b"\x01\x00" + b"\x80", reply=False)
+        frame_length(b"\x00\x00\x00\x00", max_size=1 << 20)  # nothing to decode
+
+
+def test_incarnations_round_trip_and_default_to_zero_when_absent() -> None:
+    digest = [DigestEntry("b", "b:1", 3, False, incarnation=2**64 - 1)]
+    data = codec.encode_digest("a", "a:1", True, digest, 1400, incarnation=7)
+    assert codec.decode_datagram(data) == codec.Digest("a", "a:1", True, tuple(digest), 7)
+    node = NodeDelta("b", "b:1", entries("b", 2), since=0, incarnation=9)
+    (packet,) = codec.encode_delta("a", "a:1", [node], 1400, 1, incarnation=7)
+    assert codec.decode_datagram(packet) == codec.Delta("a", "a:1", (node,), 7)
+    join = codec.encode_join("a", "a:1", [node], digest, incarnation=7)
+    tcp = NodeDelta("b", "b:1", node.entries, None, 9)
+    assert codec.decode_join(join) == codec.Join("a", "a:1", (tcp,), tuple(digest), 7)
+    old = b"\x01\x00" + msgpack.packb({"node_id": "a", "addr": "a:1", "request": False})
+    old += msgpack.packb({"id": "b", "addr": "b:1", "version": 1, "left": False})
+    assert codec.decode_datagram(old) == codec.Digest(
+        "a", "a:1", False, (DigestEntry("b", "b:1", 1, False, 0),), 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -175,8 +193,13 @@ def test_random_payload_behind_a_valid_prefix_only_raises_decode_error(
         codec.decode_datagram(prefix + payload)
     except GossipDecodeError:
         pass
+    for decode in (codec.decode_join, codec.decode_leave):
+        try:
+            decode(prefix + payload)
+        except GossipDecodeError:
+            pass
     try:
-        stream_message_length(prefix + payload, reply=False)
+        frame_length(payload[:4].ljust(4, b"\x00"), max_size=1 << 20)
     except GossipDecodeError:
         pass
 

@@ -38,8 +38,8 @@ def test_tick_sends_a_requesting_digest_to_a_live_and_an_unreachable_node() -> N
         now += 0.1
         for out in a.tick(now):
             if out.addr == "b:7946":
-                for reply in b.receive_datagram(out.data, now):
-                    a.receive_datagram(reply.data, now)
+                for reply in b.receive_datagram(out.data, now, a.addr):
+                    a.receive_datagram(reply.data, now, b.addr)
         assert now < 30
     sent = a.tick(now + 0.1)
     assert sorted(o.addr for o in sent) == ["b:7946", "c:7946"]
@@ -48,22 +48,23 @@ def test_tick_sends_a_requesting_digest_to_a_live_and_an_unreachable_node() -> N
     assert digest.entries[0].id == "a"
 
 
-def test_digest_is_answered_with_a_delta_and_our_digest_to_the_advertised_addr() -> None:
+def test_digest_is_answered_with_a_delta_and_our_digest_at_its_source_address() -> None:
     a, b = make("a"), make("b")
     b.upsert("proxy_addr", "b:8000")
     a.upsert("proxy_addr", "a:8000")
     data = codec.encode_digest("a", "a-advertised:1", True, a.digest(), 1400)
-    replies = b.receive_datagram(data, 0.0)
-    assert [r.addr for r in replies] == ["a-advertised:1", "a-advertised:1"]
+    replies = b.receive_datagram(data, 0.0, "10.0.0.1:7946")
+    # Never to the address written in the datagram: that would reflect us to anyone named.
+    assert [r.addr for r in replies] == ["10.0.0.1:7946", "10.0.0.1:7946"]
     delta, digest = (codec.decode_datagram(r.data) for r in replies)
     assert isinstance(delta, codec.Delta) and delta.nodes == ()  # a knows nothing of b yet
     assert isinstance(digest, codec.Digest) and not digest.request
-    # a learns b from the digest, then b's state from the delta that answers a's next digest.
-    a.receive_datagram(replies[1].data, 0.0)
+    # a hears of b from the digest, but only contacts nodes with state (a join, or a delta
+    # from a member, brings it): a name in a datagram is not a reason to send anything.
+    a.receive_datagram(replies[1].data, 0.0, "b:7946")
     assert NodeJoined("b", "b:7946") in a.events()
-    for out in a.tick(0.1):
-        for reply in b.receive_datagram(out.data, 0.1):
-            a.receive_datagram(reply.data, 0.1)
+    assert a.tick(0.1) == []
+    a.handle_join_reply(b.handle_join(a.join_request(0.1), 0.1), 0.1)
     assert NodeUpdated("b", "proxy_addr", "b:8000") in a.events()
 
 
@@ -75,7 +76,7 @@ def test_any_packet_from_a_suspected_node_makes_it_reachable_again() -> None:
         now += 0.1
         a.tick(now)
     (empty_delta,) = codec.encode_delta("b", "b:7946", [], 1400, 1)
-    a.receive_datagram(empty_delta, now)
+    a.receive_datagram(empty_delta, now, "b:7946")
     a.tick(now + 0.1)
     assert a.events() == [NodeReachable("b")]
 
@@ -84,7 +85,7 @@ def test_garbage_datagram_raises_decode_error_and_changes_nothing() -> None:
     a = make("a")
     before = a.nodes()
     with pytest.raises(GossipDecodeError):
-        a.receive_datagram(b"\x02\x00\xff\xff", 0.0)
+        a.receive_datagram(b"\x02\x00\xff\xff", 0.0, "x:1")
     with pytest.raises(GossipDecodeError):
         a.handle_join(b"\x03\x00garbage", 0.0)
     assert a.nodes() == before
@@ -93,7 +94,7 @@ def test_garbage_datagram_raises_decode_error_and_changes_nothing() -> None:
 def test_own_datagrams_are_ignored() -> None:
     a = make("a")
     data = codec.encode_digest("a", "a:7946", True, a.digest(), 1400)
-    assert a.receive_datagram(data, 0.0) == []
+    assert a.receive_datagram(data, 0.0, "a:7946") == []
 
 
 def test_internal_and_oversized_keys_are_refused() -> None:
@@ -138,9 +139,9 @@ def test_push_spreads_a_local_change_without_waiting_for_a_round() -> None:
     # Each peer answers with its digest; a's answer to that carries the new key.
     for out in pushed:
         peer = peers[out.addr]
-        for reply in peer.receive_datagram(out.data, 0.0):
-            for back in a.receive_datagram(reply.data, 0.0):
-                peer.receive_datagram(back.data, 0.0)
+        for reply in peer.receive_datagram(out.data, 0.0, a.addr):
+            for back in a.receive_datagram(reply.data, 0.0, peer.addr):
+                peer.receive_datagram(back.data, 0.0, a.addr)
     for peer in (b, c):
         assert NodeUpdated("a", "endpoint:ep", "1") in peer.events()
 

@@ -20,6 +20,7 @@ from pico.gossip import (
     NodeJoined,
     NodeLeft,
     NodeUnreachable,
+    newer,
 )
 
 INTERVAL = 0.1
@@ -38,21 +39,30 @@ class Simulation:
     nodes: dict[str, Gossiper] = field(default_factory=dict)
     alive: set[str] = field(default_factory=set)
     packets_sent: int = 0
-    recorded: list[tuple[str, bytes]] = field(default_factory=list)
+    recorded: list[tuple[str, bytes, str]] = field(default_factory=list)  # (to, data, from)
     record: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self._queue: list[tuple[float, int, str, str, bytes]] = []  # (time, seq, kind, addr, data)
+        # (time, seq, kind, to, from, data); a tick's data is the life of the node it ticks.
+        self._queue: list[tuple[float, int, str, str, str, bytes]] = []
         self._seq = 0
+        self._lives: dict[str, int] = {}
 
-    def add_node(self, node_id: str) -> Gossiper:
+    def add_node(self, node_id: str, incarnation: int | None = None) -> Gossiper:
+        """Start a node; under an id used before, a new life of it (the old one is gone)."""
         gossiper = Gossiper(
-            node_id, self.addr(node_id), self.config, rng=random.Random(self.rng.random())
+            node_id,
+            self.addr(node_id),
+            self.config,
+            rng=random.Random(self.rng.random()),
+            incarnation=incarnation,
         )
         self.nodes[node_id] = gossiper
         self.alive.add(node_id)
-        self._push(self.now + self.rng.uniform(0, self.config.interval), "tick", node_id, b"")
+        life = self._lives[node_id] = self._lives.get(node_id, 0) + 1
+        at = self.now + self.rng.uniform(0, self.config.interval)
+        self._push(at, "tick", node_id, "", str(life).encode())
         return gossiper
 
     @staticmethod
@@ -68,41 +78,43 @@ class Simulation:
         reply = self.nodes[seed].handle_join(self.nodes[joiner].join_request(self.now), self.now)
         assert self.nodes[joiner].handle_join_reply(reply, self.now) == seed
 
-    def replay(self, packets: list[tuple[str, bytes]]) -> None:
+    def replay(self, packets: list[tuple[str, bytes, str]]) -> None:
         """Deliver old datagrams again (a stale duplicate network)."""
-        for addr, data in packets:
-            self._push(self.now + self.rng.uniform(0, self.config.interval), "packet", addr, data)
+        for to, data, source in packets:
+            at = self.now + self.rng.uniform(0, self.config.interval)
+            self._push(at, "packet", to, source, data)
 
-    def _push(self, at: float, kind: str, addr: str, data: bytes) -> None:
+    def _push(self, at: float, kind: str, to: str, source: str, data: bytes) -> None:
         self._seq += 1
-        heapq.heappush(self._queue, (at, self._seq, kind, addr, data))
+        heapq.heappush(self._queue, (at, self._seq, kind, to, source, data))
 
-    def _send(self, addr: str, data: bytes) -> None:
+    def _send(self, source: str, to: str, data: bytes) -> None:
         self.packets_sent += 1
         if self.record:
-            self.recorded.append((addr, data))
+            self.recorded.append((to, data, source))
         if self.rng.random() < self.loss:
             return
         delay = self.rng.uniform(self.min_delay, self.max_delay)
-        self._push(self.now + delay, "packet", addr, data)
+        self._push(self.now + delay, "packet", to, source, data)
 
     def run_until(self, until: float) -> None:
         while self._queue and self._queue[0][0] <= until:
-            at, _, kind, target, data = heapq.heappop(self._queue)
+            at, _, kind, target, source, data = heapq.heappop(self._queue)
             self.now = at
             if kind == "tick":
-                if target not in self.alive:
-                    continue
+                if target not in self.alive or int(data) != self._lives[target]:
+                    continue  # dead, or a tick of an earlier life of this id
                 gossiper = self.nodes[target]
                 for out in gossiper.tick(at):
-                    self._send(out.addr, out.data)
-                self._push(at + gossiper.next_tick_delay(), "tick", target, b"")
+                    self._send(gossiper.addr, out.addr, out.data)
+                self._push(at + gossiper.next_tick_delay(), "tick", target, "", data)
             else:
                 node_id = target.rsplit(":", 1)[0]
                 if node_id not in self.alive:
                     continue
-                for out in self.nodes[node_id].receive_datagram(data, at):
-                    self._send(out.addr, out.data)
+                receiver = self.nodes[node_id]
+                for out in receiver.receive_datagram(data, at, source):
+                    self._send(receiver.addr, out.addr, out.data)
         self.now = until
 
     def run_rounds_until(self, condition: object, max_rounds: int) -> int:
@@ -302,3 +314,107 @@ def test_joining_yourself_succeeds_and_changes_nothing() -> None:
     assert g.handle_join_reply(g.handle_join(g.join_request(0.0), 0.0), 0.0) == "solo"
     assert [m.id for m in g.nodes()] == ["solo"]
     assert g.events() == []
+
+
+def restart(
+    sim: Simulation, node_id: str, endpoint: str, incarnation: int | None = None
+) -> Gossiper:
+    """The process comes back under the same id, empty, publishing `endpoint`."""
+    g = sim.add_node(node_id, incarnation)
+    g.upsert("proxy_addr", f"{node_id}:8000")
+    g.upsert("admin_addr", f"{node_id}:8002")
+    g.upsert(endpoint, "1")
+    return g
+
+
+def holds(g: Gossiper, node_id: str) -> dict[str, str] | None:
+    state = g.node_state(node_id)
+    if state is None or state.left or state.unreachable:
+        return None
+    return {e.key: e.value for e in state.entries if not e.deleted and not e.internal}
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_a_node_restarted_under_the_same_id_replaces_its_old_life_everywhere(seed: int) -> None:
+    sim = Simulation(seed, loss=0.10, max_delay=3 * INTERVAL)
+    ids = start_cluster(sim, 10)
+    victim = ids[3]
+    sim.nodes[victim].upsert("endpoint:old-life", "1")
+    for n in range(40):  # an old life with many more versions than the new one will have
+        sim.nodes[victim].upsert("endpoint:churn", str(n))
+    sim.run_rounds_until(
+        lambda: all((holds(g, victim) or {}).get("endpoint:churn") == "39" for g in sim.live()),
+        40,
+    )
+    sim.kill(victim)
+    sim.run_until(sim.now + 1.0)  # dead for a second: not yet suspected by everyone
+    restart(sim, victim, "endpoint:new-life")
+    sim.join(victim, ids[0])
+
+    def new_life_everywhere() -> bool:
+        return all(
+            holds(g, victim)
+            == {
+                "proxy_addr": f"{victim}:8000",
+                "admin_addr": f"{victim}:8002",
+                "endpoint:new-life": "1",
+            }
+            for g in sim.live()
+            if g.node_id != victim
+        )
+
+    rounds = sim.run_rounds_until(new_life_everywhere, 40)
+    assert rounds <= 40  # measured: 2-4 rounds
+
+
+def test_a_node_restarted_with_a_clock_behind_its_old_life_refutes_it_and_converges() -> None:
+    sim = Simulation(41, loss=0.10, max_delay=3 * INTERVAL)
+    ids = start_cluster(sim, 10)
+    victim = ids[3]
+    sim.nodes[victim].upsert("endpoint:old-life", "1")
+    sim.run_rounds_until(
+        lambda: all("endpoint:old-life" in (holds(g, victim) or {}) for g in sim.live()), 40
+    )
+    old_life = sim.nodes[victim].incarnation
+    sim.kill(victim)
+    behind = old_life - 1000 * 10**9  # its clock is 1000 s behind the last life's
+    g = restart(sim, victim, "endpoint:new-life", incarnation=behind)
+    sim.join(victim, ids[0])  # the seed tells it about its old life: it outbids it
+    assert newer(g.incarnation, old_life)
+
+    def new_life_everywhere() -> bool:
+        return all(
+            (held := holds(other, victim)) is not None
+            and "endpoint:new-life" in held
+            and "endpoint:old-life" not in held
+            for other in sim.live()
+        )
+
+    assert sim.run_rounds_until(new_life_everywhere, 40) <= 40
+
+
+def test_a_node_that_left_and_came_back_under_the_same_id_is_live_again() -> None:
+    sim = Simulation(31, loss=0.10, max_delay=3 * INTERVAL)
+    ids = start_cluster(sim, 10)
+    leaver = sim.nodes[ids[5]]
+    leaver.upsert("endpoint:old-life", "1")
+    notice = leaver.leave_request(sim.now)
+    for addr in leaver.leave_targets()[:4]:
+        sim.nodes[addr.rsplit(":", 1)[0]].handle_leave(notice, sim.now)
+    sim.kill(leaver.node_id)
+    sim.run_rounds_until(
+        lambda: all((s := g.node_state(leaver.node_id)) is not None and s.left for g in sim.live()),
+        30,
+    )
+    restart(sim, leaver.node_id, "endpoint:new-life")
+    sim.join(leaver.node_id, ids[0])
+
+    def back_everywhere() -> bool:
+        return all(
+            (held := holds(g, leaver.node_id)) is not None
+            and "endpoint:new-life" in held
+            and "endpoint:old-life" not in held
+            for g in sim.live()
+        )
+
+    assert sim.run_rounds_until(back_everywhere, 40) <= 40

@@ -158,7 +158,8 @@ def test_unreachable_node_expires_and_is_never_resurrected_by_stale_gossip() -> 
 
 def test_reachable_again_cancels_the_expiry() -> None:
     b = GossipState("b", "b:1")
-    b.apply_digest([DigestEntry("a", "a:1", 0, False)], 0.0)
+    # Known with state: a node only named in a digest is not watched (and has its own expiry).
+    b.apply_delta([NodeDelta("a", "a:1", (Entry("k", "v", 1),), since=0)], 0.0)
     b.mark_unreachable("a", 1.0)
     b.mark_reachable("a")
     assert b.expire(1000.0) == []

@@ -415,7 +415,44 @@ class GossipConfig(_Model):
         1400, ge=512, description="Maximum size of a gossip UDP packet in bytes."
     )
     expiry: Duration = Field(
-        60.0, description="How long a dead or left node is remembered before it is forgotten."
+        60.0,
+        description="How long a dead or left node is remembered before it is forgotten (and "
+        "how long a node only named by peers, with no state yet, is kept).",
+    )
+    max_nodes: int = Field(
+        1024,
+        ge=2,
+        description="Most nodes known at once (this one included); gossip naming more is "
+        'dropped and counted in pico_gossip_rejected_total{reason="max_nodes"}.',
+    )
+    max_entries_per_node: int = Field(
+        16384,
+        ge=8,
+        description="Most gossip entries (keys, tombstones included) held for one node; a node "
+        'publishes at most this many less two. Over it: reason="max_entries".',
+    )
+    max_key_size: int = Field(
+        256,
+        ge=32,
+        description='Largest gossip key or node id, in bytes. Over it: reason="key_size".',
+    )
+    max_value_size: int = Field(
+        1024,
+        ge=32,
+        description="Largest gossip value or gossip address, in bytes. Over it: "
+        'reason="value_size".',
+    )
+    max_version_step: int = Field(
+        1 << 32,
+        ge=1 << 16,
+        description="How far one gossip delta may move a node's version past the one held (a "
+        'node\'s own versions stay below it). Over it: reason="version_step".',
+    )
+    max_join_size: int = Field(
+        16 << 20,
+        ge=65536,
+        description="Largest join/leave message over TCP, in bytes (a join carries the whole "
+        'cluster state). Over it: reason="join_size".',
     )
     secret_keys: Annotated[
         list[str], BeforeValidator(_split_list), AfterValidator(_gossip_keys)
@@ -425,6 +462,15 @@ class GossipConfig(_Model):
         "join/leave is sealed with the first and opened with any (rotate by adding the new "
         "key second, then first, then dropping the old). Empty: gossip is not authenticated.",
     )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> GossipConfig:
+        if self.max_version_step < 2 * self.max_entries_per_node:
+            # A node re-versions its entries from 1 when it starts a new incarnation.
+            raise ValueError("gossip.max_version_step must be at least 2 x max_entries_per_node")
+        if self.max_join_size < self.max_packet_size:
+            raise ValueError("gossip.max_join_size must be at least max_packet_size")
+        return self
 
 
 class ClusterConfig(_Model):

@@ -3,14 +3,23 @@
 Byte 0 is the message type (1 digest, 2 delta, 3 join, 4 leave), byte 1 the protocol version (0).
 Then concatenated msgpack objects:
 
-* digest (UDP): ``{node_id, addr, request}`` + ``{id, addr, version, left}``...
-* delta (UDP): ``{node_id, addr}`` + per node ``{node_id, addr, entries: n, since}`` followed by
-  exactly ``n`` entries ``{key, value, version, internal, deleted}``. ``since`` is our extension
-  (see :class:`~pico.gossip.state.NodeDelta`); a decoder without it reads it as absent.
-* join (TCP): ``{node_id, addr}`` + ``[{id, addr, entries: [entry...]}]`` + ``[digest entry...]``;
-  the reply (also prefixed ``[3, 0]``) is ``{node_id, addr}`` + ``[{id, addr, entries}]``.
-* leave (TCP): ``{node_id, addr}`` + ``[{id, addr, entries}]``; the ack is ``[4, 0]`` +
-  ``{node_id, addr}``.
+* digest (UDP): ``{node_id, addr, request, incarnation}`` +
+  ``{id, addr, version, left, incarnation}``...
+* delta (UDP): ``{node_id, addr, incarnation}`` + per node
+  ``{node_id, addr, entries: n, since, incarnation}`` followed by exactly ``n`` entries
+  ``{key, value, version, internal, deleted}``. ``since`` is our extension (see
+  :class:`~pico.gossip.state.NodeDelta`); a decoder without it reads it as absent.
+* join (TCP): ``{node_id, addr, incarnation}`` + ``[{id, addr, incarnation, entries: [entry...]}]``
+  + ``[digest entry...]``; the reply (also prefixed ``[3, 0]``) is the header +
+  ``[{id, addr, incarnation, entries}]``.
+* leave (TCP): the header + ``[{id, addr, incarnation, entries}]``; the ack is ``[4, 0]`` + the
+  header.
+
+``incarnation`` (our extension, absent = 0) tells one life of a node id from the next: a node
+that restarts under the same id publishes a newer one, and its versions start again.
+
+On TCP each message is a frame: a 4-byte big-endian length, then the message (sealed, with
+gossip keys). See :func:`frame` and :func:`frame_length`.
 
 Every decoder raises :class:`GossipDecodeError`, and nothing else, on malformed input.
 """
@@ -24,7 +33,7 @@ from typing import Any
 
 import msgpack
 
-from pico.gossip.state import DigestEntry, Entry, NodeDelta
+from pico.gossip.records import DigestEntry, Entry, NodeDelta
 
 PROTOCOL_VERSION = 0
 _MAX_UINT64 = 2**64 - 1
@@ -47,6 +56,14 @@ class GossipDecodeError(GossipError):
     """A peer sent bytes that are not a valid gossip message; the message says which rule broke."""
 
 
+class GossipRejected(GossipDecodeError):
+    """A message refused by a limit or a check; ``reason`` labels ``pico_gossip_rejected_total``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class Digest:
     """A decoded digest datagram."""
@@ -55,6 +72,7 @@ class Digest:
     addr: str
     request: bool
     entries: tuple[DigestEntry, ...]
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,7 @@ class Delta:
     node_id: str
     addr: str
     nodes: tuple[NodeDelta, ...]
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +93,7 @@ class Join:
     addr: str
     nodes: tuple[NodeDelta, ...]
     digest: tuple[DigestEntry, ...]
+    incarnation: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +103,7 @@ class Leave:
     node_id: str
     addr: str
     nodes: tuple[NodeDelta, ...]
+    incarnation: int = 0
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -92,8 +113,8 @@ def _prefix(kind: MessageType) -> bytes:
     return bytes((kind, PROTOCOL_VERSION))
 
 
-def _header(node_id: str, addr: str) -> dict[str, Any]:
-    return {"node_id": node_id, "addr": addr}
+def _header(node_id: str, addr: str, incarnation: int) -> dict[str, Any]:
+    return {"node_id": node_id, "addr": addr, "incarnation": incarnation}
 
 
 def _entry_map(e: Entry) -> dict[str, Any]:
@@ -107,11 +128,22 @@ def _entry_map(e: Entry) -> dict[str, Any]:
 
 
 def _digest_map(d: DigestEntry) -> dict[str, Any]:
-    return {"id": d.id, "addr": d.addr, "version": d.version, "left": d.left}
+    return {
+        "id": d.id,
+        "addr": d.addr,
+        "version": d.version,
+        "left": d.left,
+        "incarnation": d.incarnation,
+    }
 
 
 def _delta_entry_map(n: NodeDelta) -> dict[str, Any]:
-    return {"id": n.id, "addr": n.addr, "entries": [_entry_map(e) for e in n.entries]}
+    return {
+        "id": n.id,
+        "addr": n.addr,
+        "incarnation": n.incarnation,
+        "entries": [_entry_map(e) for e in n.entries],
+    }
 
 
 def encoded_entry_size(entry: Entry) -> int:
@@ -125,6 +157,8 @@ def encode_digest(
     request: bool,
     entries: Sequence[DigestEntry],
     max_packet_size: int,
+    *,
+    incarnation: int = 0,
 ) -> bytes:
     """One digest datagram; entries that do not fit in ``max_packet_size`` are left out.
 
@@ -132,7 +166,7 @@ def encode_digest(
     """
     parts = [
         _prefix(MessageType.DIGEST),
-        msgpack.packb({**_header(node_id, addr), "request": request}),
+        msgpack.packb({**_header(node_id, addr, incarnation), "request": request}),
     ]
     size = len(parts[0]) + len(parts[1])
     for d in entries:
@@ -150,6 +184,8 @@ def encode_delta(
     nodes: Sequence[NodeDelta],
     max_packet_size: int,
     max_packets: int,
+    *,
+    incarnation: int = 0,
 ) -> list[bytes]:
     """Delta datagrams of at most ``max_packet_size`` bytes, at most ``max_packets`` of them.
 
@@ -157,7 +193,7 @@ def encode_delta(
     version it continues from. Always returns at least one datagram (an empty delta is a heartbeat).
     What does not fit in ``max_packets`` is sent in a later round.
     """
-    start = _prefix(MessageType.DELTA) + msgpack.packb(_header(node_id, addr))
+    start = _prefix(MessageType.DELTA) + msgpack.packb(_header(node_id, addr, incarnation))
     packets: list[bytes] = []
     parts: list[bytes] = [start]
     size = len(start)
@@ -190,7 +226,12 @@ def encode_delta(
 
 
 def _node_header(node: NodeDelta, count: int, since: int | None) -> bytes:
-    header: dict[str, Any] = {"node_id": node.id, "addr": node.addr, "entries": count}
+    header: dict[str, Any] = {
+        "node_id": node.id,
+        "addr": node.addr,
+        "entries": count,
+        "incarnation": node.incarnation,
+    }
     if since is not None:
         header["since"] = since
     packed: bytes = msgpack.packb(header)
@@ -198,45 +239,80 @@ def _node_header(node: NodeDelta, count: int, since: int | None) -> bytes:
 
 
 def encode_join(
-    node_id: str, addr: str, nodes: Sequence[NodeDelta], digest: Sequence[DigestEntry]
+    node_id: str,
+    addr: str,
+    nodes: Sequence[NodeDelta],
+    digest: Sequence[DigestEntry],
+    *,
+    incarnation: int = 0,
 ) -> bytes:
     """A TCP join request: our header, our full state, and our full digest."""
     return b"".join(
         (
             _prefix(MessageType.JOIN),
-            msgpack.packb(_header(node_id, addr)),
+            msgpack.packb(_header(node_id, addr, incarnation)),
             msgpack.packb([_delta_entry_map(n) for n in nodes]),
             msgpack.packb([_digest_map(d) for d in digest]),
         )
     )
 
 
-def encode_join_reply(node_id: str, addr: str, nodes: Sequence[NodeDelta]) -> bytes:
+def encode_join_reply(
+    node_id: str, addr: str, nodes: Sequence[NodeDelta], *, incarnation: int = 0
+) -> bytes:
     """A TCP join reply: the responder's header and the state the joiner is missing."""
     return b"".join(
         (
             _prefix(MessageType.JOIN),
-            msgpack.packb(_header(node_id, addr)),
+            msgpack.packb(_header(node_id, addr, incarnation)),
             msgpack.packb([_delta_entry_map(n) for n in nodes]),
         )
     )
 
 
-def encode_leave(node_id: str, addr: str, nodes: Sequence[NodeDelta]) -> bytes:
+def encode_leave(
+    node_id: str, addr: str, nodes: Sequence[NodeDelta], *, incarnation: int = 0
+) -> bytes:
     """A TCP leave notification carrying the leaver's full state (with ``_internal:left``)."""
     return b"".join(
         (
             _prefix(MessageType.LEAVE),
-            msgpack.packb(_header(node_id, addr)),
+            msgpack.packb(_header(node_id, addr, incarnation)),
             msgpack.packb([_delta_entry_map(n) for n in nodes]),
         )
     )
 
 
-def encode_leave_ack(node_id: str, addr: str) -> bytes:
+def encode_leave_ack(node_id: str, addr: str, *, incarnation: int = 0) -> bytes:
     """The acknowledgement of a leave notification."""
-    header: bytes = msgpack.packb(_header(node_id, addr))
+    header: bytes = msgpack.packb(_header(node_id, addr, incarnation))
     return _prefix(MessageType.LEAVE) + header
+
+
+# -- TCP framing ---------------------------------------------------------------------------------
+
+FRAME_HEADER_SIZE = 4
+
+
+def frame(message: bytes) -> bytes:
+    """A TCP message as it goes on the wire: its 4-byte big-endian length, then the message."""
+    return len(message).to_bytes(FRAME_HEADER_SIZE, "big") + message
+
+
+def frame_length(header: bytes, max_size: int) -> int:
+    """The length a frame header announces; the reader then reads exactly that many bytes.
+
+    Raises :class:`GossipRejected` (``join_size``) above ``max_size``, so that a peer can make
+    us buffer at most that much, and :class:`GossipDecodeError` for an empty frame.
+    """
+    size = int.from_bytes(header, "big")
+    if size > max_size:
+        raise GossipRejected(
+            "join_size", f"join/leave message of {size} bytes is over the limit of {max_size}"
+        )
+    if size < 2:
+        raise GossipDecodeError(f"join/leave message of {size} bytes has no prefix")
+    return size
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -303,9 +379,14 @@ def _uint(m: dict[str, object], key: str, what: str) -> int:
     return value
 
 
-def _decode_header(obj: object, what: str = "header") -> tuple[str, str]:
+def _decode_header(obj: object, what: str = "header") -> tuple[str, str, int]:
     m = _map(obj, what)
-    return _str(m, "node_id", what), _str(m, "addr", what)
+    return _str(m, "node_id", what), _str(m, "addr", what), _incarnation(m, what)
+
+
+def _incarnation(m: dict[str, object], what: str) -> int:
+    # Absent in messages from nodes that predate incarnations: they all have incarnation 0.
+    return _uint(m, "incarnation", what) if "incarnation" in m else 0
 
 
 def _decode_entry(obj: object) -> Entry:
@@ -326,6 +407,7 @@ def _decode_digest_entry(obj: object) -> DigestEntry:
         addr=_str(m, "addr", "digest entry"),
         version=_uint(m, "version", "digest entry"),
         left=_bool(m, "left", "digest entry"),
+        incarnation=_incarnation(m, "digest entry"),
     )
 
 
@@ -338,6 +420,7 @@ def _decode_delta_entry(obj: object) -> NodeDelta:
         _str(m, "id", "delta entry"),
         _str(m, "addr", "delta entry"),
         tuple(_decode_entry(e) for e in entries),
+        incarnation=_incarnation(m, "delta entry"),
     )
 
 
@@ -353,12 +436,13 @@ def decode_datagram(data: bytes) -> Digest | Delta:
     objects = _objects(data)
     if kind == MessageType.DIGEST:
         m = _map(objects[0], "digest header")
-        node_id, addr = _decode_header(m, "digest header")
+        node_id, addr, incarnation = _decode_header(m, "digest header")
         request = _bool(m, "request", "digest header")
-        return Digest(node_id, addr, request, tuple(_decode_digest_entry(o) for o in objects[1:]))
+        entries = tuple(_decode_digest_entry(o) for o in objects[1:])
+        return Digest(node_id, addr, request, entries, incarnation)
     if kind == MessageType.DELTA:
-        node_id, addr = _decode_header(objects[0], "delta header")
-        return Delta(node_id, addr, tuple(_decode_delta_nodes(objects[1:])))
+        node_id, addr, incarnation = _decode_header(objects[0], "delta header")
+        return Delta(node_id, addr, tuple(_decode_delta_nodes(objects[1:])), incarnation)
     raise GossipDecodeError(f"message type {kind.name} is not sent over UDP")
 
 
@@ -366,34 +450,34 @@ def _decode_delta_nodes(objects: list[object]) -> Iterator[NodeDelta]:
     i = 0
     while i < len(objects):
         m = _map(objects[i], "delta node header")
-        node_id, addr = _decode_header(m, "delta node header")
+        node_id, addr, incarnation = _decode_header(m, "delta node header")
         since = _uint(m, "since", "delta node header") if "since" in m else None
         # Without an entry count (the seed format), the entries run to the end of the datagram.
         count = _uint(m, "entries", "delta node header") if "entries" in m else len(objects)
         entries = objects[i + 1 : i + 1 + count]
         i += 1 + len(entries)
-        yield NodeDelta(node_id, addr, tuple(_decode_entry(e) for e in entries), since)
+        yield NodeDelta(node_id, addr, tuple(_decode_entry(e) for e in entries), since, incarnation)
 
 
 def decode_join(data: bytes) -> Join:
     """Decode a TCP join request, or a join reply (which has no digest)."""
     objects = _tcp_objects(data, MessageType.JOIN, (2, 3))
-    node_id, addr = _decode_header(objects[0])
+    node_id, addr, incarnation = _decode_header(objects[0])
     nodes = tuple(_decode_delta_entry(o) for o in _array(objects[1], "join delta"))
     digest: tuple[DigestEntry, ...] = ()
     if len(objects) == 3:
         digest = tuple(_decode_digest_entry(o) for o in _array(objects[2], "join digest"))
-    return Join(node_id, addr, nodes, digest)
+    return Join(node_id, addr, nodes, digest, incarnation)
 
 
 def decode_leave(data: bytes) -> Leave:
     """Decode a TCP leave notification, or a leave ack (which has no state)."""
     objects = _tcp_objects(data, MessageType.LEAVE, (1, 2))
-    node_id, addr = _decode_header(objects[0])
+    node_id, addr, incarnation = _decode_header(objects[0])
     nodes: tuple[NodeDelta, ...] = ()
     if len(objects) == 2:
         nodes = tuple(_decode_delta_entry(o) for o in _array(objects[1], "leave delta"))
-    return Leave(node_id, addr, nodes)
+    return Leave(node_id, addr, nodes, incarnation)
 
 
 def _tcp_objects(data: bytes, kind: MessageType, counts: tuple[int, ...]) -> list[object]:
@@ -406,37 +490,3 @@ def _tcp_objects(data: bytes, kind: MessageType, counts: tuple[int, ...]) -> lis
             f"{kind.name} message has {len(objects)} objects, expected {counts}"
         )
     return objects
-
-
-_STREAM_OBJECTS = {
-    (MessageType.JOIN, False): 3,
-    (MessageType.JOIN, True): 2,
-    (MessageType.LEAVE, False): 2,
-    (MessageType.LEAVE, True): 1,
-}
-
-
-def stream_message_length(data: bytes, *, reply: bool, max_size: int = 16 << 20) -> int | None:
-    """For a TCP reader: the length of the complete join/leave message at the start of ``data``.
-
-    Returns ``None`` while more bytes are needed. ``reply`` selects a join reply / leave ack.
-    ``max_size`` bounds what a peer can make us buffer; beyond it the message is rejected.
-    """
-    if len(data) < 2:
-        return None
-    kind = message_type(data)
-    wanted = _STREAM_OBJECTS.get((kind, reply))
-    if wanted is None:
-        raise GossipDecodeError(f"message type {kind.name} is not sent over TCP")
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max_size)
-    try:
-        unpacker.feed(data[2:max_size])
-        for _ in range(wanted):
-            unpacker.unpack()
-    except msgpack.OutOfData:
-        if len(data) >= max_size:
-            raise GossipDecodeError(f"{kind.name} message larger than {max_size} bytes") from None
-        return None
-    except Exception as exc:
-        raise GossipDecodeError(f"invalid msgpack: {exc}") from None
-    return 2 + int(unpacker.tell())

@@ -2,7 +2,7 @@
 
 Each event is a frozen value. The cluster syncer drains them with ``Gossiper.events()`` and maps
 them onto routing state: join → pending node, updates fill it in, unreachable/reachable/left set its
-status, expired removes it.
+status, expired removes it, restarted replaces everything known about it with what follows.
 """
 
 from __future__ import annotations
@@ -58,9 +58,19 @@ class NodeLeft:
 
 @dataclass(frozen=True, slots=True)
 class NodeExpired:
-    """A left or unreachable node was removed after the expiry period; it will not come back."""
+    """A node was removed: it left or was unreachable for the expiry period (that life of it
+    never comes back), or it was only ever named in digests and no state came for it."""
 
     id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRestarted:
+    """A new life (incarnation) of a known node id: forget its old keys; ``NodeUpdated`` events
+    with its new ones follow. ``addr`` is its gossip address in this life."""
+
+    id: str
+    addr: str
 
 
 GossipEvent = (
@@ -71,4 +81,5 @@ GossipEvent = (
     | NodeReachable
     | NodeLeft
     | NodeExpired
+    | NodeRestarted
 )

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from pico.gossip.codec import GossipDecodeError
+from pico.gossip.codec import GossipRejected
 
 _MAGIC = 0xA5
 _VERSION = 1
@@ -39,12 +39,8 @@ MAX_OVERHEAD = _HEAD.size + 255 + _NONCE + _TAG
 KEY_SIZES = (16, 24, 32)
 
 
-class SealError(GossipDecodeError):
+class SealError(GossipRejected):
     """A message refused; `reason` is the metric label (`unsealed`, `bad_seal`, `stale`)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def parse_key(text: str) -> bytes:

@@ -1,7 +1,10 @@
 """The asyncio transport of gossip: UDP rounds and TCP join/leave on one port.
 
 A thin layer over the sans-I/O `Gossiper`: it owns the clock (loop time), the sockets and one
-round task, and hands the gossiper's events to a callback after every step.
+round task, and hands the gossiper's events to a callback after every step. Replies go to the
+source address of the datagram they answer. Join and leave messages are frames (a 4-byte length,
+then the message, sealed with gossip keys), read with exactly two reads each. Refused input is
+counted by reason and logged at warn at most once per reason per minute.
 """
 
 from __future__ import annotations
@@ -16,17 +19,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pico import log
-from pico.gossip.codec import GossipDecodeError, GossipError, MessageType, stream_message_length
+from pico.gossip.codec import (
+    FRAME_HEADER_SIZE,
+    GossipDecodeError,
+    GossipError,
+    GossipRejected,
+    MessageType,
+    frame,
+    frame_length,
+)
 from pico.gossip.events import GossipEvent
 from pico.gossip.protocol import Gossiper, Outgoing
-from pico.gossip.seal import MAX_OVERHEAD, Keyring, SealError
+from pico.gossip.rejections import Rejections
+from pico.gossip.seal import MAX_OVERHEAD, Keyring
 
 _log = log.get_logger("gossip")
 
 # A join or leave exchange must not hang start-up or shutdown on a dead peer.
 _TCP_TIMEOUT = 10.0
-# What one TCP join/leave message may make us buffer (a join carries the full state).
-_MAX_STREAM_MESSAGE = 16 << 20
 # Join/leave exchanges handled at once; more are refused.
 _MAX_STREAMS = 64
 
@@ -45,7 +55,8 @@ class GossipCounters:
     connections_out: int = 0
     decode_errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-    # Messages refused by the keyring, by reason (unsealed, bad_seal, stale).
+    # Messages refused here, by reason: by the keyring (unsealed, bad_seal, stale) or too
+    # large (join_size). The gossiper counts what its limits refuse: see `rejected()`.
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -73,7 +84,7 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.owner = transport
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self.owner._on_datagram(data)
+        self.owner._on_datagram(data, addr)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable and the like: the failure detector deals with dead peers.
@@ -105,7 +116,12 @@ class GossipTransport:
         self._tcp: asyncio.Server | None = None
         self._rounds: asyncio.Task[None] | None = None
         self._resolved: dict[str, tuple[str, int]] = {}
+        # The reverse: the advertised name of a peer, from the source address of its datagrams.
+        self._names: dict[tuple[str, int], str] = {}
         self._resolving: set[str] = set()
+        self.rejections = Rejections(self.counters.rejected)
+        # Join/leave exchanges that failed (peers that hang up, garbage): logged, paced alike.
+        self._failures = Rejections()
         self._push_scheduled = False
         self._last_push = float("-inf")
         self._handlers: set[asyncio.Task[None]] = set()
@@ -120,6 +136,14 @@ class GossipTransport:
     def attach(self, gossiper: Gossiper) -> None:
         """Set the gossip core this transport runs."""
         self._gossiper = gossiper
+
+    def rejected(self) -> dict[str, int]:
+        """Gossip input refused so far, by reason (here and by the gossiper's limits)."""
+        counts = dict(self.counters.rejected)
+        if self._gossiper is not None:
+            for reason, n in self._gossiper.rejections.counts.items():
+                counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -194,29 +218,57 @@ class GossipTransport:
             try:
                 self._send(g.tick(self._loop.time()))
                 self._flush_events()
+                self._warn_refused()
             except Exception as exc:  # a bug here must not stop gossip: peers would drop us
                 _log.error("gossip round failed", error=repr(exc))
 
-    def _on_datagram(self, data: bytes) -> None:
+    def _on_datagram(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         if self._gossiper is None:
             return
         c = self.counters
         c.packets_in += 1
         c.packet_bytes_in += len(data)
-        if self.keyring is not None:
-            try:
-                data = self.keyring.open(data, self.wall_clock())
-            except SealError as exc:
-                c.rejected[exc.reason] = c.rejected.get(exc.reason, 0) + 1
-                return
         try:
-            replies = self.gossiper.receive_datagram(data, self._loop.time())
+            if self.keyring is not None:
+                data = self.keyring.open(data, self.wall_clock())
+            replies = self.gossiper.receive_datagram(data, self._loop.time(), self._source(addr))
+        except GossipRejected as exc:
+            self.rejections.add(exc.reason, str(exc))
+            replies = []
         except GossipDecodeError as exc:
             c.decode_errors += 1
             _log.debug("dropped bad gossip datagram", error=str(exc), size=len(data))
             return
         self._send(replies)
         self._flush_events()
+        self._warn_refused()
+
+    def _source(self, addr: tuple[str | object, ...]) -> str:
+        """The peer a datagram came from, as "host:port": its advertised name if we resolved
+        one to this address (so that it matches what it advertises), else the address."""
+        host, port = str(addr[0]), int(str(addr[1]))
+        name = self._names.get((host, port))
+        if name is not None:
+            return name
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _warn_refused(self) -> None:
+        """Log what was refused since the last warning, at most once per reason per minute."""
+        now = self._loop.time()
+        warnings = self.rejections.due(now)
+        if self._gossiper is not None:
+            warnings += self._gossiper.rejections.due(now)
+        for warning in warnings:
+            about = {"node_id": warning.subject} if warning.subject else {}
+            _log.warn(
+                "gossip input refused",
+                reason=warning.reason,
+                count=warning.count,
+                detail=warning.detail,
+                **about,
+            )
+        for warning in self._failures.due(now):
+            _log.warn("gossip stream failed", error=warning.detail, count=warning.count)
 
     def _send(self, outgoing: list[Outgoing]) -> None:
         udp = self._udp
@@ -255,7 +307,9 @@ class GossipTransport:
             infos = await self._loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
             if infos:
                 sockaddr = infos[0][4]
-                self._resolved[addr] = (str(sockaddr[0]), int(sockaddr[1]))
+                target = (str(sockaddr[0]), int(sockaddr[1]))
+                self._resolved[addr] = target
+                self._names.setdefault(target, addr)
         except OSError as exc:
             _log.warn("cannot resolve gossip peer", addr=addr, error=str(exc))
         finally:
@@ -277,14 +331,16 @@ class GossipTransport:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         self.counters.connections_in += 1
-        if len(self._handlers) >= _MAX_STREAMS:
-            writer.close()  # a join/leave storm (or an attack): drop the excess
+        if len(self._handlers) >= _MAX_STREAMS or self._gossiper is None:
+            # A join/leave storm (or an attack): drop the excess. Or the node is still
+            # starting (the port is bound before the gossiper exists): the joiner retries.
+            writer.close()
             return
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         try:
-            msg = await asyncio.wait_for(self._read_message(reader, reply=False), _TCP_TIMEOUT)
+            msg = await asyncio.wait_for(self._read_message(reader), _TCP_TIMEOUT)
             now = self._loop.time()
             if msg[0] == MessageType.JOIN:
                 answer = self.gossiper.handle_join(msg, now)
@@ -295,71 +351,63 @@ class GossipTransport:
             writer.write(answer)
             await asyncio.wait_for(writer.drain(), _TCP_TIMEOUT)
             self._flush_events()
-        except SealError as exc:
-            rejected = self.counters.rejected
-            rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
-        except (GossipError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            _log.warn("gossip stream failed", error=str(exc))
+        except GossipRejected as exc:
+            self.rejections.add(exc.reason, str(exc))
+        except GossipDecodeError as exc:
+            self.counters.decode_errors += 1
+            self._failures.add("stream", str(exc))
+        except (GossipError, OSError, TimeoutError) as exc:
+            self._failures.add("stream", str(exc) or type(exc).__name__)
         finally:
             if task is not None:
                 self._handlers.discard(task)
             writer.close()
+            self._warn_refused()
 
     def _frame(self, msg: bytes) -> bytes:
-        """A join/leave message as it goes on the wire: sealed and length-prefixed with keys."""
-        if self.keyring is None:
-            return msg
-        sealed = self.keyring.seal(msg, self.wall_clock())
-        return len(sealed).to_bytes(4, "big") + sealed
+        """A join/leave message as it goes on the wire: sealed with keys, then length-prefixed.
 
-    async def _read_message(self, reader: asyncio.StreamReader, *, reply: bool) -> bytes:
+        Raises GossipRejected (`join_size`) if it is over `max_join_size`: peers would refuse it.
+        """
+        limit = self.gossiper.config.max_join_size
+        if len(msg) > limit:
+            raise GossipRejected(
+                "join_size", f"our join/leave message of {len(msg)} bytes is over {limit}"
+            )
         if self.keyring is not None:
-            return await self._read_sealed(reader)
-        buf = bytearray()
-        tried_at = 0
-        while True:
-            chunk = await reader.read(65536)
-            if not chunk:
-                raise GossipDecodeError("connection closed mid-message")
-            buf += chunk
-            self.counters.stream_bytes_in += len(chunk)
-            if len(buf) > _MAX_STREAM_MESSAGE:
-                raise GossipDecodeError(f"message larger than {_MAX_STREAM_MESSAGE} bytes")
-            # Parsing restarts from the beginning: only retry once the buffer has doubled
-            # (linear work in all), or a peer could make each small read re-parse megabytes.
-            if len(buf) < 2 * tried_at:
-                continue
-            tried_at = len(buf)
-            n = stream_message_length(bytes(buf), reply=reply, max_size=_MAX_STREAM_MESSAGE)
-            if n is not None:
-                return bytes(buf[:n])
+            msg = self.keyring.seal(msg, self.wall_clock())
+        return frame(msg)
 
-    async def _read_sealed(self, reader: asyncio.StreamReader) -> bytes:
-        """One length-prefixed sealed message, opened. Raises SealError, GossipDecodeError."""
-        assert self.keyring is not None
+    async def _read_message(self, reader: asyncio.StreamReader) -> bytes:
+        """One join/leave frame, opened if sealed: two reads, linear in its size.
+
+        Raises GossipRejected (too large, or refused by the keyring) and GossipDecodeError.
+        """
+        limit = self.gossiper.config.max_join_size
+        if self.keyring is not None:
+            limit += MAX_OVERHEAD
         try:
-            size = int.from_bytes(await reader.readexactly(4), "big")
-            if size > _MAX_STREAM_MESSAGE + MAX_OVERHEAD:
-                raise GossipDecodeError(f"message larger than {_MAX_STREAM_MESSAGE} bytes")
-            sealed = await reader.readexactly(size)
+            size = frame_length(await reader.readexactly(FRAME_HEADER_SIZE), limit)
+            msg = await reader.readexactly(size)
         except asyncio.IncompleteReadError:
-            # A peer without our keys reads our sealed join as garbage and hangs up.
-            raise GossipDecodeError("connection closed mid-message (gossip keys differ?)") from None
-        self.counters.stream_bytes_in += 4 + size
-        msg = self.keyring.open(sealed, self.wall_clock())
-        if not msg:
-            raise GossipDecodeError("empty message")
+            hint = " (gossip keys differ?)" if self.keyring is not None else ""
+            raise GossipDecodeError(f"connection closed mid-message{hint}") from None
+        self.counters.stream_bytes_in += FRAME_HEADER_SIZE + size
+        if self.keyring is not None:
+            msg = self.keyring.open(msg, self.wall_clock())
+            if len(msg) < 2:
+                raise GossipDecodeError("empty message")
         return msg
 
     async def _exchange(self, host: str, port: int, data: bytes) -> bytes:
         self.counters.connections_out += 1
+        data = self._frame(data)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _TCP_TIMEOUT)
         try:
-            data = self._frame(data)
             writer.write(data)
             self.counters.stream_bytes_out += len(data)
             await writer.drain()
-            return await asyncio.wait_for(self._read_message(reader, reply=True), _TCP_TIMEOUT)
+            return await asyncio.wait_for(self._read_message(reader), _TCP_TIMEOUT)
         finally:
             writer.close()
 

@@ -55,9 +55,11 @@ def register(node: Node) -> None:
     metrics.add_collector(
         CounterFamilyCollector(
             "pico_gossip_rejected_total",
-            "Gossip messages refused by the keyring (unsealed, bad_seal, stale).",
+            "Gossip input refused, by reason: by the keyring (unsealed, bad_seal, stale), over "
+            "a limit (max_nodes, max_entries, key_size, value_size, version_step, join_size), "
+            "or newer state claimed for this node's id (refuted).",
             ["reason"],
-            lambda: [((reason,), float(n)) for reason, n in sorted(counters.rejected.items())],
+            lambda: [((reason,), float(n)) for reason, n in sorted(node.gossip.rejected().items())],
         )
     )
 

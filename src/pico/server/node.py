@@ -300,6 +300,12 @@ class Node:
                 max_packet_size=cfg.gossip.max_packet_size
                 - (self.keyring.overhead if self.keyring is not None else 0),
                 expiry=cfg.gossip.expiry,
+                max_nodes=cfg.gossip.max_nodes,
+                max_entries_per_node=cfg.gossip.max_entries_per_node,
+                max_key_size=cfg.gossip.max_key_size,
+                max_value_size=cfg.gossip.max_value_size,
+                max_version_step=cfg.gossip.max_version_step,
+                max_join_size=cfg.gossip.max_join_size,
             ),
         )
         self.gossip.attach(gossiper)

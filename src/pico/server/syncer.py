@@ -4,11 +4,14 @@ Out: this node's `tls` (its ports that speak TLS), `proxy_addr`, `admin_addr` an
 `endpoint:<id>` = local upstream count are published as gossip keys (a count of 0 deletes the
 key). `tls` goes first: entries arrive in version order, so a node is never routed to before
 its peers know how to connect to it. In: gossip events about other nodes
-update `ClusterState`; a node is routed to only once both of its addresses are known.
+update `ClusterState`; a node is routed to only once both of its addresses are known. A node
+that restarted under the same id (a new gossip incarnation) is dropped with all its endpoints
+and starts again as pending: its new addresses and endpoints follow.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from pico import log
@@ -21,6 +24,7 @@ from pico.gossip import (
     NodeKeyDeleted,
     NodeLeft,
     NodeReachable,
+    NodeRestarted,
     NodeUnreachable,
     NodeUpdated,
 )
@@ -31,6 +35,8 @@ _log = log.get_logger("cluster")
 ENDPOINT_PREFIX = "endpoint:"
 TLS_KEY = "tls"
 _TLS_PORTS = frozenset({"proxy", "admin"})
+# A node with more endpoints than peers accept would warn on every new one: once a minute.
+_UNPUBLISHED_WARN_EVERY = 60.0
 
 
 class _Pending:
@@ -61,6 +67,7 @@ class ClusterSyncer:
         # (endpoint id, False) when one stops (key deleted, node unreachable or left).
         self.on_endpoint = on_endpoint
         self._pending: dict[str, _Pending] = {}
+        self._unpublished_warned_at = float("-inf")
 
     def publish_local(self) -> None:
         """Publish this node's addresses and endpoint counts."""
@@ -70,39 +77,64 @@ class ClusterSyncer:
         self.gossiper.upsert("proxy_addr", local.proxy_addr)
         self.gossiper.upsert("admin_addr", local.admin_addr)
         for endpoint_id, count in local.endpoints.items():
-            self.gossiper.upsert(ENDPOINT_PREFIX + endpoint_id, str(count))
+            self._publish_endpoint(endpoint_id, count)
 
     def local_endpoint_changed(self, endpoint_id: str, count: int) -> None:
         """Registry listener: gossip the new local upstream count."""
         if count > 0:
-            self.gossiper.upsert(ENDPOINT_PREFIX + endpoint_id, str(count))
+            self._publish_endpoint(endpoint_id, count)
         else:
             self.gossiper.delete(ENDPOINT_PREFIX + endpoint_id)
+
+    def _publish_endpoint(self, endpoint_id: str, count: int) -> None:
+        try:
+            self.gossiper.upsert(ENDPOINT_PREFIX + endpoint_id, str(count))
+        except ValueError as exc:
+            # Over what peers accept (gossip.max_entries_per_node): served here, not elsewhere.
+            now = time.monotonic()
+            if now - self._unpublished_warned_at >= _UNPUBLISHED_WARN_EVERY:
+                self._unpublished_warned_at = now
+                _log.warn("endpoint not gossiped", endpoint_id=endpoint_id, error=str(exc))
 
     def apply(self, events: list[GossipEvent]) -> None:
         """Apply a batch of gossip events to the cluster state."""
         for event in events:
             if event.id == self.cluster.local.id:
                 continue
-            if isinstance(event, NodeJoined):
-                if event.id not in self.cluster.remotes:
-                    self._pending.setdefault(event.id, _Pending())
-            elif isinstance(event, NodeUpdated):
-                self._updated(event.id, event.key, event.value)
-            elif isinstance(event, NodeKeyDeleted):
-                self._deleted(event.id, event.key)
-            elif isinstance(event, NodeUnreachable):
-                self._set_status(event.id, "unreachable")
-            elif isinstance(event, NodeReachable):
-                self._set_status(event.id, "active")
-            elif isinstance(event, NodeLeft):
-                self._set_status(event.id, "left")
-            elif isinstance(event, NodeExpired):
-                self._pending.pop(event.id, None)
-                if self.cluster.remotes.pop(event.id, None) is not None:
-                    _log.info("node expired", node_id=event.id)
-                if self.on_node_gone is not None:
-                    self.on_node_gone(event.id)
+            match event:
+                case NodeJoined():
+                    if event.id not in self.cluster.remotes:
+                        self._pending.setdefault(event.id, _Pending())
+                case NodeUpdated():
+                    self._updated(event.id, event.key, event.value)
+                case NodeKeyDeleted():
+                    self._deleted(event.id, event.key)
+                case NodeUnreachable():
+                    self._set_status(event.id, "unreachable")
+                case NodeReachable():
+                    self._set_status(event.id, "active")
+                case NodeLeft():
+                    self._set_status(event.id, "left")
+                case NodeRestarted():
+                    self._restarted(event.id)
+                case NodeExpired():
+                    self._pending.pop(event.id, None)
+                    if self.cluster.remotes.pop(event.id, None) is not None:
+                        _log.info("node expired", node_id=event.id)
+                    if self.on_node_gone is not None:
+                        self.on_node_gone(event.id)
+
+    def _restarted(self, node_id: str) -> None:
+        """Forget a node's last life: its endpoints are gone; its new addresses follow."""
+        node = self.cluster.remotes.pop(node_id, None)
+        self._pending[node_id] = _Pending()
+        if node is not None:
+            _log.info("node restarted", node_id=node_id)
+            if node.status == "active":
+                for endpoint_id in node.endpoints:
+                    self._notify(endpoint_id, False)
+        if self.on_node_gone is not None:
+            self.on_node_gone(node_id)
 
     def _updated(self, node_id: str, key: str, value: str) -> None:
         node = self.cluster.remotes.get(node_id)
