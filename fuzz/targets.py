@@ -7,9 +7,9 @@ passes; anything else raised is a bug, and so is an assertion below:
   depend on how the input was split (no input corrupts another stream's data).
 * `websocket`: the frame decoder refuses or decodes, and what it decodes does not depend on
   how the input was split.
-* `gossip`: a datagram, join or leave from anyone is decoded or refused, and applying it to a
-  node's state keeps that state consistent (versions never above the node's own, entries
-  sorted and bounded).
+* `gossip`: a datagram, join or leave from anyone is decoded or refused, replies go to the
+  datagram's source and are at most 4x its size, and applying it keeps the node's state
+  consistent (no entry newer than its node, no duplicate keys, its own state intact).
 * `http`: whatever a client sends, the node answers with HTTP responses, what reaches the
   service is unambiguous HTTP/1.1 (h11 parses it), and no task is left behind.
 * `config`: any YAML text gives a config or a `ConfigError` naming what is wrong.
@@ -111,11 +111,14 @@ def websocket(data: bytes) -> None:
 def gossip(data: bytes) -> None:
     node = Gossiper("fuzz-node", "127.0.0.1:7946")
     node.upsert("proxy_addr", "127.0.0.1:8000")
-    for handle in (
-        lambda: node.receive_datagram(data, 1.0),
-        lambda: node.handle_join(data, 1.0),
-        lambda: node.handle_leave(data, 1.0),
-    ):
+    source = "127.0.0.99:4000"  # not a member: replies must stay small (no reflection)
+    try:
+        replies = node.receive_datagram(data, 1.0, source)
+    except codec.GossipDecodeError:
+        replies = []
+    assert all(r.addr == source for r in replies), "a reply to an address from the packet"
+    assert sum(len(r.data) for r in replies) <= 4 * len(data), "amplified reply"
+    for handle in (lambda: node.handle_join(data, 1.0), lambda: node.handle_leave(data, 1.0)):
         try:
             handle()
         except codec.GossipDecodeError:
