@@ -113,6 +113,12 @@ class Harness:
         self.agents.append(running)
         return running
 
+    async def tcp_agent(self, node: Node, endpoint: str, port: int) -> RunningAgent:
+        """An agent registering `endpoint` as TCP, for a service on 127.0.0.1:`port`."""
+        running = await start_agent(tcp_agent_config(node, endpoint, f"127.0.0.1:{port}"))
+        self.agents.append(running)
+        return running
+
     async def service(self, app: web.Application) -> int:
         """Serve an aiohttp app on 127.0.0.1; returns its port."""
         runner = web.AppRunner(app, access_log=None)
@@ -156,3 +162,16 @@ async def connect(node: Node) -> RawConnection:
     """A raw client connection to the node's proxy port."""
     assert node.addrs is not None
     return await RawConnection.open(*node.addrs.proxy)
+
+
+def tcp_agent_config(node: Node, endpoint: str, addr: str, **listener: Any) -> AgentConfig:
+    """An agent config registering `endpoint` as a TCP listener for `addr`."""
+    assert node.addrs is not None
+    host, port = node.addrs.upstream
+    data: dict[str, Any] = {
+        "listeners": [{"endpoint_id": endpoint, "addr": addr, "protocol": "tcp", **listener}],
+        "server": {"url": f"http://{host}:{port}", "heartbeat_interval": "1s"},
+        "admin": {"bind_addr": "127.0.0.1:0"},
+        "forwarder": {"timeout": "2s"},
+    }
+    return load_config_dict(AgentConfig, data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -27,11 +28,12 @@ from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
-from pico.mux.upgrade import UPSTREAM_PATH
+from pico.mux.upgrade import PROTOCOL_PARAM, UPSTREAM_PATH
 from pico.tls import client_context
 from pico.webapp import serve_app
 
 _log = log.get_logger("agent")
+_access = log.get_logger("agent.access")
 
 # Reconnect backoff: full jitter over an exponential ceiling (0.5 s doubling to 30 s), so a
 # fleet of agents that lost the same node does not reconnect in lockstep.
@@ -103,6 +105,9 @@ class EndpointLink:
         # in front of the cluster may serve it under a prefix).
         ws_base = "ws" + base[4:] if base.startswith("http") else base
         self.url = f"{ws_base}{UPSTREAM_PATH}{spec.endpoint_id}"
+        if spec.protocol != "http":
+            # The node serves the endpoint as this protocol (pico.mux.upgrade checks it).
+            self.url += f"?{PROTOCOL_PARAM}={spec.protocol}"
 
     async def run(self) -> None:
         """Connect and serve until stopped. Raises AgentRejected on a fatal refusal."""
@@ -214,19 +219,51 @@ class EndpointLink:
         spec = self.spec
         labels = self.agent.metrics
         active = labels.active_streams.labels(spec.endpoint_id)
-        side = SplicedServiceSide if stream.tunnel.splicing else ServiceSide
+        tls = self.agent.service_tls if spec.tls else None
+        # TLS to the service means its bytes are decrypted here: copied, never spliced.
+        splice = stream.tunnel.splicing and tls is None
+        side = SplicedServiceSide if splice else ServiceSide
+        timeout = self.agent.config.forwarder.timeout if spec.timeout is None else spec.timeout
+        started = loop.time()
+
+        def done() -> None:
+            active.dec()
+            if spec.access_log:
+                _access.info(
+                    "connection closed",
+                    endpoint_id=spec.endpoint_id,
+                    service=f"{spec.host}:{spec.port}",
+                    duration=round(loop.time() - started, 3),
+                )
+
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: side(stream, active.dec), spec.host, spec.port),
-                self.agent.config.forwarder.timeout,
+                loop.create_connection(
+                    lambda: side(stream, done),
+                    spec.host,
+                    spec.port,
+                    ssl=tls,
+                    server_hostname=spec.host if tls is not None else None,
+                ),
+                timeout,
             )
             active.inc()
+            if spec.access_log:
+                _access.info(
+                    "connection opened",
+                    endpoint_id=spec.endpoint_id,
+                    service=f"{spec.host}:{spec.port}",
+                )
         except TimeoutError:
             labels.dial_errors.labels(spec.endpoint_id, "timeout").inc()
             stream.reset(ResetReason.TIMEOUT)
         except ConnectionRefusedError:
             labels.dial_errors.labels(spec.endpoint_id, "refused").inc()
             stream.reset(ResetReason.REFUSED)
+        except ssl.SSLError as exc:
+            labels.dial_errors.labels(spec.endpoint_id, "tls").inc()
+            _log.warn("TLS to the service failed", endpoint_id=spec.endpoint_id, error=str(exc))
+            stream.reset(ResetReason.UNREACHABLE)
         except OSError:
             labels.dial_errors.labels(spec.endpoint_id, "unreachable").inc()
             stream.reset(ResetReason.UNREACHABLE)
@@ -259,7 +296,15 @@ class Agent:
             if config.server.url.startswith("https")
             else None
         )
-        self.links = [EndpointLink(self, spec) for spec in config.parsed_endpoints()]
+        service = config.tls
+        # The services of https listeners are verified against tls.root_ca.
+        self.service_tls = client_context(
+            service.root_ca,
+            service.cert,
+            service.key,
+            insecure_skip_verify=service.insecure_skip_verify,
+        )
+        self.links = [EndpointLink(self, spec) for spec in config.listener_specs()]
         self._admin: web.AppRunner | None = None
 
     async def start_admin(self) -> tuple[str, int]:

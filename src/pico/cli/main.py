@@ -1,4 +1,4 @@
-"""`pico`: the command-line entry point (server, agent, status, dev)."""
+"""`pico`: the command-line entry point (server, agent, forward, status, dev)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import click
 from pico import __version__
 from pico.cli.agent import agent
 from pico.cli.dev import dev
+from pico.cli.forward import forward
 from pico.cli.server import server
 from pico.cli.status import status
 
@@ -23,6 +24,7 @@ cli.add_command(server)
 cli.add_command(agent)
 cli.add_command(status)
 cli.add_command(dev)
+cli.add_command(forward)
 
 
 def main() -> None:

@@ -24,10 +24,12 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def load_or_exit(model: type[M], params: Mapping[str, Any]) -> M:
+def load_or_exit(
+    model: type[M], params: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> M:
     """Load the command's config, or exit 1 with a message naming the key."""
     try:
-        return load_config(model, params)
+        return load_config(model, params, overrides)
     except ConfigError as exc:
         fail(f"invalid config: {exc}")
         raise AssertionError from None

@@ -26,9 +26,12 @@ from pico.config.schema import (
     AccessLogConfig,
     AgentConfig,
     EndpointSpec,
+    ForwardConfig,
     HeaderFilter,
+    ListenerConfig,
     ServerConfig,
     parse_endpoint,
+    parse_listener_addr,
 )
 from pico.config.values import (
     ConfigError,
@@ -45,7 +48,9 @@ __all__ = [
     "AgentConfig",
     "ConfigError",
     "EndpointSpec",
+    "ForwardConfig",
     "HeaderFilter",
+    "ListenerConfig",
     "ServerConfig",
     "config_options",
     "describe",
@@ -58,4 +63,5 @@ __all__ = [
     "parse_duration",
     "parse_endpoint",
     "parse_host_port",
+    "parse_listener_addr",
 ]

@@ -9,7 +9,7 @@ from typing import Any, TypeVar, cast
 import click
 from pydantic import BaseModel
 
-from pico.config.schema import _DURATION
+from pico.config.schema import _DURATION, _YAML_ONLY
 from pico.config.values import format_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +32,8 @@ def _leaves(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[_Leaf]
     out: list[_Leaf] = []
     for name, info in model.model_fields.items():
         path = (*prefix, name)
+        if any(m is _YAML_ONLY for m in info.metadata):
+            continue
         if _is_model(info.annotation):
             out.extend(_leaves(cast("type[BaseModel]", info.annotation), path))
             continue

@@ -64,8 +64,11 @@ def load_config_dict(model: type[M], data: Mapping[str, Any]) -> M:
         cfg = model.model_validate(dict(data))
     except ValidationError as e:
         raise ConfigError("; ".join(_format_error(err) for err in e.errors())) from None
-    if isinstance(cfg, AgentConfig) and not cfg.endpoints:
-        raise ConfigError("endpoints: at least one endpoint is required (e.g. my-endpoint/4000)")
+    if isinstance(cfg, AgentConfig) and not cfg.endpoints and not cfg.listeners:
+        raise ConfigError(
+            "endpoints: at least one endpoint is required (e.g. my-endpoint/4000, "
+            "or listeners in the config file)"
+        )
     return cfg
 
 
@@ -105,16 +108,22 @@ def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_config(model: type[M], click_params: Mapping[str, Any]) -> M:
+def load_config(
+    model: type[M],
+    click_params: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+) -> M:
     """Build ``model`` from defaults, the YAML file (``--config.path``) and explicit flags.
 
     ``click_params`` is the kwargs dict of a command decorated with :func:`config_options`;
-    keys it does not know are ignored. Flags override the file.
+    keys it does not know are ignored. Flags override the file. ``overrides`` replace
+    top-level keys of the file (``pico agent tcp`` replaces its ``listeners``).
     """
     path = click_params.get(CONFIG_PATH_PARAM)
     expand_raw = click_params.get(CONFIG_EXPAND_ENV_PARAM)
     expand = False if expand_raw is None else _parse_bool(expand_raw, key="config.expand_env")
     data: dict[str, Any] = _read_yaml(path, expand) if path else {}
+    data.update(overrides or {})
     for leaf in _leaves(model):
         value = click_params.get(param_name(leaf.key))
         if value is None:

@@ -34,6 +34,8 @@ class _Kind:
 
 
 _DURATION = _Kind("duration")
+# A key set in YAML only (a list of sections has no flag: ``listeners``).
+_YAML_ONLY = _Kind("yaml-only")
 
 
 def _to_duration(value: object) -> float:
@@ -536,13 +538,25 @@ class ServerConfig(_Model):
 # ---------------------------------------------------------------------------
 
 
+ListenerProtocol = Literal["http", "tcp"]
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
-    """A parsed agent endpoint: requests for ``endpoint_id`` go to ``host:port``."""
+    """A parsed agent endpoint (a listener): streams for ``endpoint_id`` go to ``host:port``.
+
+    ``protocol`` is what the node serves it as (HTTP requests, or raw TCP connections through
+    ``/_pico/v1/tcp/{id}``); ``tls``: the agent speaks TLS to the service (an https URL).
+    ``timeout`` bounds connecting to the service (None: ``forwarder.timeout``).
+    """
 
     endpoint_id: str
     host: str
     port: int
+    protocol: ListenerProtocol = "http"
+    tls: bool = False
+    timeout: float | None = None
+    access_log: bool = False
 
 
 def parse_endpoint(value: str) -> EndpointSpec:
@@ -573,6 +587,84 @@ def parse_endpoint(value: str) -> EndpointSpec:
 
 def _endpoint(value: str) -> str:
     parse_endpoint(value)
+    return value
+
+
+def parse_listener_addr(addr: str, protocol: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of a listener address: a port, host:port, or (http) an http(s) URL.
+
+    Raises ValueError saying what is wrong.
+    """
+    addr = addr.strip()
+    if "://" in addr:
+        if protocol != "http":
+            raise ValueError(f"addr {addr!r}: a URL is for http listeners (use host:port for tcp)")
+        parsed = urllib.parse.urlsplit(addr)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"addr {addr!r}: expected http://host[:port] or https://host[:port]")
+        if parsed.path not in ("", "/") or parsed.query:
+            raise ValueError(f"addr {addr!r}: a path prefix is not supported")
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        except ValueError:
+            raise ValueError(f"addr {addr!r}: bad port") from None
+        return parsed.hostname, port, parsed.scheme == "https"
+    if addr.isdigit():
+        host, port = "localhost", int(addr)
+    else:
+        try:
+            host, port = _split_host_port(addr)
+        except ValueError:
+            raise ValueError(f"addr {addr!r}: expected a port, host:port or a URL") from None
+        host = host or "localhost"
+    if not 1 <= port <= 65535:
+        raise ValueError(f"addr {addr!r}: port {port} out of range (1-65535)")
+    return host, port, False
+
+
+class ListenerConfig(_Model):
+    """One entry of ``listeners``: an endpoint the agent registers, and where its service is."""
+
+    endpoint_id: Annotated[str, AfterValidator(_endpoint_id)] = Field(
+        description="Endpoint to register."
+    )
+    addr: str = Field(
+        description="The service: a port, host:port, or for http a URL (https://host:port: "
+        "the agent speaks TLS to the service, verified with tls.root_ca)."
+    )
+    protocol: str = Field("http", description="http (requests) or tcp (raw connections).")
+    access_log: bool = Field(
+        False, description="Log one line per connection the agent makes to the service."
+    )
+    timeout: Duration | None = Field(
+        None, description="How long to wait connecting to the service (forwarder.timeout)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ListenerConfig:
+        if self.protocol not in ("http", "tcp"):
+            raise ValueError(
+                f"listener {self.endpoint_id!r}: unknown protocol {self.protocol!r} "
+                "(use http or tcp)"
+            )
+        try:
+            parse_listener_addr(self.addr, self.protocol)
+        except ValueError as exc:
+            raise ValueError(f"listener {self.endpoint_id!r}: {exc}") from None
+        return self
+
+    def spec(self) -> EndpointSpec:
+        """This listener as an :class:`EndpointSpec`."""
+        host, port, tls = parse_listener_addr(self.addr, self.protocol)
+        protocol = cast(ListenerProtocol, self.protocol)
+        return EndpointSpec(
+            self.endpoint_id, host, port, protocol, tls, self.timeout, self.access_log
+        )
+
+
+def _endpoint_id(value: str) -> str:
+    if not _ENDPOINT_ID.fullmatch(value):
+        raise ValueError(f"invalid endpoint id {value!r} (1-128 characters of A-Z a-z 0-9 . _ -)")
     return value
 
 
@@ -636,6 +728,29 @@ class AgentServerSection(_Model):
     tls: AgentTlsConfig = Field(default_factory=AgentTlsConfig)
 
 
+class ServiceTlsConfig(_Model):
+    """``tls`` (agent side): verifying the services of https listeners."""
+
+    root_ca: str = Field(
+        "",
+        description="CA certificates (PEM file) an https service's certificate is verified "
+        "against (the system's roots when empty).",
+    )
+    cert: str = Field("", description="Client certificate (PEM file) for services that want one.")
+    key: str = Field("", description="Private key of cert (PEM file).")
+    insecure_skip_verify: bool = Field(
+        False, description="Do not verify https services' certificates (testing only)."
+    )
+
+    @model_validator(mode="after")
+    def _files(self) -> ServiceTlsConfig:
+        from pico.tls import check_cas, check_pair
+
+        check_pair(self.cert, self.key)
+        check_cas(self.root_ca, "root_ca")
+        return self
+
+
 class AgentAuthConfig(_Model):
     """``auth`` (agent side)."""
 
@@ -668,8 +783,14 @@ class AgentConfig(_Model):
         default_factory=list,
         description="Endpoints to register, each '<endpoint-id>/<addr>' (addr: host:port or port).",
     )
+    listeners: Annotated[list[ListenerConfig], _YAML_ONLY] = Field(
+        default_factory=list,
+        description="Endpoints to register (YAML), each {endpoint_id, addr, protocol, "
+        "access_log, timeout}.",
+    )
     server: AgentServerSection = Field(default_factory=AgentServerSection)
     auth: AgentAuthConfig = Field(default_factory=AgentAuthConfig)
+    tls: ServiceTlsConfig = Field(default_factory=ServiceTlsConfig)
     forwarder: ForwarderConfig = Field(default_factory=ForwarderConfig)
     admin: AgentAdminConfig = Field(default_factory=AgentAdminConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -686,6 +807,14 @@ class AgentConfig(_Model):
                     f"({seen[key]!r} and {value!r})"
                 )
             seen[key] = value
+        for listener in self.listeners:
+            key = listener.endpoint_id.lower()
+            if key in seen:
+                raise ValueError(
+                    f"listeners: listener {listener.endpoint_id!r} is given twice "
+                    f"(endpoint ids must be unique)"
+                )
+            seen[key] = listener.endpoint_id
         return self
 
     @model_validator(mode="after")
@@ -700,3 +829,41 @@ class AgentConfig(_Model):
     def parsed_endpoints(self) -> list[EndpointSpec]:
         """The endpoints as :class:`EndpointSpec` values."""
         return [parse_endpoint(e) for e in self.endpoints]
+
+    def listener_specs(self) -> list[EndpointSpec]:
+        """Every endpoint to register: ``endpoints`` (http), then ``listeners``."""
+        return [*self.parsed_endpoints(), *(listener.spec() for listener in self.listeners)]
+
+
+# ---------------------------------------------------------------------------
+# Forward schema (``pico forward``)
+# ---------------------------------------------------------------------------
+
+
+class ForwardServerSection(_Model):
+    """``server`` (forward side): the proxy port TCP connections are carried through."""
+
+    url: Annotated[str, AfterValidator(_http_url)] = Field(
+        "http://localhost:8000", description="Pico proxy URL (http or https)."
+    )
+    timeout: PositiveDuration = Field(
+        10.0, description="How long connecting to the proxy port (and its answer) may take."
+    )
+    tls: AgentTlsConfig = Field(default_factory=AgentTlsConfig)
+
+
+class ForwardConfig(_Model):
+    """Configuration of ``pico forward``."""
+
+    server: ForwardServerSection = Field(default_factory=ForwardServerSection)
+    auth: AgentAuthConfig = Field(default_factory=AgentAuthConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> ForwardConfig:
+        tls = self.server.tls
+        if (tls.root_ca or tls.cert or tls.insecure_skip_verify) and not self.server.url.startswith(
+            "https"
+        ):
+            raise ValueError("server.tls: set, but server.url is not https://")
+        return self

@@ -68,8 +68,12 @@ class ProxyConnection(asyncio.Protocol):
         trusted_forwarder: Callable[[str], bool] | None = None,
         auth: RequestAuth | None = None,
         forward_proof: ForwardProof | None = None,
+        protocol_of: Callable[[str], str | None] | None = None,
     ) -> None:
         self.router = router
+        # How this node serves an endpoint (http or tcp; None: not here). A request of the
+        # other kind is refused with 400 where the endpoint's tunnels are.
+        self.protocol_of = protocol_of
         # With `auth`, a request needs a token for its endpoint; one another node forwarded
         # was checked where it came in.
         self.auth = auth
@@ -369,6 +373,10 @@ class ProxyConnection(asyncio.Protocol):
                     if refusal is not None:
                         self._respond_error(req, *refusal)
                         continue
+                mismatch = self._protocol_mismatch(req)
+                if mismatch is not None:
+                    self._respond_error(req, 400, mismatch)
+                    continue
                 # With no candidates the exchange answers 502, or holds the request briefly if
                 # the endpoint just lost its upstreams (a node restarting or failing).
                 candidates = self.router.candidates(req.endpoint, req.forwarded)
@@ -377,6 +385,17 @@ class ProxyConnection(asyncio.Protocol):
                 exchange.start()
         finally:
             self._starting = False
+
+    def _protocol_mismatch(self, req: Request) -> str | None:
+        """Why `req` cannot go to its endpoint as the kind of request it is, or None."""
+        if req.tcp and req.upgrade is None:
+            return "expected a WebSocket upgrade"
+        if self.protocol_of is None:
+            return None
+        served = self.protocol_of(req.endpoint)
+        if served is None or served == ("tcp" if req.tcp else "http"):
+            return None
+        return f"endpoint is {served}"
 
     def _on_upgrade_request(self, rest: bytes) -> None:
         # httptools stops parsing at an Upgrade head; what follows belongs to the new protocol

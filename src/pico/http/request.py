@@ -13,6 +13,9 @@ from pico.http.head import ENDPOINT_HEADER, FORWARD_HEADER, Headers, endpoint_id
 
 __all__ = ["BadRequest", "Request", "inspect_head"]
 
+# The proxy port's route for TCP endpoints: a WebSocket whose messages carry the bytes.
+TCP_PATH = b"/_pico/v1/tcp/"
+
 # Pico is a reverse proxy, not a forward proxy: every method but CONNECT is relayed.
 _ALLOW = ((b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),)
 
@@ -36,6 +39,7 @@ class Request:
         "keep_alive",
         "method",
         "start",
+        "tcp",
         "trailers",
         "upgrade",
         "url",
@@ -59,6 +63,8 @@ class Request:
         # The x-pico-forward value: believed only with proof (a member's HMAC or address).
         self.forward_claim: bytes | None = None
         self.forwarded = False
+        # `GET /_pico/v1/tcp/{id}`: a TCP connection over a WebSocket, for a TCP endpoint.
+        self.tcp = False
         self.body: list[bytes] = []
         self.held = 0  # bytes of this request counted in the pipeline budget
         self.body_done = False
@@ -112,6 +118,11 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
     elif host is None:
         host = _missing_host(req, endpoint_header)
     req.host = host
+    if url.startswith(TCP_PATH):
+        # The path names a TCP endpoint (whatever the headers say): see pico.server.tcp.
+        req.tcp = True
+        req.endpoint = url[len(TCP_PATH) :].partition(b"?")[0].decode("latin-1")
+        return
     req.endpoint = endpoint_id(endpoint_header, host)
 
 

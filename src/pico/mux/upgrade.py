@@ -33,6 +33,10 @@ from pico.http.head import error_response, valid_endpoint_id
 from pico.mux.websocket import accept_key, new_key
 
 UPSTREAM_PATH = "/pico/v1/upstream/"
+# The query parameter that says how the node serves the endpoint: `?protocol=tcp` (raw TCP
+# connections through the proxy port's /_pico/v1/tcp/{id}); absent means http.
+PROTOCOL_PARAM = "protocol"
+PROTOCOLS = ("http", "tcp")
 # The node's upstream port faces the internet: a request that has not reached its upgrade
 # within this many bytes is refused with 431 (a body counts; an upgrade request has none).
 MAX_REQUEST_HEAD = 16 * 1024
@@ -63,13 +67,15 @@ class Accepted:
     """A valid upgrade for `endpoint_id`: answer `accept_response(key)`, then run the tunnel.
 
     `token` is what `authorize` returned (None without a check); `rest` is what the agent
-    sent past the request's head (frames, which belong to the tunnel).
+    sent past the request's head (frames, which belong to the tunnel); `protocol` is how the
+    node serves the endpoint (http or tcp).
     """
 
     endpoint_id: str
     key: str
     token: Token | None
     rest: bytes
+    protocol: str = "http"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,9 +262,11 @@ class ClientHandshake:
 class ServerHandshake:
     """The node's end: the agent's upgrade request checked as it arrives.
 
-    Checks, in order: the path (404), the endpoint id (400), `accepting()` (503, the node is
-    shutting down), that it is a WebSocket upgrade (400), then `authorize` (401 with a
-    Bearer challenge, or 403). A request not upgraded within `max_head` bytes gets 431.
+    Checks, in order: the path (404), the endpoint id and protocol (400), `accepting()` (503,
+    the node is shutting down), that it is a WebSocket upgrade (400), then `authorize` (401
+    with a Bearer challenge, or 403), then that `protocol_of(endpoint_id)` (the protocol the
+    endpoint is served as here, None if it is not) is the requested one (409). A request not
+    upgraded within `max_head` bytes gets 431.
     """
 
     def __init__(
@@ -266,11 +274,13 @@ class ServerHandshake:
         authorize: Authorize | None = None,
         *,
         accepting: Callable[[], bool] = lambda: True,
+        protocol_of: Callable[[str], str | None] = lambda _: None,
         max_head: int = MAX_REQUEST_HEAD,
     ) -> None:
         self.max_head = max_head
         self._authorize = authorize
         self._accepting = accepting
+        self._protocol_of = protocol_of
         self._message = _Message(response=False, max_body=0)
         self._size = 0
         self._state = State.HEAD
@@ -307,12 +317,17 @@ class ServerHandshake:
     def _check(self, rest: bytes | None) -> Accepted | Rejected:
         """Decide on the whole request; `rest` is None if the parser saw no upgrade."""
         message = self._message
-        path = urllib.parse.unquote(message.target.decode("latin-1").split("?", 1)[0])
+        target, _, query = message.target.decode("latin-1").partition("?")
+        path = urllib.parse.unquote(target)
         if not path.startswith(UPSTREAM_PATH):
             return Rejected(404, "not found")
         endpoint_id = path[len(UPSTREAM_PATH) :]
         if not valid_endpoint_id(endpoint_id):
             return Rejected(400, "invalid endpoint id: use 1-128 characters of [A-Za-z0-9._-]")
+        protocols = urllib.parse.parse_qs(query).get(PROTOCOL_PARAM, ["http"])
+        protocol = protocols[-1]
+        if len(protocols) > 1 or protocol not in PROTOCOLS:
+            return Rejected(400, f"invalid protocol {_clean(protocol)!r} (use http or tcp)")
         if not self._accepting():
             return Rejected(503, "node shutting down")
         problem = _upgrade_problem(message.method, message.headers)
@@ -326,7 +341,14 @@ class ServerHandshake:
                 token = self._authorize(message.headers.get("authorization"), endpoint_id)
             except AuthFailure as exc:
                 return Rejected(exc.status, exc.message, _CHALLENGE if exc.status == 401 else ())
-        return Accepted(endpoint_id, message.headers["sec-websocket-key"], token, rest)
+        served_as = self._protocol_of(endpoint_id)
+        if served_as is not None and served_as != protocol:
+            return Rejected(
+                409,
+                f"endpoint {endpoint_id!r} is registered as {served_as} on this node, "
+                f"not {protocol}",
+            )
+        return Accepted(endpoint_id, message.headers["sec-websocket-key"], token, rest, protocol)
 
     def _decide(self, result: Accepted | Rejected) -> Accepted | Rejected:
         self._state = State.DONE

@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pico.http.settings import RequestRecord
+from pico.server.tcp import TcpRecord
 
 _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
@@ -60,6 +61,32 @@ class NodeMetrics:
             ["port", "reason"],
             registry=r,
         )
+
+        # TCP connections through /_pico/v1/tcp (pico.server.tcp); bytes are counted when
+        # a connection ends.
+        self.tcp_connections = Counter(
+            "pico_tcp_connections_total", "TCP connections bridged to tunnels.", registry=r
+        )
+        self.tcp_active = Gauge(
+            "pico_tcp_active_connections", "TCP connections open through tunnels.", registry=r
+        )
+        self.tcp_bytes = Counter(
+            "pico_tcp_bytes_total",
+            "Bytes of finished TCP connections, by direction (in: client to service).",
+            ["direction"],
+            registry=r,
+        )
+
+    def tcp_opened(self) -> None:
+        """A TCP connection was bridged to a tunnel stream."""
+        self.tcp_connections.inc()
+        self.tcp_active.inc()
+
+    def tcp_closed(self, record: TcpRecord) -> None:
+        """A TCP connection ended."""
+        self.tcp_active.dec()
+        self.tcp_bytes.labels("in").inc(record.bytes_in)
+        self.tcp_bytes.labels("out").inc(record.bytes_out)
 
     def auth_failure_counter(self, port: str) -> Callable[[str], None]:
         """What a port's verifier calls with the reason of each refusal."""

@@ -146,6 +146,7 @@ class Node:
             self.registry,
             auth=self.verifiers.get("upstream"),
             disconnect_on_expiry=not config.upstream.auth.disable_disconnect_on_expiry,
+            tcp_observer=self.metrics,
         )
         self.admin = AdminServer(
             self.cluster,
@@ -424,7 +425,14 @@ class Node:
         try:
             server = await loop.create_server(
                 lambda: ProxyConnection(
-                    router, limits, observe, conns, self._is_peer, auth, forward_proof=proof
+                    router,
+                    limits,
+                    observe,
+                    conns,
+                    self._is_peer,
+                    auth,
+                    forward_proof=proof,
+                    protocol_of=self.registry.protocol_of,
                 ),
                 host or None,
                 port,

@@ -21,6 +21,7 @@ from pico.mux.session import MuxError
 from pico.mux.stream import MuxStream
 from pico.mux.tunnel import Tunnel
 from pico.mux.upgrade import Accepted, Rejected, ServerHandshake, accept_response, reject_response
+from pico.server.tcp import TcpObserver, WebSocketBridge
 
 _log = log.get_logger("upstream")
 
@@ -31,14 +32,27 @@ _POOL_IDLE = 30.0
 
 
 class TunnelUpstream:
-    """A connected agent tunnel as an `Upstream`, with a pool of idle keep-alive streams."""
+    """A connected agent tunnel as an `Upstream`, with a pool of idle keep-alive streams.
+
+    A tunnel of a TCP endpoint (`protocol` "tcp") hands out each stream behind a
+    `WebSocketBridge` (pico.server.tcp), and never pools one.
+    """
 
     remote = False
 
-    def __init__(self, endpoint_id: str, tunnel: Tunnel, addr: str) -> None:
+    def __init__(
+        self,
+        endpoint_id: str,
+        tunnel: Tunnel,
+        addr: str,
+        protocol: str = "http",
+        tcp_observer: TcpObserver | None = None,
+    ) -> None:
         self.endpoint_id = endpoint_id
         self.tunnel = tunnel
         self.addr = addr
+        self.protocol = protocol
+        self.tcp_observer = tcp_observer
         self.connected_at = time.time()
         self.graceful = False  # the agent said goodbye (GoAway) before the tunnel closed
         self.expiry: asyncio.TimerHandle | None = None  # when its token expires
@@ -63,13 +77,18 @@ class TunnelUpstream:
         if not self.tunnel.usable:
             raise UpstreamUnavailable("tunnel closing")
         try:
-            return self.tunnel.open_stream(), False
+            stream = self.tunnel.open_stream()
         except MuxError as exc:
             raise UpstreamUnavailable(str(exc)) from exc
+        if self.protocol == "tcp":
+            return WebSocketBridge(stream, self.endpoint_id, self.tcp_observer), False
+        return stream, False
 
     def release_channel(self, channel: Channel) -> None:
         """Keep a finished stream for the next request, if the pool has room."""
-        assert isinstance(channel, MuxStream)
+        if not isinstance(channel, MuxStream):
+            channel.reset(ResetReason.NORMAL)  # a TCP connection's bridge: never reused
+            return
         if len(self._idle) >= _POOL_SIZE or not self.tunnel.usable or self._pool_closed:
             channel.reset(ResetReason.NORMAL)
             return
@@ -178,6 +197,14 @@ class EndpointRegistry:
         """A snapshot: endpoint key → its tunnels."""
         return {k: list(v) for k, v in self._endpoints.items()}
 
+    def protocol_of(self, endpoint_id: str) -> str | None:
+        """How the endpoint is served here (http or tcp), or None without a local tunnel.
+
+        One node serves an endpoint as one protocol: the upgrade of a tunnel that says
+        otherwise is refused (409, pico.mux.upgrade)."""
+        ups = self._endpoints.get(endpoint_key(endpoint_id))
+        return ups[0].protocol if ups else None
+
     def counts(self) -> dict[str, int]:
         """Endpoint key → number of connected tunnels (what gossip publishes)."""
         return {k: len(v) for k, v in self._endpoints.items()}
@@ -205,8 +232,10 @@ class UpstreamServer:
         ping_timeout: float = 15.0,
         on_connect: Callable[[str], None] | None = None,
         on_disconnect: Callable[[str, bool], None] | None = None,
+        tcp_observer: TcpObserver | None = None,
     ) -> None:
         self.registry = registry
+        self.tcp_observer = tcp_observer
         # With `auth`, an agent needs a token that permits the endpoint it registers; its
         # tunnel is drained when the token expires unless `disconnect_on_expiry` is off.
         self.auth = auth
@@ -247,15 +276,17 @@ class UpstreamServer:
         transport: asyncio.BaseTransport,
         rest: bytes,
         token: Token | None = None,
+        protocol: str = "http",
     ) -> None:
-        """Serve an upgraded connection as the tunnel of `endpoint_id` (with its `token`)."""
+        """Serve an upgraded connection as the tunnel of `endpoint_id` (with its `token`),
+        served to clients as `protocol` (http or tcp)."""
         tunnel = Tunnel(
             client=False, ping_interval=self.ping_interval, ping_timeout=self.ping_timeout
         )
         tunnel.attach(transport, b"")
         addr = tunnel.peer or "unknown"
         tunnel.name = f"{endpoint_id}@{addr}"
-        upstream = TunnelUpstream(endpoint_id, tunnel, addr)
+        upstream = TunnelUpstream(endpoint_id, tunnel, addr, protocol, self.tcp_observer)
 
         def on_goaway() -> None:
             # The agent is stopping: route new requests elsewhere at once.
@@ -266,7 +297,7 @@ class UpstreamServer:
         tunnel.on_goaway = on_goaway
         self.registry.add(upstream)
         self._tunnels.add(upstream)
-        _log.info("upstream connected", endpoint_id=endpoint_id, client_ip=addr)
+        _log.info("upstream connected", endpoint_id=endpoint_id, client_ip=addr, protocol=protocol)
         if self.on_connect:
             self.on_connect(endpoint_key(endpoint_id))
         loop = asyncio.get_running_loop()
@@ -356,6 +387,7 @@ class _UpgradeRequest(asyncio.Protocol):
         self.handshake = ServerHandshake(
             server.auth.check if server.auth is not None else None,
             accepting=lambda: server.accepting,
+            protocol_of=server.registry.protocol_of,
         )
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -371,11 +403,11 @@ class _UpgradeRequest(asyncio.Protocol):
         if self.transport is None:
             return
         match self.handshake.receive_data(data):
-            case Accepted(endpoint_id, key, token, rest):
+            case Accepted(endpoint_id, key, token, rest, protocol):
                 transport, self.transport = self.transport, None
                 self._stop_timer()
                 transport.write(accept_response(key))
-                self.server.accept(endpoint_id, transport, rest, token)
+                self.server.accept(endpoint_id, transport, rest, token, protocol)
             case Rejected() as rejected:
                 self._reject(rejected)
             case None:

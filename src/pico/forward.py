@@ -1,0 +1,395 @@
+"""Reaching a TCP endpoint from outside: one WebSocket per connection to the proxy port.
+
+`open_connection(endpoint, url=..., api_key=..., ssl=...)` returns asyncio streams connected to
+the endpoint's service; `Forwarder` (`pico forward tcp`) listens on a local address and
+carries each accepted connection the same way. The WebSocket is `GET /_pico/v1/tcp/{id}`
+(pico.server.tcp is the node's end): binary messages carry the bytes; a FIN from either TCP
+side becomes a Close frame (1000) and the other side keeps sending until it is done too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as ssl_module
+import struct
+from collections.abc import Callable
+from typing import cast
+
+from pico import log
+from pico.mux.buffers import write_unpinned
+from pico.mux.handshake import HandshakeError, open_websocket
+from pico.mux.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    ZERO_KEY,
+    FrameDecoder,
+    WebSocketError,
+    encode_frame,
+    frame_header,
+)
+
+TCP_PATH = "/_pico/v1/tcp/"
+# Frames from the node carry at most what one read of its tunnel gave: this bounds nothing in
+# memory (payloads are relayed as they arrive), only a broken peer.
+_MAX_FRAME = 1 << 62
+_NORMAL = 1000
+_log = log.get_logger("forward")
+
+
+class ForwardError(ConnectionError):
+    """The node refused the connection: the HTTP `status` and its `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status} {message}")
+        self.status = status
+        self.message = message
+
+
+def tcp_url(server_url: str, endpoint: str) -> str:
+    """The WebSocket URL of `endpoint` under the proxy URL `server_url` (any path prefix kept)."""
+    base = server_url.rstrip("/")
+    ws_base = "ws" + base[4:] if base.startswith("http") else base
+    return f"{ws_base}{TCP_PATH}{endpoint}"
+
+
+async def connect_websocket(
+    endpoint: str,
+    *,
+    url: str,
+    api_key: str = "",
+    ssl: ssl_module.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> tuple[asyncio.Transport, bytes]:
+    """Open the WebSocket to `endpoint`: (transport paused for reading, bytes past the 101).
+
+    Raises ForwardError when the node refuses (unknown endpoint, auth, wrong protocol),
+    OSError or TimeoutError when it cannot be reached.
+    """
+    headers = {"x-pico-authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        return await open_websocket(
+            tcp_url(url, endpoint), headers, timeout=timeout, ssl_context=ssl
+        )
+    except HandshakeError as exc:
+        raise ForwardError(exc.status, exc.message) from None
+
+
+class WebSocketSide(asyncio.Protocol):
+    """The WebSocket to the node, carrying one TCP connection (`LocalSide`'s)."""
+
+    def __init__(self, local: LocalSide, on_error: Callable[[str], None]) -> None:
+        self.local = local
+        self.on_error = on_error
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
+        self._close_sent = False
+        self._close_received = False
+        self._failed = False  # an error was reported: the loss that follows is not another
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def attach(self, transport: asyncio.Transport, rest: bytes) -> None:
+        """Take over the connection `connect_websocket` opened."""
+        self.transport = transport
+        transport.set_protocol(self)
+        if rest:
+            self.data_received(rest)
+        transport.resume_reading()
+
+    # -- local -> node --------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Send local bytes as one binary message (masked with the zero key: not copied)."""
+        if self.transport is None or self._close_sent:
+            return
+        self.bytes_sent += len(data)
+        self.transport.write(frame_header(OP_BINARY, len(data), mask_key=ZERO_KEY))
+        self.transport.write(data)
+
+    def send_close(self) -> None:
+        """The local side sent FIN: say so with a Close frame; keep reading."""
+        if self.transport is None or self._close_sent:
+            return
+        self._close_sent = True
+        self.transport.write(
+            encode_frame(OP_CLOSE, struct.pack(">H", _NORMAL), mask=True, random_key=False)
+        )
+        self._maybe_done()
+
+    # -- node -> local --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            payloads, controls = self._decoder.feed(data)
+        except WebSocketError as exc:
+            self.on_error(f"bad frame from the node: {exc}")
+            self.abort()
+            return
+        for piece in payloads:
+            self.bytes_received += len(piece)
+            self.local.write(piece)
+        for control in controls:
+            if control.opcode == OP_CLOSE:
+                self._closed_by_node(control.payload)
+            elif control.opcode == OP_PING and self.transport is not None:
+                self.transport.write(
+                    encode_frame(OP_PONG, control.payload, mask=True, random_key=False)
+                )
+
+    def _closed_by_node(self, payload: bytes) -> None:
+        self._close_received = True
+        code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else _NORMAL
+        if code != _NORMAL:
+            reason = payload[2:].decode("utf-8", "replace") or f"close code {code}"
+            self.on_error(f"connection closed by the node: {reason}")
+            self.abort()
+            return
+        self.local.write_eof()  # the service is done sending; we may still be
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._close_sent and self._close_received:
+            if self.transport is not None:
+                self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self._close_received:
+            if not self._failed:
+                self.on_error("connection to the node lost")
+            self.local.abort()
+        else:
+            self.local.close()
+
+    def pause_writing(self) -> None:
+        self.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.local.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        self._failed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.local.abort()
+
+
+class LocalSide(asyncio.Protocol):
+    """A local TCP connection carried over a `WebSocketSide`. Reading waits for the socket."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.ws: WebSocketSide | None = None
+        self.peer = ""
+        self._eof = False
+        self._closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Done when the local connection is gone."""
+        return self._closed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # until the WebSocket is up
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+
+    def bridge(self, ws: WebSocketSide) -> None:
+        """Start carrying bytes both ways."""
+        self.ws = ws
+        if self.transport is not None:
+            self.transport.resume_reading()
+        if self._eof:
+            ws.send_close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.send(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self.ws is not None:
+            self.ws.send_close()
+        return True  # half-closed: the answer may still be coming
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if self.ws is not None and self.ws.transport is not None:
+            if exc is None and self._eof:
+                self.ws.send_close()
+            else:
+                self.ws.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.ws is not None:
+            self.ws.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.ws is not None:
+            self.ws.resume_reading()
+
+    # -- what the WebSocket side asks --------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.transport is not None:
+            write_unpinned(self.transport, data)
+
+    def write_eof(self) -> None:
+        t = self.transport
+        if t is not None and t.can_write_eof():
+            t.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and self.ws is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+async def open_connection(
+    endpoint: str,
+    *,
+    url: str = "http://localhost:8000",
+    api_key: str = "",
+    ssl: ssl_module.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the TCP endpoint `endpoint` through the proxy port at `url`.
+
+    Returns asyncio streams; `writer.write_eof()` half-closes (the service reads EOF) and
+    `reader` sees EOF once the service closed its side. Raises ForwardError when the node
+    refuses (unknown endpoint 502, auth 401/403, an http endpoint 400), OSError or
+    TimeoutError when it cannot be reached. Cancelling closes everything it opened.
+    """
+    transport, rest = await connect_websocket(
+        endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout
+    )
+    loop = asyncio.get_running_loop()
+    # The caller's streams are one end of a socket pair; the other end is bridged to the
+    # WebSocket by Protocol callbacks (no task to own).
+    ours, theirs = socket.socketpair()
+    try:
+        _, local = await loop.connect_accepted_socket(LocalSide, ours)
+        ws = WebSocketSide(local, lambda why: _log.warn("connection error", error=why))
+        ws.attach(transport, rest)
+        local.bridge(ws)
+        return await asyncio.open_connection(sock=theirs)
+    except BaseException:
+        transport.abort()
+        ours.close()
+        theirs.close()
+        raise
+
+
+class Forwarder:
+    """`pico forward tcp`: a local listener whose connections reach one TCP endpoint."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        url: str,
+        api_key: str = "",
+        ssl: ssl_module.SSLContext | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.url = url
+        self.api_key = api_key
+        self.ssl = ssl
+        self.timeout = timeout
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on (host, port); returns the bound address. Raises OSError."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accepted, host or None, port)
+        name = self._server.sockets[0].getsockname()
+        return str(name[0]), int(name[1])
+
+    def _accepted(self) -> LocalSide:
+        local = LocalSide()
+        task = asyncio.get_running_loop().create_task(self._carry(local))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return local
+
+    async def _carry(self, local: LocalSide) -> None:
+        def failed(why: str) -> None:
+            _log.error(
+                f"connection to {self.endpoint} failed: {why}",
+                endpoint_id=self.endpoint,
+                client=local.peer,
+            )
+
+        try:
+            transport, rest = await connect_websocket(
+                self.endpoint,
+                url=self.url,
+                api_key=self.api_key,
+                ssl=self.ssl,
+                timeout=self.timeout,
+            )
+        except ForwardError as exc:
+            failed(f"{exc.status} {exc.message}")
+            local.abort()
+            return
+        except (OSError, TimeoutError) as exc:
+            failed(f"cannot reach {self.url}: {exc or type(exc).__name__}")
+            local.abort()
+            return
+        if local.transport is None:  # the local client left meanwhile
+            transport.abort()
+            return
+        ws = WebSocketSide(local, failed)
+        ws.attach(transport, rest)
+        local.bridge(ws)
+        _log.info("connection opened", endpoint_id=self.endpoint, client=local.peer)
+        try:
+            await local.closed
+        finally:
+            ws.abort()  # already closed, or the forwarder is stopping
+        _log.info(
+            "connection closed",
+            endpoint_id=self.endpoint,
+            client=local.peer,
+            bytes_sent=ws.bytes_sent,
+            bytes_received=ws.bytes_received,
+        )
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,356 @@
+"""TCP endpoints on the proxy port: `GET /_pico/v1/tcp/{endpoint_id}` bridged to a tunnel stream.
+
+A TCP endpoint's tunnel hands the proxy engine a `WebSocketBridge` instead of a bare stream.
+The engine sends it the client's upgrade request as it would to any service; the bridge
+answers the 101 itself (the agent on the other side only splices bytes), and from then on the
+engine splices the client connection to it: the client's WebSocket frames are decoded into
+stream bytes, and the stream's bytes go back as binary frames. So routing, auth, forwarding
+to the node that holds the endpoint and holding during failover are the HTTP engine's own.
+
+Half-close: a Close frame from the client ends the stream's direction to the service (the
+service reads EOF); the service's EOF becomes a Close frame (1000) to the client, which may
+keep sending. The connection ends when both directions have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import httptools
+
+from pico import log
+from pico.http.channel import ChannelReceiver, ResetReason
+from pico.http.head import error_response
+from pico.http.request import TCP_PATH
+from pico.mux.stream import MuxStream
+from pico.mux.upgrade import accept_response
+from pico.mux.websocket import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameDecoder,
+    WebSocketError,
+    encode_frame,
+    frame_header,
+)
+
+# One client frame may carry at most this much: the payload is relayed piece by piece as it
+# arrives (never reassembled), so this bounds nothing in memory, only a peer's nonsense.
+_MAX_FRAME = 1 << 62
+# Close codes (RFC 6455 §7.4.1).
+_NORMAL = 1000
+_PROTOCOL_ERROR = 1002
+_SERVICE_GONE = 1011
+
+_access = log.get_logger("proxy.tcp.access")
+_log = log.get_logger("proxy.tcp")
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRecord:
+    """One finished TCP connection: what the access log and the metrics see."""
+
+    endpoint: str
+    client: str
+    bytes_in: int  # client -> service
+    bytes_out: int  # service -> client
+    duration: float
+    reason: str
+
+
+class TcpObserver(Protocol):
+    """Told when a TCP connection through the bridge opens and when it ends."""
+
+    def tcp_opened(self) -> None: ...
+    def tcp_closed(self, record: TcpRecord) -> None:
+        """The connection ended (its bytes are counted now, not as they flow)."""
+
+
+class State(enum.Enum):
+    """HEAD until the engine's request head is in, OPEN while bytes flow, CLOSED after."""
+
+    HEAD = "head"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class _Head:
+    """The request head the engine writes, parsed just enough to answer it."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.key = ""
+        self.forwarded_for = ""
+        self.complete = False
+        self.rest = b""
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Raises httptools.HttpParserError for input that is no request head."""
+        try:
+            self.parser.feed_data(bytes(data))
+        except httptools.HttpParserUpgrade as exc:
+            self.complete = True
+            self.rest = bytes(data)[exc.args[0] :]
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"sec-websocket-key":
+            self.key = value.decode("latin-1")
+        elif lname == b"x-forwarded-for":
+            self.forwarded_for = value.decode("latin-1")
+
+    def on_message_complete(self) -> None:
+        self.complete = True  # a request that is no upgrade (an HTTP request)
+
+    @property
+    def client(self) -> str:
+        """Who the engine says the client is (the last X-Forwarded-For entry)."""
+        return self.forwarded_for.rsplit(",", 1)[-1].strip()
+
+
+class WebSocketBridge:
+    """A `Channel` for one `/_pico/v1/tcp` connection: a WebSocket on one side, a stream on
+    the other. Also the stream's receiver."""
+
+    def __init__(
+        self,
+        stream: MuxStream,
+        endpoint_id: str,
+        observer: TcpObserver | None = None,
+        on_closed: Callable[[], None] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.endpoint_id = endpoint_id
+        self.observer = observer
+        self.on_closed = on_closed
+        self.state = State.HEAD
+        self.receiver: ChannelReceiver | None = None
+        self._head = _Head()
+        self._decoder = FrameDecoder(expect_mask=True, max_frame=_MAX_FRAME)
+        # The two directions end separately (half-close): client -> service, service -> client.
+        self._client_done = False
+        self._service_done = False
+        self._close_sent = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._started = time.monotonic()
+        self._client = ""
+        stream.set_receiver(self)
+
+    # -- Channel (what the proxy engine sees) ------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def set_receiver(self, receiver: ChannelReceiver) -> None:
+        self.receiver = receiver
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The engine's bytes: first the request head, then the client's WebSocket frames."""
+        if self.state is State.HEAD:
+            self._take_head(data)
+        elif self.state is State.OPEN:
+            self._from_client(data)
+
+    def write_eof(self) -> None:
+        """The client's TCP connection ended (without a Close frame, or after one)."""
+        if self.state is State.OPEN and not self._client_done:
+            self._client_done = True
+            self.stream.write_eof()
+            self._maybe_done()
+
+    def reset(self, reason: ResetReason = ResetReason.CANCELLED) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.stream.reset(reason)
+        self._finish("client gone" if self.state is State.OPEN else "not opened")
+
+    def pause_reading(self) -> None:
+        self.stream.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.stream.resume_reading()
+
+    # -- the request head --------------------------------------------------------------------------
+
+    def _take_head(self, data: bytes | memoryview) -> None:
+        head = self._head
+        try:
+            head.feed(data)
+        except httptools.HttpParserError:
+            self._refuse(400, "malformed request")
+            return
+        if not head.complete:
+            return
+        if not head.url.startswith(TCP_PATH) or not head.key:
+            # An HTTP request reached a TCP endpoint (it registered while the request waited).
+            self._refuse(400, "endpoint is tcp")
+            return
+        self.state = State.OPEN
+        self._client = head.client
+        if self.observer is not None:
+            self.observer.tcp_opened()
+        key, rest = head.key, head.rest
+        self._head = _Head()  # nothing more to parse: drop the parser
+        # Answered on the next loop pass: the engine is still sending the request.
+        asyncio.get_running_loop().call_soon(self._answer, key, rest)
+
+    def _answer(self, key: str, rest: bytes) -> None:
+        if self.state is not State.OPEN or self.receiver is None:
+            return
+        self.receiver.data_received(accept_response(key))
+        if rest:
+            self._from_client(rest)
+
+    def _refuse(self, status: int, message: str) -> None:
+        self.stream.reset(ResetReason.NORMAL)
+        self.state = State.CLOSED
+        answer = error_response(status, message, close=True)
+        asyncio.get_running_loop().call_soon(self._deliver_refusal, answer)
+
+    def _deliver_refusal(self, answer: bytes) -> None:
+        receiver = self.receiver
+        if receiver is not None:
+            receiver.data_received(answer)
+            receiver.connection_lost(None)
+
+    # -- client -> service -------------------------------------------------------------------------
+
+    def _from_client(self, data: bytes | memoryview) -> None:
+        if self._client_done:
+            return  # after its Close frame, nothing the client sends counts
+        try:
+            payloads, controls = self._decoder.feed(data)
+        except WebSocketError as exc:
+            _log.warn("bad websocket frame", endpoint_id=self.endpoint_id, error=str(exc))
+            self._send_close(_PROTOCOL_ERROR, str(exc)[:100])
+            self.stream.reset(ResetReason.PROTOCOL)
+            self._finish("protocol error")
+            return
+        stream = self.stream
+        for piece in payloads:
+            self.bytes_in += len(piece)
+            stream.write(piece)
+        for control in controls:
+            if control.opcode == OP_CLOSE:
+                self._client_done = True
+                stream.write_eof()  # the service reads EOF; its answer may still come back
+                self._maybe_done()
+            elif control.opcode == OP_PING:
+                self._to_client(encode_frame(OP_PONG, control.payload, mask=False))
+
+    # -- service -> client (the stream's receiver) -------------------------------------------------
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        if self.state is not State.OPEN or self._close_sent:
+            return
+        self.bytes_out += len(data)
+        self._to_client(frame_header(OP_BINARY, len(data), mask_key=None))
+        self._to_client(data)
+
+    def eof_received(self) -> None:
+        if self.state is not State.OPEN:
+            return
+        self._service_done = True
+        self._send_close(_NORMAL, "")
+        self._maybe_done()
+
+    def connection_lost(self, reason: ResetReason | None) -> None:
+        if self.state is State.HEAD:
+            self.state = State.CLOSED
+            self._notify_closed()
+            if self.receiver is not None:
+                self.receiver.connection_lost(reason)
+            return
+        if self.state is not State.OPEN:
+            return
+        if reason is not None and reason is not ResetReason.NORMAL:
+            self._send_close(_SERVICE_GONE, _reset_text(reason))
+        else:
+            self._send_close(_NORMAL, "")
+        self._finish("closed" if reason is None else reason.name.lower())
+
+    def pause_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.receiver is not None:
+            self.receiver.resume_writing()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _to_client(self, data: bytes | memoryview) -> None:
+        if self.receiver is not None:
+            self.receiver.data_received(data)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        if self._close_sent:
+            return
+        self._close_sent = True
+        payload = struct.pack(">H", code) + reason.encode()[:123]
+        self._to_client(encode_frame(OP_CLOSE, payload, mask=False))
+
+    def _maybe_done(self) -> None:
+        if self._client_done and self._service_done:
+            # Both sides said they are done: the stream closes with both FINs; end the client's
+            # connection now rather than wait for the tunnel's bookkeeping.
+            self._finish("closed")
+
+    def _finish(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        was_open = self.state is State.OPEN
+        self.state = State.CLOSED
+        if was_open:
+            self._record(reason)
+        self._notify_closed()
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.connection_lost(None)
+
+    def _notify_closed(self) -> None:
+        if self.on_closed is not None:
+            self.on_closed()
+            self.on_closed = None
+
+    def _record(self, reason: str) -> None:
+        record = TcpRecord(
+            endpoint=self.endpoint_id,
+            client=self._client,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration=time.monotonic() - self._started,
+            reason=reason,
+        )
+        if self.observer is not None:
+            self.observer.tcp_closed(record)
+        _access.info(
+            "tcp connection",
+            endpoint_id=record.endpoint,
+            client_ip=record.client,
+            bytes_in=record.bytes_in,
+            bytes_out=record.bytes_out,
+            duration=round(record.duration, 3),
+            reason=reason,
+        )
+
+
+def _reset_text(reason: ResetReason) -> str:
+    if reason in (ResetReason.REFUSED, ResetReason.UNREACHABLE):
+        return "upstream unreachable"
+    if reason is ResetReason.TIMEOUT:
+        return "upstream timeout"
+    return "service connection reset"

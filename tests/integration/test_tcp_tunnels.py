@@ -1,0 +1,276 @@
+"""TCP endpoints: `/_pico/v1/tcp/{id}` on the proxy port, bridged to an agent's TCP listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+
+import aiohttp
+import pytest
+
+from pico.forward import Forwarder, ForwardError, open_connection
+from pico.mux.handshake import HandshakeError, open_websocket
+from tests.integration.test_auth import SECRET, permits
+from tests.integration.test_cluster import cluster
+from tests.support.cluster import Harness, admin_url, proxy_url, wait_for
+from tests.support.tcp_services import (
+    TcpService,
+    digest_after_eof_service,
+    echo_service,
+    greet_then_listen_service,
+)
+
+
+async def tcp_service(h: Harness, service: TcpService) -> TcpService:
+    h.closers.append(service.close)
+    return service
+
+
+async def test_bytes_reach_a_tcp_service_and_come_back(h: Harness) -> None:
+    node = await h.node()
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "my-db", echo.port)
+    await h.tunnel_up(node, "my-db")
+    reader, writer = await open_connection("my-db", url=proxy_url(node))
+    writer.write(b"ping")
+    assert await reader.readexactly(4) == b"ping"
+    writer.write_eof()
+    assert await reader.read() == b""  # the echo answered our FIN with its own
+    writer.close()
+
+
+async def test_client_fin_reaches_the_service_which_still_answers(h: Harness) -> None:
+    node = await h.node()
+    service = await tcp_service(h, await digest_after_eof_service())
+    await h.tcp_agent(node, "digest", service.port)
+    await h.tunnel_up(node, "digest")
+    reader, writer = await open_connection("digest", url=proxy_url(node))
+    payload = bytes(range(256)) * 4096
+    writer.write(payload)
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer == b"%d %s\n" % (len(payload), hashlib.sha256(payload).hexdigest().encode())
+    writer.close()
+
+
+async def test_service_fin_reaches_the_client_which_may_still_send(h: Harness) -> None:
+    node = await h.node()
+    service = await tcp_service(h, await greet_then_listen_service())
+    await h.tcp_agent(node, "greet", service.port)
+    await h.tunnel_up(node, "greet")
+    reader, writer = await open_connection("greet", url=proxy_url(node))
+    assert await asyncio.wait_for(reader.read(), 10) == b"hello"  # then EOF
+    writer.write(b"still here")
+    writer.write_eof()
+    await wait_for(lambda: service.received == [b"still here"], what="the late bytes arrive")
+    writer.close()
+
+
+async def test_a_megabytes_transfer_each_way_keeps_every_byte(h: Harness) -> None:
+    node = await h.node()
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "echo", echo.port)
+    await h.tunnel_up(node, "echo")
+    reader, writer = await open_connection("echo", url=proxy_url(node))
+    payload = hashlib.sha256(b"seed").digest() * (32 * 1024)  # 1 MiB
+
+    async def send() -> None:
+        for _ in range(8):
+            writer.write(payload)
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.get_running_loop().create_task(send())
+    received = hashlib.sha256()
+    size = 0
+    while data := await asyncio.wait_for(reader.read(1 << 20), 10):
+        received.update(data)
+        size += len(data)
+    await sender
+    assert size == 8 * len(payload)
+    assert received.hexdigest() == hashlib.sha256(payload * 8).hexdigest()
+    writer.close()
+
+
+async def test_tcp_connection_to_any_node_reaches_the_node_with_the_tunnel(h: Harness) -> None:
+    a, b, _c = await cluster(h)
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(a, "my-db", echo.port)
+    await h.tunnel_up(a, "my-db")
+    await wait_for(
+        lambda: b.cluster.remotes[a.node_id].endpoints.get("my-db") == 1, what="gossiped"
+    )
+    reader, writer = await open_connection("my-db", url=proxy_url(b))
+    writer.write(b"through b")
+    assert await reader.readexactly(9) == b"through b"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+
+
+async def test_unknown_endpoint_is_refused_with_502(h: Harness) -> None:
+    node = await h.node()
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("nobody", url=proxy_url(node))
+    assert (caught.value.status, caught.value.message) == (502, "no available upstreams")
+
+
+async def test_http_endpoint_is_not_served_as_tcp(h: Harness) -> None:
+    node, _, _ = await h.with_service()
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("ep", url=proxy_url(node))
+    assert (caught.value.status, caught.value.message) == (400, "endpoint is http")
+
+
+async def test_tcp_endpoint_is_not_served_http(h: Harness) -> None:
+    node = await h.node()
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "my-db", echo.port)
+    await h.tunnel_up(node, "my-db")
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-pico-endpoint": "my-db"}
+        async with http.get(proxy_url(node) + "/", headers=headers) as resp:
+            assert resp.status == 400
+            assert await resp.json() == {"error": "endpoint is tcp"}
+
+
+async def test_tcp_endpoint_on_another_node_is_not_served_http(h: Harness) -> None:
+    a, b, _c = await cluster(h)
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(a, "my-db", echo.port)
+    await h.tunnel_up(a, "my-db")
+    await wait_for(
+        lambda: b.cluster.remotes[a.node_id].endpoints.get("my-db") == 1, what="gossiped"
+    )
+    async with aiohttp.ClientSession() as http:
+        headers = {"x-pico-endpoint": "my-db"}
+        async with http.get(proxy_url(b) + "/", headers=headers) as resp:
+            assert resp.status == 400
+            assert await resp.json() == {"error": "endpoint is tcp"}
+
+
+async def test_a_node_refuses_a_tcp_tunnel_for_an_http_endpoint_with_409(h: Harness) -> None:
+    node, _, _ = await h.with_service()
+    assert node.addrs is not None
+    host, port = node.addrs.upstream
+    with pytest.raises(HandshakeError) as caught:
+        await open_websocket(f"ws://{host}:{port}/pico/v1/upstream/ep?protocol=tcp")
+    assert caught.value.status == 409
+    assert "registered as http" in caught.value.message
+
+
+async def test_an_unknown_tunnel_protocol_is_refused_with_400(h: Harness) -> None:
+    node = await h.node()
+    assert node.addrs is not None
+    host, port = node.addrs.upstream
+    with pytest.raises(HandshakeError) as caught:
+        await open_websocket(f"ws://{host}:{port}/pico/v1/upstream/ep?protocol=udp")
+    assert caught.value.status == 400
+    assert "invalid protocol" in caught.value.message
+
+
+async def test_tcp_route_needs_a_token_for_the_endpoint_when_proxy_auth_is_on(
+    h: Harness,
+) -> None:
+    node = await h.node(proxy={"auth": {"hmac_secret_key": SECRET}})
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "my-db", echo.port)
+    await h.tunnel_up(node, "my-db")
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("my-db", url=proxy_url(node))
+    assert caught.value.status == 401
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("my-db", url=proxy_url(node), api_key=permits("other"))
+    assert caught.value.status == 403
+    reader, writer = await open_connection("my-db", url=proxy_url(node), api_key=permits("my-db"))
+    writer.write(b"ok")
+    assert await reader.readexactly(2) == b"ok"
+    writer.close()
+
+
+async def test_service_that_refuses_closes_the_websocket_with_a_reason(h: Harness) -> None:
+    node = await h.node()
+    echo = await echo_service()
+    port = echo.port
+    echo.close()
+    await echo.server.wait_closed()
+    await h.tcp_agent(node, "gone", port)
+    await h.tunnel_up(node, "gone")
+    reader, writer = await open_connection("gone", url=proxy_url(node))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+
+
+async def test_forwarder_logs_one_line_for_a_refused_connection(
+    h: Harness, logs: io.StringIO
+) -> None:
+    node = await h.node()
+    forwarder = Forwarder("nobody", url=proxy_url(node))
+    host, port = await forwarder.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        await wait_for(
+            lambda: any(
+                e["msg"] == "connection to nobody failed: 502 no available upstreams"
+                for e in (json.loads(line) for line in logs.getvalue().splitlines())
+            ),
+            what="the error line",
+        )
+    finally:
+        await forwarder.close()
+
+
+async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> None:
+    node = await h.node()
+    service = await tcp_service(h, await digest_after_eof_service())
+    await h.tcp_agent(node, "digest", service.port)
+    await h.tunnel_up(node, "digest")
+    forwarder = Forwarder("digest", url=proxy_url(node))
+    host, port = await forwarder.start("127.0.0.1", 0)
+    try:
+        for body in (b"one", b"two two"):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(body)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.startswith(b"%d " % len(body))
+            writer.close()
+    finally:
+        await forwarder.close()
+
+
+async def test_tcp_metrics_count_connections_and_bytes(h: Harness) -> None:
+    node = await h.node()
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "my-db", echo.port)
+    await h.tunnel_up(node, "my-db")
+    reader, writer = await open_connection("my-db", url=proxy_url(node))
+    writer.write(b"12345")
+    assert await reader.readexactly(5) == b"12345"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+
+    async def scraped() -> bool:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(admin_url(node) + "/metrics") as resp:
+                text = await resp.text()
+        return (
+            "pico_tcp_connections_total 1.0" in text
+            and 'pico_tcp_bytes_total{direction="in"} 5.0' in text
+            and 'pico_tcp_bytes_total{direction="out"} 5.0' in text
+            and "pico_tcp_active_connections 0.0" in text
+        )
+
+    await wait_for(scraped, what="tcp metrics")
+
+
+async def test_http_endpoints_still_serve_requests(h: Harness) -> None:
+    node, _, _ = await h.with_service()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(node) + "/echo", headers={"x-pico-endpoint": "ep"}) as r:
+            assert r.status == 200
