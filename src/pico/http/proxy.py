@@ -37,6 +37,9 @@ from pico.http.timer import LazyTimer
 from pico.mux.buffers import write_unpinned
 
 _log = log.get_logger("proxy")
+# Malformed requests, by reason: logged once per reason per minute, all counted (a client must
+# not be able to fill the disk). Process-wide: one node per process outside tests.
+BAD_REQUESTS = log.RateLimited(_log)
 
 # Writes smaller than this are collected while corked; bigger ones go out directly.
 _CORK_LIMIT = 16 * 1024
@@ -405,7 +408,7 @@ class ProxyConnection(asyncio.Protocol):
         A request whose head was fine but whose body is malformed is abandoned upstream; the
         client gets the error unless a response to it has already begun.
         """
-        _log.warn("bad request", client=self.client_ip, status=status, error=message)
+        BAD_REQUESTS.warn(message, "bad request", client=self.client_ip, status=status)
         exchange = self._exchange
         if exchange is None or not exchange.head_sent:
             self._write(error_response(status, message, close=True, headers=headers))
