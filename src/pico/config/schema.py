@@ -476,7 +476,9 @@ class ServerSection(_Model):
     """``server`` (server side): process-level settings."""
 
     graceful_shutdown_timeout: PositiveDuration = Field(
-        60.0, description="Maximum time to drain connections on shutdown."
+        60.0,
+        description="Maximum time to drain connections on shutdown; upgraded connections "
+        "(WebSockets) still open then are closed.",
     )
 
 

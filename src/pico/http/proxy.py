@@ -128,10 +128,30 @@ class ProxyConnection(asyncio.Protocol):
         return bool(self._queue) or self._spliced is not None
 
     def close_when_idle(self) -> None:
-        """Graceful stop: close now if idle, else right after the response in flight."""
+        """Graceful stop: close now if idle, else right after the response in flight.
+
+        An upgraded connection (a WebSocket) has no end we could wait for, and the node cannot
+        speak its protocol: the service's side is ended (a FIN through the tunnel), so that
+        the service may send its own close frame and close, which reaches the client as a
+        FIN. One still open when the grace period ends is closed by `stop()`.
+        """
         self._drain = True
-        if not self.busy:
+        if self._spliced is not None:
+            self._spliced.write_eof()
+        elif not self.busy:
             self._close()
+
+    def stop(self) -> None:
+        """The grace period is over: drop the connection now.
+
+        An upgraded one gets a FIN (its protocol frames itself, so a clean end is the better
+        news to the client); any other an RST, so a response cut short is never taken for a
+        complete one.
+        """
+        if self._spliced is not None:
+            self._close()
+        else:
+            self.abort()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -511,8 +531,8 @@ class ProxyConnection(asyncio.Protocol):
         pending, self._upgrade_buffer = self._upgrade_buffer or [], None
         for chunk in pending:
             channel.write(chunk)
-        if self._client_eof:
-            channel.write_eof()
+        if self._client_eof or self._drain:
+            channel.write_eof()  # the client is done, or the node is stopping (close_when_idle)
         self._resume(_PAUSE_UPGRADE)
         if self._write_paused:
             channel.pause_reading()

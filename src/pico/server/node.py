@@ -463,7 +463,7 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connections.wait_empty(), max(0.0, deadline - loop.time()))
         for conn in self.connections.snapshot():
-            conn.abort()
+            conn.stop()
         with contextlib.suppress(Exception):
             await drain
         await self._cleanup()
