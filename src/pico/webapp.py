@@ -31,9 +31,10 @@ _log = log.get_logger("admin")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # What a connection refused for the cap is told, before it is closed.
+_BUSY_BODY = b'{"error": "too many connections"}'
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b'Connection: close\r\nContent-Length: 32\r\n\r\n{"error": "too many connections"}'
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
 )
 
 
@@ -178,6 +179,8 @@ class _Guarded(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close the connection; it no longer counts against the cap."""
+        self.guard.forget(self.transport)
         if self.transport is not None:
             self.transport.close()
 

@@ -10,9 +10,11 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from pico import log
 from pico.server.node import Node
+from pico.webapp import ConnectionGuard, ConnectionLimits, serve_app
 from tests.support.cluster import Harness, admin_url, wait_for
 from tests.support.services import RawConnection
 
@@ -127,3 +129,32 @@ async def test_malformed_requests_on_the_proxy_port_are_logged_once_per_reason(
     bad = [r for r in records(logs) if r["msg"] == "bad request"]
     assert len(bad) <= 1, bad  # one per reason per minute (another test may have had it)
     assert await admin_metric(node, "pico_proxy_bad_requests_total{") - before == 20
+
+
+async def test_a_connection_over_the_cap_gets_503_when_every_other_one_is_busy() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        started.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/slow", slow)
+    guard = ConnectionGuard(ConnectionLimits(max_connections=1))
+    runner, (host, port) = await serve_app(app, "127.0.0.1:0", "admin.bind_addr", guard=guard)
+    try:
+        busy = await RawConnection.open(host, port)
+        await busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(started.wait(), 5)  # busy: its request is being handled
+        refused = await RawConnection.open(host, port)
+        await refused.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await refused.read_response()
+        assert answer.status == 503
+        assert json.loads(answer.body) == {"error": "too many connections"}
+        release.set()
+        assert (await busy.read_response()).status == 200
+        assert guard.rejected == {"max_connections": 1}
+    finally:
+        release.set()
+        await runner.cleanup()
