@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import io
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from pico import log
 from tests.support.cluster import Harness
 
 
@@ -17,6 +19,17 @@ async def h() -> AsyncIterator[Harness]:
         yield harness
     finally:
         await harness.close()
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """The JSON log lines written while the test runs (at info and above)."""
+    stream = io.StringIO()
+    log.configure("info", stream=stream)
+    try:
+        yield stream
+    finally:
+        log.configure("info")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

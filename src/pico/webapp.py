@@ -161,11 +161,13 @@ class _Guarded(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         limits = self.guard.limits
-        delay = {
-            _State.HEAD: limits.read_header_timeout,
-            _State.IDLE: limits.idle_timeout,
-            _State.BUSY: 0.0,
-        }[self.state]
+        match self.state:
+            case _State.HEAD:
+                delay = limits.read_header_timeout
+            case _State.IDLE:
+                delay = limits.idle_timeout
+            case _State.BUSY:
+                delay = 0.0  # the app's own business (a forwarded admin request has its own)
         if delay > 0 and self.transport is not None:
             self._timer = asyncio.get_running_loop().call_later(delay, self._expired)
 

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
 
-from pico import log
 from tests.support.cluster import Harness, proxy_url
 from tests.support.services import sample_app
-
-
-@pytest.fixture
-def logs() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    log.configure("info", stream=stream)
-    try:
-        yield stream
-    finally:
-        log.configure("info")
 
 
 def access_lines(stream: io.StringIO) -> list[dict[str, object]]:

@@ -6,29 +6,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from pico import log
 from pico.server.node import Node
 from pico.webapp import ConnectionGuard, ConnectionLimits, serve_app
 from tests.support.cluster import Harness, admin_url, wait_for
 from tests.support.services import RawConnection
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-@pytest.fixture
-def logs() -> Iterator[io.StringIO]:
-    stream = io.StringIO()
-    log.configure("info", stream=stream)
-    try:
-        yield stream
-    finally:
-        log.configure("info")
 
 
 def records(stream: io.StringIO) -> list[dict[str, object]]:

@@ -105,8 +105,8 @@ def register(node: Node) -> None:
     metrics.add_collector(
         CounterFamilyCollector(
             "pico_proxy_bad_requests_total",
-            "Malformed requests refused on the proxy port (400/408/413/431), by reason "
-            "(every node of the process).",
+            "Malformed requests answered with an error and closed on the proxy port, by "
+            "reason (counted for every node of the process).",
             ["reason"],
             lambda: [((r,), float(n)) for r, n in sorted(proxy.BAD_REQUESTS.counts.items())],
         )
