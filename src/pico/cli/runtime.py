@@ -65,7 +65,8 @@ def tune_allocator() -> None:
 
 
 def raise_fd_limit() -> int:
-    """Raise the soft limit of open files to the hard limit; returns the soft limit now.
+    """Raise the soft limit of open files to the hard limit; returns the soft limit now
+    (-1 where there is none). Commands log it once they have started.
 
     Every client, tunnel and service connection is a file descriptor, and the usual soft
     limit (1024) is what a few hundred slow clients exhaust: then no port can accept. The
@@ -89,7 +90,6 @@ def raise_fd_limit() -> int:
 def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run `main(stop)` on uvloop (when installed); SIGINT/SIGTERM set `stop`."""
     tune_allocator()
-    log.get_logger("process").info("open file limit", soft_limit=raise_fd_limit())
 
     async def wrapper() -> int:
         stop = asyncio.Event()
