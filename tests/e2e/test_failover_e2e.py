@@ -6,6 +6,7 @@ was on its way to the dying node is sent again elsewhere, or waits for the endpo
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -22,18 +23,16 @@ pytestmark = pytest.mark.e2e
 ROUNDS = 4
 
 
-def live_upstreams(live: list[str]) -> dict[str, int]:
-    """Node id -> its upstream count, for the live nodes as the first live node sees them."""
-    view = nodes_view(live[0])
-    return {str(n["id"]): int(n["upstreams"]) for n in view if n["status"] == "active"}  # type: ignore[call-overload]
-
-
 def node_id_at(ip: str) -> str:
-    view = nodes_view(ip)
-    mine = [
-        n for n in view if str(n["proxy_addr"]).startswith(ip + ":") and n["status"] == "active"
-    ]
-    return str(mine[0]["id"]) if mine else ""
+    """The id of the node listening on `ip` now, as it says itself."""
+    status, body = http_get(f"http://{ip}:8002/status/cluster/nodes/local")
+    return str(json.loads(body)["id"]) if status == 200 else ""
+
+
+def upstreams_seen(by: str, ids: set[str]) -> int:
+    """The upstreams of the nodes `ids` as `by` sees them (not those of a dead node it may
+    still list)."""
+    return sum(int(str(n["upstreams"])) for n in nodes_view(by) if n["id"] in ids)
 
 
 def test_sigkill_of_a_tunnel_node_round_after_round_fails_no_request(
@@ -45,8 +44,9 @@ def test_sigkill_of_a_tunnel_node_round_after_round_fails_no_request(
     wait_until(lambda: http_ok("http://127.0.0.1:4104/"), what="service up")
     for _ in range(2):  # through the load balancer, like users do
         procs.pico("agent", "--endpoints", "ep/127.0.0.1:4104", "--admin.bind-addr", "127.0.0.1:0")
+    ids = {ip: node_id_at(ip) for ip in NODES}
     wait_until(
-        lambda: all(sum(live_upstreams([ip]).values()) == 2 for ip in NODES),
+        lambda: all(upstreams_seen(ip, set(ids.values())) == 2 for ip in NODES),
         what="both tunnels gossiped to every node",
     )
     results: list[tuple[float, int, bytes]] = []
@@ -63,18 +63,15 @@ def test_sigkill_of_a_tunnel_node_round_after_round_fails_no_request(
     try:
         wait_until(lambda: len(results) >= 20, what="client running")
         for round_no in range(ROUNDS):
-            ids = {ip: node_id_at(ip) for ip in NODES}
-            counts = live_upstreams(list(NODES))
-            victim = next(ip for ip in NODES if counts.get(ids[ip], 0) > 0)
+            victim = next(ip for ip in NODES if upstreams_seen(NODES[0], {ids[ip]}) > 0)
             kills.append(time.monotonic())
             nodes[victim].signal(signal.SIGKILL)
             nodes[victim].wait(timeout=10)
-            live = [ip for ip in NODES if ip != victim]
+            live = {ids[ip] for ip in NODES if ip != victim}
+            witness = next(ip for ip in NODES if ip != victim)
             # The killed node's agent reconnects to a live node; both tunnels are served again.
             wait_until(
-                lambda live=live, dead=ids[victim]: (
-                    sum(n for node_id, n in live_upstreams(live).items() if node_id != dead) == 2
-                ),
+                lambda live=live, witness=witness: upstreams_seen(witness, live) == 2,
                 timeout=30,
                 what=f"round {round_no}: both tunnels on live nodes",
             )
@@ -86,8 +83,9 @@ def test_sigkill_of_a_tunnel_node_round_after_round_fails_no_request(
                 name=f"pico-{victim}-{round_no}",
             )
             wait_until(lambda ip=victim: http_ok(f"http://{ip}:8002/ready"), what="restarted")
+            ids[victim] = node_id_at(victim)
             wait_until(
-                lambda ip=victim: sum(live_upstreams([ip]).values()) == 2,
+                lambda ip=victim: upstreams_seen(ip, set(ids.values())) == 2,
                 what="the restarted node sees both tunnels",
             )
             sent = len(results)
