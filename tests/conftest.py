@@ -23,7 +23,7 @@ async def h() -> AsyncIterator[Harness]:
 
 @pytest.fixture
 def logs() -> Iterator[io.StringIO]:
-    """The JSON log lines written while the test runs (at info and above)."""
+    """The JSON log lines written during the test (at info and above)."""
     stream = io.StringIO()
     log.configure("info", stream=stream)
     try:
