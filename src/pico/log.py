@@ -19,12 +19,12 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 import orjson
 
-__all__ = ["LEVELS", "Logger", "configure", "get_logger"]
+__all__ = ["LEVELS", "Logger", "RateLimited", "configure", "get_logger"]
 
 DEBUG = 10
 INFO = 20
@@ -153,6 +153,52 @@ class Logger:
 
 _CORE = frozenset({"ts", "level", "subsystem", "msg"})
 _loggers: dict[str, Logger] = {}
+
+
+class RateLimited:
+    """Warnings about what peers send, at most one record per reason per `interval` seconds.
+
+    Bad input must be visible, but a peer must not be able to fill the disk with it: the first
+    report of a reason is written, later ones within `interval` are only counted, and their
+    number goes out as `suppressed` with the next record of that reason. `counts` holds every
+    report by reason, for metrics. Reasons are bounded by `max_reasons` (they are often built
+    from peer input); past it new ones are counted as "other".
+    """
+
+    __slots__ = ("_clock", "_next", "_suppressed", "counts", "interval", "logger", "max_reasons")
+
+    def __init__(
+        self,
+        logger: Logger,
+        *,
+        interval: float = 60.0,
+        max_reasons: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.max_reasons = max_reasons
+        self._clock = clock
+        self.counts: dict[str, int] = {}
+        self._next: dict[str, float] = {}  # reason -> when it may be written again
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, msg: str, /, **fields: object) -> bool:
+        """Count a report of `reason`; write `msg` at warn unless one was written within the
+        interval. Returns whether a record was written."""
+        if reason not in self.counts and len(self.counts) >= self.max_reasons:
+            reason = "other"
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = self._clock()
+        if now < self._next.get(reason, now):
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return False
+        self._next[reason] = now + self.interval
+        suppressed = self._suppressed.pop(reason, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.logger.warn(msg, reason=reason, **fields)
+        return True
 
 
 def get_logger(subsystem: str) -> Logger:

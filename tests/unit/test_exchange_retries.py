@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from pico.http.channel import Cancellable, Channel, ChannelReceiver, ResetReason, Upstream
 from pico.http.proxy import ProxyConnection
@@ -273,3 +274,90 @@ async def test_a_broken_not_delivered_answer_is_answered_once_and_never_crashes(
     )
     assert status == b"HTTP/1.1 502 Bad Gateway"
     assert log == ["undelivered_garbage"]
+
+
+class DyingNode(asyncio.Protocol):
+    """A node killed while our request reaches it: the connection is accepted, then reset."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        cast(asyncio.Transport, self.transport).abort()  # RST: the process is gone
+
+
+async def request_with(method: bytes, upstreams: Sequence[Upstream]) -> bytes:
+    loop = asyncio.get_running_loop()
+    router = FakeRouter(upstreams)
+    server = await loop.create_server(
+        lambda: ProxyConnection(router, ProxyLimits()), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(
+        method + b" / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\nContent-Length: 0\r\n\r\n"
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    server.close()
+    return head.split(b"\r\n", 1)[0]
+
+
+async def test_a_get_whose_new_connection_to_a_dying_node_is_reset_goes_to_the_next() -> None:
+    """Issue 10, item 9: the connect succeeded, the node died before answering; a GET is
+    sent to the next candidate instead of getting 502."""
+    from pico.server.forward import NodeUpstream
+
+    loop = asyncio.get_running_loop()
+    dying = await loop.create_server(DyingNode, "127.0.0.1", 0)
+    log: list[str] = []
+    try:
+        for method, expected in (
+            (b"GET", b"HTTP/1.1 200 OK"),
+            (b"POST", b"HTTP/1.1 502 Bad Gateway"),
+        ):
+            node = NodeUpstream("dying", f"127.0.0.1:{dying.sockets[0].getsockname()[1]}")
+            status = await request_with(method, [node, FakeUpstream("healthy", "ok", log)])
+            # A POST may have been executed by the node's service: it is not sent twice.
+            assert status == expected, method
+    finally:
+        dying.close()
+
+
+class ComingBackRouter(FakeRouter):
+    """The only node with the endpoint dies; its agent reconnects to another one meanwhile."""
+
+    def __init__(self, dead: Upstream, back: Upstream) -> None:
+        super().__init__([dead])
+        self.back = back
+
+    def wait_for_upstream(
+        self, endpoint_id: str, callback: Callable[[], None], *, known: bool = False
+    ) -> Cancellable | None:
+        self.upstreams = [self.back]
+        handle = asyncio.get_running_loop().call_later(0.05, callback)
+        return handle
+
+
+async def test_a_get_lost_with_the_only_node_of_its_endpoint_waits_for_it_to_come_back() -> None:
+    from pico.server.forward import NodeUpstream
+
+    loop = asyncio.get_running_loop()
+    dying = await loop.create_server(DyingNode, "127.0.0.1", 0)
+    log: list[str] = []
+    node = NodeUpstream("dying", f"127.0.0.1:{dying.sockets[0].getsockname()[1]}")
+    router = ComingBackRouter(node, FakeUpstream("moved", "ok", log))
+    server = await loop.create_server(
+        lambda: ProxyConnection(router, ProxyLimits()), "127.0.0.1", 0
+    )
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert log == ["ok"]
+        writer.close()
+    finally:
+        server.close()
+        dying.close()

@@ -132,3 +132,21 @@ def test_a_stale_pooled_stream_is_retried_once_fresh_for_idempotent_methods() ->
 def test_other_failures_answer_502() -> None:
     assert decide(ResetReason.PROTOCOL) == Decision(Action.FAIL, 502, "upstream unreachable")
     assert decide(None).undelivered is False
+
+
+def test_a_request_under_which_the_connection_collapsed_is_repeated_only_if_idempotent() -> None:
+    """A node died under a forwarded request, or an agent under its stream (issue 10, item 9):
+    no response byte came back, but the request may have reached a service."""
+    lost_remote = (ResetReason.GOING_AWAY, None)  # the node dropped or closed the connection
+    for reason in lost_remote:
+        assert decide(reason, remote=True, more_candidates=True).action is Action.NEXT
+        # The last candidate: wait for the endpoint to come back, and never claim that no
+        # service saw it (the node that forwarded it must not send it elsewhere).
+        assert decide(reason, remote=True) == Decision(Action.HOLD)
+        assert decide(reason, remote=True, method=b"POST").action is Action.FAIL
+        assert decide(reason, remote=True, replayable=False).action is Action.FAIL
+    assert decide(ResetReason.GOING_AWAY, more_candidates=True).action is Action.NEXT
+    assert decide(ResetReason.GOING_AWAY, method=b"PATCH").action is Action.FAIL
+    # A local service that closed its connection without answering is not asked again.
+    assert decide(None, more_candidates=True).action is Action.FAIL
+    assert decide(ResetReason.CANCELLED, remote=True, more_candidates=True).action is Action.FAIL

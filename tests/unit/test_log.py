@@ -166,3 +166,27 @@ def test_configure_idempotent_handler(stream: io.StringIO) -> None:
     log.configure("info", (), stream=stream)
     logging.getLogger("lib").warning("once")
     assert [r["msg"] for r in records(stream) if r["subsystem"] == "lib"] == ["once"]
+
+
+def test_rate_limited_writes_one_record_per_reason_per_interval(stream: io.StringIO) -> None:
+    now = [100.0]
+    limited = log.RateLimited(log.get_logger("proxy"), interval=60.0, clock=lambda: now[0])
+    for _ in range(1000):
+        limited.warn("bad header", "bad request", client="10.0.0.1")
+    limited.warn("bad method", "bad request")
+    assert [(r["reason"], r.get("suppressed")) for r in records(stream)] == [
+        ("bad header", None),
+        ("bad method", None),
+    ]
+    now[0] += 60.0  # a minute later the next one is written, with the count of the rest
+    limited.warn("bad header", "bad request")
+    assert records(stream)[-1]["suppressed"] == 999
+    assert limited.counts == {"bad header": 1001, "bad method": 1}
+
+
+def test_rate_limited_bounds_the_reasons_it_keeps(stream: io.StringIO) -> None:
+    limited = log.RateLimited(log.get_logger("proxy"), max_reasons=3)
+    for i in range(100):
+        limited.warn(f"peer text {i}", "bad request")
+    assert limited.counts == {"peer text 0": 1, "peer text 1": 1, "peer text 2": 1, "other": 97}
+    assert len(records(stream)) == 4

@@ -12,8 +12,9 @@ from typing import Any
 
 import click
 
+from pico import log
 from pico.agent.agent import Agent, AgentRejected
-from pico.cli.runtime import configure_logging, fail, load_or_exit, run
+from pico.cli.runtime import configure_logging, fail, load_or_exit, raise_fd_limit, run
 from pico.config import AgentConfig, config_options
 from pico.webapp import BindError
 
@@ -101,6 +102,7 @@ agent.add_command(
 
 def _run(config: AgentConfig) -> None:
     configure_logging(config.log.level, list(config.log.subsystems))
+    open_files = raise_fd_limit()
 
     async def main(stop: asyncio.Event) -> int:
         instance = Agent(config)
@@ -108,6 +110,7 @@ def _run(config: AgentConfig) -> None:
             await instance.start_admin()
         except BindError as exc:
             fail(str(exc))
+        log.get_logger("agent").info("open file limit", soft_limit=open_files)
         try:
             await instance.run(stop)
         except AgentRejected as exc:

@@ -66,6 +66,29 @@ def tune_allocator() -> None:
     mallopt(_M_TOP_PAD, 16 << 20)
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit of open files to the hard limit; returns the soft limit now
+    (-1 where there is none). Commands log it once they have started.
+
+    Every client, tunnel and service connection is a file descriptor, and the usual soft
+    limit (1024) is what a few hundred slow clients exhaust: then no port can accept. The
+    hard limit is what the operator allows; where it is unlimited, 1M is asked for.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or (soft >= target):
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
 def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run `main(stop)` on uvloop (when installed); SIGINT/SIGTERM set `stop`."""
     tune_allocator()

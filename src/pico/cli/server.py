@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from pico import log
-from pico.cli.runtime import configure_logging, fail, load_or_exit, run
+from pico.cli.runtime import configure_logging, fail, load_or_exit, raise_fd_limit, run
 from pico.config import ServerConfig, config_options
 from pico.server.node import Node, StartupError
 
@@ -24,6 +24,7 @@ def server(**params: Any) -> None:
     """
     config = load_or_exit(ServerConfig, params)
     configure_logging(config.log.level, list(config.log.subsystems))
+    open_files = raise_fd_limit()
 
     async def main(stop: asyncio.Event) -> int:
         node = Node(config)
@@ -31,6 +32,7 @@ def server(**params: Any) -> None:
             await node.start()
         except StartupError as exc:
             fail(str(exc))
+        log.get_logger("server").info("open file limit", soft_limit=open_files)
         stopped: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
         fatal: asyncio.Future[object] = node.fatal  # type: ignore[assignment]
         await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)

@@ -387,6 +387,23 @@ class AdminConfig(_Model):
     advertise_addr: AdvertiseAddr = Field(
         "", description="Admin address advertised to other nodes (derived if empty)."
     )
+    read_header_timeout: Duration = Field(
+        10.0,
+        description="Time a client has to send a complete request head (and finish a TLS "
+        "handshake) on the admin port; slower connections are closed (0 disables).",
+    )
+    idle_timeout: Duration = Field(
+        300.0,
+        description="Idle keep-alive connections to the admin port are closed after this "
+        "(0 disables).",
+    )
+    max_connections: int = Field(
+        256,
+        ge=0,
+        description="Open admin connections at most (each costs a file descriptor the proxy "
+        "needs too); when full, the one idle or waiting for its head the longest is closed to "
+        "make room, or the new one gets 503 if all are busy (0: no limit).",
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
 
@@ -507,7 +524,9 @@ class ServerSection(_Model):
     """``server`` (server side): process-level settings."""
 
     graceful_shutdown_timeout: PositiveDuration = Field(
-        60.0, description="Maximum time to drain connections on shutdown."
+        60.0,
+        description="Maximum time to drain connections on shutdown; upgraded connections "
+        "(WebSockets) still open then are closed.",
     )
 
 

@@ -418,7 +418,7 @@ class Exchange:
                 self._to_send(CONNECTING)
                 failure = (decision.status, decision.message)
                 if not self._hold(failure, known=reason is ResetReason.REJECTED):
-                    self._fail(*failure, undelivered=True)
+                    self._fail(*failure, undelivered=decision.undelivered)
             case Action.FAIL:
                 self._fail(decision.status, decision.message, undelivered=decision.undelivered)
 

@@ -37,6 +37,9 @@ from pico.http.timer import LazyTimer
 from pico.mux.buffers import write_unpinned
 
 _log = log.get_logger("proxy")
+# Malformed requests, by reason: logged once per reason per minute, all counted (a client must
+# not be able to fill the disk). Process-wide: one node per process outside tests.
+BAD_REQUESTS = log.RateLimited(_log)
 
 # Writes smaller than this are collected while corked; bigger ones go out directly.
 _CORK_LIMIT = 16 * 1024
@@ -129,10 +132,30 @@ class ProxyConnection(asyncio.Protocol):
         return bool(self._queue) or self._spliced is not None
 
     def close_when_idle(self) -> None:
-        """Graceful stop: close now if idle, else right after the response in flight."""
+        """Graceful stop: close now if idle, else right after the response in flight.
+
+        An upgraded connection (a WebSocket) has no end we could wait for, and the node cannot
+        speak its protocol: the service's side is ended (a FIN through the tunnel), so that
+        the service may send its own close frame and close, which reaches the client as a
+        FIN. One still open when the grace period ends is closed by `stop()`.
+        """
         self._drain = True
-        if not self.busy:
+        if self._spliced is not None:
+            self._spliced.write_eof()
+        elif not self.busy:
             self._close()
+
+    def stop(self) -> None:
+        """The grace period is over: drop the connection now.
+
+        An upgraded one gets a FIN (its protocol frames itself, so a clean end is the better
+        news to the client); any other an RST, so a response cut short is never taken for a
+        complete one.
+        """
+        if self._spliced is not None:
+            self._close()
+        else:
+            self.abort()
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -424,7 +447,7 @@ class ProxyConnection(asyncio.Protocol):
         A request whose head was fine but whose body is malformed is abandoned upstream; the
         client gets the error unless a response to it has already begun.
         """
-        _log.warn("bad request", client=self.client_ip, status=status, error=message)
+        BAD_REQUESTS.warn(message, "bad request", client=self.client_ip, status=status)
         exchange = self._exchange
         if exchange is None or not exchange.head_sent:
             self._write(error_response(status, message, close=True, headers=headers))
@@ -527,8 +550,8 @@ class ProxyConnection(asyncio.Protocol):
         pending, self._upgrade_buffer = self._upgrade_buffer or [], None
         for chunk in pending:
             channel.write(chunk)
-        if self._client_eof:
-            channel.write_eof()
+        if self._client_eof or self._drain:
+            channel.write_eof()  # the client is done, or the node is stopping (close_when_idle)
         self._resume(_PAUSE_UPGRADE)
         if self._write_paused:
             channel.pause_reading()

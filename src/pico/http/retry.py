@@ -1,8 +1,10 @@
 """What to do when a channel fails before the response head: a pure function, no sockets.
 
 A request is sent again only when it provably never reached a service (the agent could not
-connect, a node refused it while leaving), or when it rode a pooled stream the service had
-already closed and repeating it is harmless (RFC 9110 §9.2.2 idempotent methods).
+connect, a node refused it while leaving, the connection to another node could not be made),
+or when repeating it is harmless (RFC 9110 §9.2.2 idempotent methods) and no response byte came
+back: it rode a pooled stream the service had already closed, or the connection to its upstream
+collapsed under it (the node or the agent died).
 """
 
 from __future__ import annotations
@@ -40,9 +42,17 @@ class Decision:
     undelivered: bool = False
 
 
+# The connection to the upstream collapsed under the request: the tunnel's session ended
+# (GOING_AWAY: its agent, or the connection to it, died), or the node it was forwarded to
+# dropped the connection (GOING_AWAY) or closed it (None) without a response byte. The request
+# may have reached a service, so only an idempotent one is sent again.
+_COLLAPSED = frozenset({ResetReason.GOING_AWAY})
+_COLLAPSED_REMOTE = frozenset({ResetReason.GOING_AWAY, None})
+
 _NEXT = Decision(Action.NEXT)
 _FRESH = Decision(Action.FRESH)
 _UNREACHABLE = Decision(Action.FAIL)
+_COLLAPSED_HOLD = Decision(Action.HOLD)
 
 
 def after_failure(
@@ -72,6 +82,14 @@ def after_failure(
     if reused and replayable and not retried_fresh and method in IDEMPOTENT:
         # An idle pooled stream the service had already closed: once more on a fresh one.
         return _FRESH
+    if (
+        replayable
+        and method in IDEMPOTENT
+        and reason in (_COLLAPSED_REMOTE if remote else _COLLAPSED)
+    ):
+        # Not provably undelivered (a node that forwarded it must not try another), but
+        # harmless to repeat: elsewhere, or once an upstream of the endpoint is back.
+        return _NEXT if more_candidates else _COLLAPSED_HOLD
     if dial is not None:
         return Decision(Action.FAIL, dial[0], dial[1])
     return _UNREACHABLE

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import ProcessCollector
 
+from pico.http import proxy
 from pico.server.metrics import CounterCollector, CounterFamilyCollector, GaugeCollector
 
 if TYPE_CHECKING:
@@ -104,6 +105,31 @@ def register(node: Node) -> None:
         "Open client connections on the proxy port.",
         [],
         lambda: [((), float(len(node.connections)))],
+    )
+    metrics.add_collector(
+        CounterFamilyCollector(
+            "pico_proxy_bad_requests_total",
+            "Malformed requests answered with an error and closed on the proxy port, by "
+            "reason (counted for every node of the process).",
+            ["reason"],
+            lambda: [((r,), float(n)) for r, n in sorted(proxy.BAD_REQUESTS.counts.items())],
+        )
+    )
+    guard = node.admin_guard
+    gauge(
+        "pico_admin_connections",
+        "Open connections on the admin port.",
+        [],
+        lambda: [((), float(guard.open_connections))],
+    )
+    metrics.add_collector(
+        CounterFamilyCollector(
+            "pico_admin_rejected_connections_total",
+            "Admin connections refused or closed by a limit, by reason (read_header_timeout, "
+            "idle_timeout, max_connections, bad_request).",
+            ["reason"],
+            lambda: [((r,), float(n)) for r, n in sorted(guard.rejected.items())],
+        )
     )
 
     def tunnel_streams() -> Samples:

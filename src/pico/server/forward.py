@@ -165,8 +165,9 @@ class TcpChannel(asyncio.Protocol):
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
             # The connection was up: the request may have reached the node, so this is not a
-            # dial failure (which would make the engine send it elsewhere).
-            receiver.connection_lost(None if exc is None else ResetReason.CANCELLED)
+            # dial failure (which proves it undelivered). It collapsed under the request (the
+            # node died, or dropped it): GOING_AWAY, which only idempotent requests survive.
+            receiver.connection_lost(None if exc is None else ResetReason.GOING_AWAY)
 
     def pause_writing(self) -> None:
         if self.receiver is not None:

@@ -41,7 +41,7 @@ from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
 from pico.server.upstream import EndpointRegistry, UpstreamServer
 from pico.tls import PeerTls, client_context, server_context
-from pico.webapp import BindError, serve_app
+from pico.webapp import BindError, ConnectionGuard, ConnectionLimits, serve_app
 
 _log = log.get_logger("server")
 
@@ -176,6 +176,13 @@ class Node:
             ),
         )
         self.connections = ConnectionTracker()
+        self.admin_guard = ConnectionGuard(
+            ConnectionLimits(
+                read_header_timeout=config.admin.read_header_timeout,
+                idle_timeout=config.admin.idle_timeout,
+                max_connections=config.admin.max_connections,
+            )
+        )
         self.addrs: BoundAddrs | None = None
         self._proxy_server: asyncio.Server | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -401,7 +408,7 @@ class Node:
         self, app: web.Application, bind: str, key: str, tls: ssl.SSLContext | None
     ) -> tuple[web.AppRunner, tuple[str, int]]:
         try:
-            return await serve_app(app, bind, key, tls)
+            return await serve_app(app, bind, key, tls, self.admin_guard)
         except BindError as exc:
             raise StartupError(str(exc)) from exc
 
@@ -481,7 +488,7 @@ class Node:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.connections.wait_empty(), max(0.0, deadline - loop.time()))
         for conn in self.connections.snapshot():
-            conn.abort()
+            conn.stop()
         with contextlib.suppress(Exception):
             await drain
         await self._cleanup()
