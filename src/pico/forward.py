@@ -195,6 +195,7 @@ class LocalSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WebSocketSide | None = None
         self.peer = ""
+        self._early: list[bytes] = []  # read before the WebSocket was up
         self._eof = False
         self._closed = asyncio.get_running_loop().create_future()
 
@@ -213,6 +214,9 @@ class LocalSide(asyncio.Protocol):
     def bridge(self, ws: WebSocketSide) -> None:
         """Start carrying bytes both ways."""
         self.ws = ws
+        early, self._early = self._early, []
+        for data in early:
+            ws.send(data)
         if self.transport is not None:
             self.transport.resume_reading()
         if self._eof:
@@ -221,6 +225,12 @@ class LocalSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.ws is not None:
             self.ws.send(data)
+        else:
+            # uvloop reads once after connection_made whatever it was told there: keep the
+            # bytes for the WebSocket, and pause again (bounded: one read).
+            self._early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True

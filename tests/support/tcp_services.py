@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from dataclasses import dataclass, field
 
 
@@ -22,7 +23,7 @@ class TcpService:
         self.server.close()
 
 
-async def echo_service(host: str = "127.0.0.1") -> TcpService:
+async def echo_service(host: str = "127.0.0.1", port: int = 0) -> TcpService:
     """Echoes every byte; answers a FIN with a FIN once everything is echoed."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -37,11 +38,11 @@ async def echo_service(host: str = "127.0.0.1") -> TcpService:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, host, 0)
+    server = await asyncio.start_server(serve, host, port)
     return TcpService(server)
 
 
-async def digest_after_eof_service(host: str = "127.0.0.1") -> TcpService:
+async def digest_after_eof_service(host: str = "127.0.0.1", port: int = 0) -> TcpService:
     """Reads until the client's FIN, then answers `<bytes> <sha256>` and closes: the answer
     comes only if the FIN arrived while the client still reads."""
     service: TcpService
@@ -61,11 +62,11 @@ async def digest_after_eof_service(host: str = "127.0.0.1") -> TcpService:
         finally:
             writer.close()
 
-    service = TcpService(await asyncio.start_server(serve, host, 0))
+    service = TcpService(await asyncio.start_server(serve, host, port))
     return service
 
 
-async def greet_then_listen_service(host: str = "127.0.0.1") -> TcpService:
+async def greet_then_listen_service(host: str = "127.0.0.1", port: int = 0) -> TcpService:
     """Sends `hello`, then its FIN, then keeps reading until the client's FIN: what it read
     is in `received` (the client may still send after the service closed its side)."""
     service: TcpService
@@ -81,5 +82,21 @@ async def greet_then_listen_service(host: str = "127.0.0.1") -> TcpService:
         finally:
             writer.close()
 
-    service = TcpService(await asyncio.start_server(serve, host, 0))
+    service = TcpService(await asyncio.start_server(serve, host, port))
     return service
+
+
+async def _serve(kind: str, host: str, port: int) -> None:
+    factories = {
+        "echo": echo_service,
+        "digest": digest_after_eof_service,
+        "greet": greet_then_listen_service,
+    }
+    service = await factories[kind](host, port)
+    async with service.server:
+        await service.server.serve_forever()
+
+
+if __name__ == "__main__":
+    # `python -m tests.support.tcp_services KIND HOST PORT`: serve until killed.
+    asyncio.run(_serve(sys.argv[1], sys.argv[2], int(sys.argv[3])))
