@@ -274,3 +274,51 @@ async def test_http_endpoints_still_serve_requests(h: Harness) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy_url(node) + "/echo", headers={"x-pico-endpoint": "ep"}) as r:
             assert r.status == 200
+
+
+async def test_status_says_how_each_endpoint_is_served_in_a_route_of_its_own(
+    h: Harness,
+) -> None:
+    node, _, _ = await h.with_service()
+    echo = await tcp_service(h, await echo_service())
+    await h.tcp_agent(node, "my-db", echo.port)
+    await h.tunnel_up(node, "my-db")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(admin_url(node) + "/status/proxy/protocols") as resp:
+            assert await resp.json() == {"ep": "http", "my-db": "tcp"}
+        async with http.get(admin_url(node) + "/status/proxy/endpoints") as resp:
+            endpoints = await resp.json()
+    # The seed's shape, for both kinds: endpoint id -> the upstreams' addresses.
+    assert sorted(endpoints) == ["ep", "my-db"]
+    assert all(isinstance(a, str) for addrs in endpoints.values() for a in addrs)
+    assert len(endpoints["my-db"]) == 1
+
+
+async def test_agent_access_log_has_a_line_per_service_connection(
+    h: Harness, logs: io.StringIO
+) -> None:
+    from pico.agent.agent import Agent
+    from tests.support.cluster import RunningAgent, tcp_agent_config
+
+    node = await h.node()
+    echo = await tcp_service(h, await echo_service())
+    agent = Agent(tcp_agent_config(node, "my-db", f"127.0.0.1:{echo.port}", access_log=True))
+    stop = asyncio.Event()
+    running = RunningAgent(agent, stop, asyncio.get_running_loop().create_task(agent.run(stop)))
+    h.agents.append(running)
+    await h.tunnel_up(node, "my-db")
+    reader, writer = await open_connection("my-db", url=proxy_url(node))
+    writer.write(b"x")
+    assert await reader.readexactly(1) == b"x"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+
+    def lines() -> list[dict[str, object]]:
+        out = [json.loads(x) for x in logs.getvalue().splitlines()]
+        return [x for x in out if x["subsystem"] == "agent.access"]
+
+    await wait_for(
+        lambda: [x["msg"] for x in lines()] == ["connection opened", "connection closed"]
+    )
+    assert lines()[1]["service"] == f"127.0.0.1:{echo.port}"

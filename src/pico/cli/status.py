@@ -142,6 +142,14 @@ def proxy_endpoints(output: str, **connect: Any) -> None:
     _run("endpoints", lambda: {"endpoints": client.proxy_endpoints()}, output)
 
 
+@proxy.command("protocols")
+@_common
+def proxy_protocols(output: str, **connect: Any) -> None:
+    """List how the node serves each of its endpoints: http or tcp."""
+    client = _client(**connect)
+    _run("protocols", lambda: {"protocols": client.proxy_protocols()}, output)
+
+
 @status.group()
 def gossip() -> None:
     """The node's gossip state."""

@@ -324,7 +324,9 @@ class ServerHandshake:
         endpoint_id = path[len(UPSTREAM_PATH) :]
         if not valid_endpoint_id(endpoint_id):
             return Rejected(400, "invalid endpoint id: use 1-128 characters of [A-Za-z0-9._-]")
-        protocols = urllib.parse.parse_qs(query).get(PROTOCOL_PARAM, ["http"])
+        protocols = urllib.parse.parse_qs(query, keep_blank_values=True).get(
+            PROTOCOL_PARAM, ["http"]
+        )
         protocol = protocols[-1]
         if len(protocols) > 1 or protocol not in PROTOCOLS:
             return Rejected(400, f"invalid protocol {_clean(protocol)!r} (use http or tcp)")

@@ -75,6 +75,7 @@ class AdminServer:
         r.add_get("/status/cluster/nodes", self.cluster_nodes)
         r.add_get("/status/cluster/nodes/{id}", self.cluster_node)
         r.add_get("/status/proxy/endpoints", self.proxy_endpoints)
+        r.add_get("/status/proxy/protocols", self.proxy_protocols)
         r.add_get("/status/proxy/stats", self.proxy_stats)
         r.add_get("/status/gossip/nodes", self.gossip_nodes)
         r.add_get("/status/gossip/nodes/{id}", self.gossip_node)
@@ -165,6 +166,16 @@ class AdminServer:
             for endpoint_id, ups in sorted(self.registry.endpoints().items())
         }
         return web.json_response(endpoints)
+
+    async def proxy_protocols(self, request: web.Request) -> web.StreamResponse:
+        """How each endpoint with upstreams here is served: "http" or "tcp" (a route of its
+        own: /status/proxy/endpoints keeps its shape)."""
+        protocols = {
+            endpoint_id: ups[0].protocol
+            for endpoint_id, ups in sorted(self.registry.endpoints().items())
+            if ups
+        }
+        return web.json_response(protocols)
 
     async def history_handler(self, request: web.Request) -> web.StreamResponse:
         """The last 15 minutes of this node's client traffic (see pico.server.history)."""

@@ -67,6 +67,11 @@ class StatusClient:
         endpoints: dict[str, list[str]] = self.get("/status/proxy/endpoints")
         return endpoints
 
+    def proxy_protocols(self) -> dict[str, str]:
+        """`/status/proxy/protocols`: endpoint id -> "http" or "tcp"."""
+        protocols: dict[str, str] = self.get("/status/proxy/protocols")
+        return protocols
+
     def gossip_nodes(self) -> list[dict[str, Any]]:
         """`/status/gossip/nodes`."""
         nodes: list[dict[str, Any]] = self.get("/status/gossip/nodes")
