@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,15 @@ import jwt
 import pytest
 import trustme
 
-from tests.support.procs import Proc, Procs, http_get, http_ok, server_args, wait_until
+from tests.support.procs import (
+    Proc,
+    Procs,
+    http_get,
+    http_ok,
+    rss_monitor,
+    server_args,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -298,3 +307,42 @@ def test_forward_logs_one_line_per_refused_connection(procs: Procs) -> None:
     # With the token, the same endpoint works.
     start_forward(procs, f"{ip}:6013", "my-db", f"http://{ip}:8000", "--auth.api-key", key)
     assert exchange((ip, 6013), b"authorized") == b"authorized"
+
+
+GIB = 1 << 30
+RSS_LIMIT = 150 * 1024 * 1024
+
+
+def test_1gib_each_way_through_a_tcp_tunnel_keeps_node_memory_bounded(procs: Procs) -> None:
+    ip = "127.0.0.41"
+    node = start_node(procs, ip)
+    procs.start("echo", [sys.executable, "-m", "tests.support.tcp_services", "echo", ip, "6470"])
+    procs.pico(
+        "agent", "tcp", "bulk", f"{ip}:6470",
+        "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
+    )  # fmt: skip
+    wait_until(lambda: endpoint_listed(ip, "bulk"), what="bulk registered")
+    start_forward(procs, f"{ip}:6004", "bulk", f"http://{ip}:8000")
+    block = hashlib.sha256(b"block").digest() * 32768  # 1 MiB
+    sent = hashlib.sha256()
+    received = hashlib.sha256()
+    size = 0
+    with socket.create_connection((ip, 6004), timeout=60) as sock:
+
+        def send() -> None:
+            for _ in range(GIB // len(block)):
+                sock.sendall(block)
+                sent.update(block)
+            sock.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        with rss_monitor(node.pid) as peak:
+            sender.start()
+            while data := sock.recv(1 << 20):
+                received.update(data)
+                size += len(data)
+            sender.join()
+    assert size == GIB
+    assert received.hexdigest() == sent.hexdigest()
+    print(f"\n1 GiB each way over TCP: node RSS peaked at {peak[0] / 2**20:.0f} MiB")
+    assert peak[0] < RSS_LIMIT, f"node RSS peaked at {peak[0] / 2**20:.0f} MiB"
