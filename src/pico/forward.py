@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import cast
 
 from pico import log
+from pico.http.request import TCP_PATH
 from pico.mux.buffers import write_unpinned
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.websocket import (
@@ -31,7 +32,6 @@ from pico.mux.websocket import (
     frame_header,
 )
 
-TCP_PATH = "/_pico/v1/tcp/"
 # Frames from the node carry at most what one read of its tunnel gave: this bounds nothing in
 # memory (payloads are relayed as they arrive), only a broken peer.
 _MAX_FRAME = 1 << 62
@@ -49,10 +49,9 @@ class ForwardError(ConnectionError):
 
 
 def tcp_url(server_url: str, endpoint: str) -> str:
-    """The WebSocket URL of `endpoint` under the proxy URL `server_url` (any path prefix kept)."""
-    base = server_url.rstrip("/")
-    ws_base = "ws" + base[4:] if base.startswith("http") else base
-    return f"{ws_base}{TCP_PATH}{endpoint}"
+    """The URL of `endpoint`'s WebSocket under the proxy URL `server_url` (a path prefix is
+    kept; http and https mean ws and wss)."""
+    return server_url.rstrip("/") + TCP_PATH.decode() + endpoint
 
 
 async def connect_websocket(

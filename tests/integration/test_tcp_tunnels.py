@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import io
 import json
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from pico.forward import Forwarder, ForwardError, open_connection
 from pico.mux.handshake import HandshakeError, open_websocket
+from pico.server.node import Node
 from tests.integration.test_auth import SECRET, permits
 from tests.integration.test_cluster import cluster
 from tests.support.cluster import Harness, admin_url, proxy_url, wait_for
@@ -23,6 +25,20 @@ from tests.support.tcp_services import (
 )
 
 
+async def tcp_endpoint(
+    h: Harness,
+    node: Node,
+    endpoint: str,
+    start: Callable[[], Awaitable[TcpService]] = echo_service,
+) -> TcpService:
+    """A service started by `start`, registered on `node` as TCP endpoint `endpoint`."""
+    service = await start()
+    h.closers.append(service.close)
+    await h.tcp_agent(node, endpoint, service.port)
+    await h.tunnel_up(node, endpoint)
+    return service
+
+
 async def tcp_service(h: Harness, service: TcpService) -> TcpService:
     h.closers.append(service.close)
     return service
@@ -30,9 +46,7 @@ async def tcp_service(h: Harness, service: TcpService) -> TcpService:
 
 async def test_bytes_reach_a_tcp_service_and_come_back(h: Harness) -> None:
     node = await h.node()
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "my-db", echo.port)
-    await h.tunnel_up(node, "my-db")
+    await tcp_endpoint(h, node, "my-db")
     reader, writer = await open_connection("my-db", url=proxy_url(node))
     writer.write(b"ping")
     assert await reader.readexactly(4) == b"ping"
@@ -43,9 +57,7 @@ async def test_bytes_reach_a_tcp_service_and_come_back(h: Harness) -> None:
 
 async def test_client_fin_reaches_the_service_which_still_answers(h: Harness) -> None:
     node = await h.node()
-    service = await tcp_service(h, await digest_after_eof_service())
-    await h.tcp_agent(node, "digest", service.port)
-    await h.tunnel_up(node, "digest")
+    await tcp_endpoint(h, node, "digest", digest_after_eof_service)
     reader, writer = await open_connection("digest", url=proxy_url(node))
     payload = bytes(range(256)) * 4096
     writer.write(payload)
@@ -57,9 +69,7 @@ async def test_client_fin_reaches_the_service_which_still_answers(h: Harness) ->
 
 async def test_service_fin_reaches_the_client_which_may_still_send(h: Harness) -> None:
     node = await h.node()
-    service = await tcp_service(h, await greet_then_listen_service())
-    await h.tcp_agent(node, "greet", service.port)
-    await h.tunnel_up(node, "greet")
+    service = await tcp_endpoint(h, node, "greet", greet_then_listen_service)
     reader, writer = await open_connection("greet", url=proxy_url(node))
     assert await asyncio.wait_for(reader.read(), 10) == b"hello"  # then EOF
     writer.write(b"still here")
@@ -70,9 +80,7 @@ async def test_service_fin_reaches_the_client_which_may_still_send(h: Harness) -
 
 async def test_a_megabytes_transfer_each_way_keeps_every_byte(h: Harness) -> None:
     node = await h.node()
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "echo", echo.port)
-    await h.tunnel_up(node, "echo")
+    await tcp_endpoint(h, node, "echo")
     reader, writer = await open_connection("echo", url=proxy_url(node))
     payload = hashlib.sha256(b"seed").digest() * (32 * 1024)  # 1 MiB
 
@@ -96,9 +104,7 @@ async def test_a_megabytes_transfer_each_way_keeps_every_byte(h: Harness) -> Non
 
 async def test_tcp_connection_to_any_node_reaches_the_node_with_the_tunnel(h: Harness) -> None:
     a, b, _c = await cluster(h)
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(a, "my-db", echo.port)
-    await h.tunnel_up(a, "my-db")
+    await tcp_endpoint(h, a, "my-db")
     await wait_for(
         lambda: b.cluster.remotes[a.node_id].endpoints.get("my-db") == 1, what="gossiped"
     )
@@ -126,9 +132,7 @@ async def test_http_endpoint_is_not_served_as_tcp(h: Harness) -> None:
 
 async def test_tcp_endpoint_is_not_served_http(h: Harness) -> None:
     node = await h.node()
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "my-db", echo.port)
-    await h.tunnel_up(node, "my-db")
+    await tcp_endpoint(h, node, "my-db")
     async with aiohttp.ClientSession() as http:
         headers = {"x-pico-endpoint": "my-db"}
         async with http.get(proxy_url(node) + "/", headers=headers) as resp:
@@ -138,9 +142,7 @@ async def test_tcp_endpoint_is_not_served_http(h: Harness) -> None:
 
 async def test_tcp_endpoint_on_another_node_is_not_served_http(h: Harness) -> None:
     a, b, _c = await cluster(h)
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(a, "my-db", echo.port)
-    await h.tunnel_up(a, "my-db")
+    await tcp_endpoint(h, a, "my-db")
     await wait_for(
         lambda: b.cluster.remotes[a.node_id].endpoints.get("my-db") == 1, what="gossiped"
     )
@@ -175,9 +177,7 @@ async def test_tcp_route_needs_a_token_for_the_endpoint_when_proxy_auth_is_on(
     h: Harness,
 ) -> None:
     node = await h.node(proxy={"auth": {"hmac_secret_key": SECRET}})
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "my-db", echo.port)
-    await h.tunnel_up(node, "my-db")
+    await tcp_endpoint(h, node, "my-db")
     with pytest.raises(ForwardError) as caught:
         await open_connection("my-db", url=proxy_url(node))
     assert caught.value.status == 401
@@ -226,9 +226,7 @@ async def test_forwarder_logs_one_line_for_a_refused_connection(
 
 async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> None:
     node = await h.node()
-    service = await tcp_service(h, await digest_after_eof_service())
-    await h.tcp_agent(node, "digest", service.port)
-    await h.tunnel_up(node, "digest")
+    await tcp_endpoint(h, node, "digest", digest_after_eof_service)
     forwarder = Forwarder("digest", url=proxy_url(node))
     host, port = await forwarder.start("127.0.0.1", 0)
     try:
@@ -245,9 +243,7 @@ async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> 
 
 async def test_tcp_metrics_count_connections_and_bytes(h: Harness) -> None:
     node = await h.node()
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "my-db", echo.port)
-    await h.tunnel_up(node, "my-db")
+    await tcp_endpoint(h, node, "my-db")
     reader, writer = await open_connection("my-db", url=proxy_url(node))
     writer.write(b"12345")
     assert await reader.readexactly(5) == b"12345"
@@ -280,9 +276,7 @@ async def test_status_says_how_each_endpoint_is_served_in_a_route_of_its_own(
     h: Harness,
 ) -> None:
     node, _, _ = await h.with_service()
-    echo = await tcp_service(h, await echo_service())
-    await h.tcp_agent(node, "my-db", echo.port)
-    await h.tunnel_up(node, "my-db")
+    await tcp_endpoint(h, node, "my-db")
     async with aiohttp.ClientSession() as http:
         async with http.get(admin_url(node) + "/status/proxy/protocols") as resp:
             assert await resp.json() == {"ep": "http", "my-db": "tcp"}

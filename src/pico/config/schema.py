@@ -725,6 +725,12 @@ class AgentTlsConfig(_Model):
         return self
 
 
+def _check_server_tls(url: str, tls: AgentTlsConfig) -> None:
+    """`server.tls` means something only for an https `server.url`: say so, else."""
+    if (tls.root_ca or tls.cert or tls.insecure_skip_verify) and not url.startswith("https"):
+        raise ValueError("server.tls: set, but server.url is not https://")
+
+
 class AgentServerSection(_Model):
     """``server`` (agent side): how to reach the Pico server."""
 
@@ -838,11 +844,7 @@ class AgentConfig(_Model):
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> AgentConfig:
-        tls = self.server.tls
-        if (tls.root_ca or tls.cert or tls.insecure_skip_verify) and not self.server.url.startswith(
-            "https"
-        ):
-            raise ValueError("server.tls: set, but server.url is not https://")
+        _check_server_tls(self.server.url, self.server.tls)
         return self
 
     def parsed_endpoints(self) -> list[EndpointSpec]:
@@ -880,9 +882,5 @@ class ForwardConfig(_Model):
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> ForwardConfig:
-        tls = self.server.tls
-        if (tls.root_ca or tls.cert or tls.insecure_skip_verify) and not self.server.url.startswith(
-            "https"
-        ):
-            raise ValueError("server.tls: set, but server.url is not https://")
+        _check_server_tls(self.server.url, self.server.tls)
         return self
