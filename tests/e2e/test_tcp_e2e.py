@@ -322,7 +322,7 @@ def test_1gib_each_way_through_a_tcp_tunnel_keeps_node_memory_bounded(procs: Pro
         "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
     )  # fmt: skip
     wait_until(lambda: endpoint_listed(ip, "bulk"), what="bulk registered")
-    start_forward(procs, f"{ip}:6004", "bulk", f"http://{ip}:8000")
+    forward = start_forward(procs, f"{ip}:6004", "bulk", f"http://{ip}:8000")
     block = hashlib.sha256(b"block").digest() * 32768  # 1 MiB
     sent = hashlib.sha256()
     received = hashlib.sha256()
@@ -336,7 +336,7 @@ def test_1gib_each_way_through_a_tcp_tunnel_keeps_node_memory_bounded(procs: Pro
             sock.shutdown(socket.SHUT_WR)
 
         sender = threading.Thread(target=send)
-        with rss_monitor(node.pid) as peak:
+        with rss_monitor(node.pid) as peak, rss_monitor(forward.pid) as forward_peak:
             sender.start()
             while data := sock.recv(1 << 20):
                 received.update(data)
@@ -346,3 +346,5 @@ def test_1gib_each_way_through_a_tcp_tunnel_keeps_node_memory_bounded(procs: Pro
     assert received.hexdigest() == sent.hexdigest()
     print(f"\n1 GiB each way over TCP: node RSS peaked at {peak[0] / 2**20:.0f} MiB")
     assert peak[0] < RSS_LIMIT, f"node RSS peaked at {peak[0] / 2**20:.0f} MiB"
+    # pico forward pauses each side while the other cannot take more: bounded too.
+    assert forward_peak[0] < RSS_LIMIT, f"forward RSS peaked at {forward_peak[0] / 2**20:.0f} MiB"

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import io
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -14,8 +15,10 @@ import pytest
 from pico.forward import Forwarder, ForwardError, open_connection
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.server.node import Node
+from pico.tls import client_context
 from tests.integration.test_auth import SECRET, permits
 from tests.integration.test_cluster import cluster
+from tests.integration.test_tls import Pki
 from tests.support.cluster import Harness, admin_url, proxy_url, wait_for
 from tests.support.tcp_services import (
     TcpService,
@@ -316,3 +319,25 @@ async def test_agent_access_log_has_a_line_per_service_connection(
         lambda: [x["msg"] for x in lines()] == ["connection opened", "connection closed"]
     )
     assert lines()[1]["service"] == f"127.0.0.1:{echo.port}"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+async def test_tcp_endpoint_through_an_https_proxy_port(h: Harness, pki: Pki) -> None:
+    node = await h.node(proxy=pki.port())
+    await tcp_endpoint(h, node, "my-db")
+    assert node.addrs is not None
+    host, port = node.addrs.proxy
+    reader, writer = await open_connection(
+        "my-db", url=f"https://{host}:{port}", ssl=client_context(pki.ca, "", "")
+    )
+    writer.write(b"secret")
+    assert await reader.readexactly(6) == b"secret"
+    writer.write_eof()
+    assert await reader.read() == b""
+    writer.close()
+    with pytest.raises(ssl.SSLError):  # the system's roots do not know our CA
+        await open_connection("my-db", url=f"https://{host}:{port}")
