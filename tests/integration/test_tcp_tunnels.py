@@ -341,3 +341,21 @@ async def test_tcp_endpoint_through_an_https_proxy_port(h: Harness, pki: Pki) ->
     writer.close()
     with pytest.raises(ssl.SSLError):  # the system's roots do not know our CA
         await open_connection("my-db", url=f"https://{host}:{port}")
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "expected a WebSocket upgrade"),
+        ({"Connection": "Upgrade", "Upgrade": "h2c"}, "expected a WebSocket upgrade"),
+    ],
+)
+async def test_the_tcp_route_takes_only_websocket_upgrades(
+    h: Harness, headers: dict[str, str], message: str
+) -> None:
+    node = await h.node()
+    await tcp_endpoint(h, node, "my-db")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(node) + "/_pico/v1/tcp/my-db", headers=headers) as resp:
+            assert resp.status == 400
+            assert await resp.json() == {"error": message}

@@ -152,3 +152,24 @@ def test_mixing_protocols_for_one_endpoint_on_one_node_is_refused_with_409() -> 
     assert result == Rejected(409, "endpoint 'my-db' is registered as tcp on this node, not http")
     again = ServerHandshake(protocol_of=served.get)
     assert isinstance(again.receive_data(request("/pico/v1/upstream/my-db?protocol=tcp")), Accepted)
+
+
+def test_forward_tcp_has_the_proxy_url_and_token_flags() -> None:
+    result = CliRunner().invoke(cli, ["forward", "tcp", "-h"])
+    assert result.exit_code == 0
+    for flag in ("--server.url", "--server.tls.root-ca", "--auth.api-key", "LOCAL_ADDR ENDPOINT"):
+        assert flag in result.output
+
+
+def test_forward_tcp_with_a_bad_local_address_exits_1() -> None:
+    result = CliRunner().invoke(cli, ["forward", "tcp", "nowhere", "my-db"])
+    assert result.exit_code == 1
+    assert "invalid local address" in result.output
+
+
+def test_forward_tls_flags_need_an_https_url() -> None:
+    result = CliRunner().invoke(
+        cli, ["forward", "tcp", "6000", "my-db", "--server.tls.insecure-skip-verify"]
+    )
+    assert result.exit_code == 1
+    assert "server.tls: set, but server.url is not https://" in result.output

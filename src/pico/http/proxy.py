@@ -411,7 +411,7 @@ class ProxyConnection(asyncio.Protocol):
 
     def _protocol_mismatch(self, req: Request) -> str | None:
         """Why `req` cannot go to its endpoint as the kind of request it is, or None."""
-        if req.tcp and req.upgrade is None:
+        if req.tcp and (req.upgrade is None or req.upgrade.strip().lower() != b"websocket"):
             return "expected a WebSocket upgrade"
         if self.protocol_of is None:
             return None
