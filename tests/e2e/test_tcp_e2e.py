@@ -122,27 +122,47 @@ def test_redis_behind_an_agent_through_pico_forward_on_one_node(procs: Procs) ->
 
 
 @needs_redis
-def test_redis_through_a_node_that_forwards_to_the_one_with_the_tunnel(procs: Procs) -> None:
+def test_redis_through_a_node_that_forwards_to_the_one_with_the_tunnel(
+    procs: Procs, tmp_path: Path
+) -> None:
     nodes = ("127.0.0.42", "127.0.0.43", "127.0.0.44")
     join = ",".join(f"{n}:8003" for n in nodes)
     for node in nodes:
         start_node(procs, node, "--cluster.join", join)
     start_redis(procs, "127.0.0.42", 6442)
-    procs.pico(
-        "agent", "tcp", "my-db", "127.0.0.42:6442",
-        "--server.url", "http://127.0.0.42:8001", "--admin.bind-addr", "127.0.0.42:0",
-    )  # fmt: skip
-    wait_until(lambda: endpoint_listed("127.0.0.42", "my-db"), what="my-db registered")
+    procs.start("web", [sys.executable, "-m", "tests.support.serve", "127.0.0.42", "4442"])
+    wait_until(lambda: http_ok("http://127.0.0.42:4442/"), what="web service up")
+    # One agent, listeners of both kinds from its config file.
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "listeners:\n"
+        "  - {endpoint_id: my-db, addr: '127.0.0.42:6442', protocol: tcp, access_log: true}\n"
+        "  - {endpoint_id: web, addr: 'http://127.0.0.42:4442', protocol: http, timeout: 5s}\n"
+        "server: {url: 'http://127.0.0.42:8001'}\n"
+        "admin: {bind_addr: '127.0.0.42:0'}\n"
+    )
+    agent = procs.pico("agent", "--config.path", str(config))
+    wait_until(
+        lambda: endpoint_listed("127.0.0.42", "my-db") and endpoint_listed("127.0.0.42", "web"),
+        what="both listeners registered",
+    )
 
     def gossiped() -> bool:
         status, body = http_get("http://127.0.0.44:8002/status/cluster/nodes")
-        return status == 200 and any(n["endpoints"] == 1 for n in json.loads(body))
+        return status == 200 and any(n["endpoints"] == 2 for n in json.loads(body))
 
     wait_until(gossiped, what="node 3 knows who has my-db")
     start_forward(procs, "127.0.0.44:6000", "my-db", "http://127.0.0.44:8000")
     assert redis_cli("127.0.0.44", 6000, "SET", "k", "through-3") == "OK"
     assert redis_cli("127.0.0.44", 6000, "GET", "k") == "through-3"
     assert redis_cli("127.0.0.42", 6442, "GET", "k") == "through-3"
+    assert http_get("http://127.0.0.44:8000/whoami", {"x-pico-endpoint": "web"}) == (
+        200,
+        b"service",
+    )
+    protocols = http_get("http://127.0.0.42:8002/status/proxy/protocols")
+    assert (protocols[0], json.loads(protocols[1])) == (200, {"my-db": "tcp", "web": "http"})
+    wait_until(lambda: agent.output().count('"connection closed"') == 2, what="agent access log")
 
 
 def test_half_close_works_in_both_directions_through_forward(procs: Procs) -> None:
