@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ import pytest
 import trustme
 
 from tests.support.procs import (
+    PICO,
     Proc,
     Procs,
     http_get,
@@ -78,6 +80,11 @@ def redis_cli(ip: str, port: int, *command: str) -> str:
         timeout=20,
     )
     return out.stdout.strip()
+
+
+def pico_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `pico ARGS` (this checkout's) and capture its output."""
+    return subprocess.run([*PICO, *args], capture_output=True, text=True, timeout=30)
 
 
 def exchange(addr: tuple[str, int], payload: bytes, *, timeout: float = 20) -> bytes:
@@ -162,6 +169,13 @@ def test_redis_through_a_node_that_forwards_to_the_one_with_the_tunnel(
     )
     protocols = http_get("http://127.0.0.42:8002/status/proxy/protocols")
     assert (protocols[0], json.loads(protocols[1])) == (200, {"my-db": "tcp", "web": "http"})
+    out = pico_cli("status", "proxy", "protocols", "--server.url", "http://127.0.0.42:8002")
+    assert out.stdout == "protocols:\n  my-db: tcp\n  web: http\n", out.stdout + out.stderr
+    # The seed's listing keeps its shape for both kinds.
+    out = pico_cli("status", "proxy", "endpoints", "--server.url", "http://127.0.0.42:8002")
+    assert re.fullmatch(
+        r"endpoints:\n  my-db:\n  - 127\.0\.0\.1:\d+\n  web:\n  - 127\.0\.0\.1:\d+\n", out.stdout
+    ), out.stdout
     wait_until(lambda: agent.output().count('"connection closed"') == 2, what="agent access log")
 
 
