@@ -36,6 +36,8 @@ from pico.mux.websocket import (
 # memory (payloads are relayed as they arrive), only a broken peer.
 _MAX_FRAME = 1 << 62
 _NORMAL = 1000
+# A payload up to this size is joined with its frame header into one write.
+_JOIN_LIMIT = 16 * 1024
 _log = log.get_logger("forward")
 
 
@@ -104,9 +106,14 @@ class WebSocketSide(asyncio.Protocol):
         """Send local bytes as one binary message (masked with the zero key: not copied)."""
         if self.transport is None or self._close_sent:
             return
-        self.bytes_sent += len(data)
-        self.transport.write(frame_header(OP_BINARY, len(data), mask_key=ZERO_KEY))
-        self.transport.write(data)
+        n = len(data)
+        self.bytes_sent += n
+        header = frame_header(OP_BINARY, n, mask_key=ZERO_KEY)
+        if n <= _JOIN_LIMIT:
+            self.transport.write(header + data)  # one write, one syscall
+        else:
+            self.transport.write(header)
+            self.transport.write(data)  # big: not copied to be joined
 
     def send_close(self) -> None:
         """The local side sent FIN: say so with a Close frame; keep reading."""

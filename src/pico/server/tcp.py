@@ -44,6 +44,9 @@ from pico.mux.websocket import (
 # One client frame may carry at most this much: the payload is relayed piece by piece as it
 # arrives (never reassembled), so this bounds nothing in memory, only a peer's nonsense.
 _MAX_FRAME = 1 << 62
+# A payload up to this size is joined with its frame header (one write to the client); a
+# bigger one goes out as it is, after the header (copying it would cost more than a write).
+_JOIN_LIMIT = 16 * 1024
 # Close codes (RFC 6455 §7.4.1).
 _NORMAL = 1000
 _PROTOCOL_ERROR = 1002
@@ -256,9 +259,14 @@ class WebSocketBridge:
     def data_received(self, data: bytes | memoryview) -> None:
         if self.state is not State.OPEN or self._close_sent:
             return
-        self.bytes_out += len(data)
-        self._to_client(frame_header(OP_BINARY, len(data), mask_key=None))
-        self._to_client(data)
+        n = len(data)
+        self.bytes_out += n
+        header = frame_header(OP_BINARY, n, mask_key=None)
+        if n <= _JOIN_LIMIT:
+            self._to_client(b"".join((header, data)))  # one write, one syscall
+        else:
+            self._to_client(header)
+            self._to_client(data)  # a view of the tunnel's read buffer: not copied
 
     def eof_received(self) -> None:
         if self.state is not State.OPEN:
