@@ -1,8 +1,9 @@
 """What to do when a channel fails before the response head: a pure function, no sockets.
 
 A request is sent again only when it provably never reached a service (the agent could not
-connect, a node refused it while leaving), or when it rode a pooled stream the service had
-already closed and repeating it is harmless (RFC 9110 §9.2.2 idempotent methods).
+connect, a node refused it while leaving, the agent never read the stream's SYN), or when it
+rode a pooled stream the service had already closed and repeating it is harmless (RFC 9110
+§9.2.2 idempotent methods).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ DIAL_FAILURES: dict[ResetReason, tuple[int, str]] = {
     ResetReason.REFUSED: (502, "upstream unreachable"),
     ResetReason.UNREACHABLE: (502, "upstream unreachable"),
     ResetReason.TIMEOUT: (504, "upstream timeout"),
+    # The agent did not acknowledge the stream (`proxy.stream_ack_timeout`): frozen or stuck.
+    ResetReason.UNACKNOWLEDGED: (504, "upstream timeout"),
 }
 
 
