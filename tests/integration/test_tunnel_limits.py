@@ -280,3 +280,19 @@ async def test_connections_over_the_proxy_per_ip_limit_are_closed(h: Harness) ->
         assert await get(http, node) == 200
     for _, w in conns[1:]:
         w.close()
+
+
+async def test_trusted_proxies_are_not_limited_per_ip(h: Harness) -> None:
+    # A load balancer carries every client's connections from one address.
+    node, _, _ = await h.with_service(
+        proxy={"max_connections_per_ip": 1, "trusted_proxies": ["127.0.0.1/32"]}
+    )
+    assert node.addrs is not None
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n"
+    conns = [await asyncio.open_connection(*node.addrs.proxy) for _ in range(3)]
+    for reader, writer in conns:
+        writer.write(request)
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    for _, writer in conns:
+        writer.close()
+    assert rejections(node, "proxy.max_connections_per_ip") == 0

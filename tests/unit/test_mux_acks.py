@@ -24,7 +24,7 @@ def test_a_peer_that_talks_keeps_its_unacknowledged_streams() -> None:
     for _ in range(10):
         watch.heard = True
         assert watch.tick(lambda sid: True) == []
-    assert watch.waiting == {2: 0} and watch.responsive
+    assert list(watch.waiting) == [(2, 0)] and watch.responsive
     # Then it goes silent: a timeout later, the stream is given up.
     assert watch.tick(lambda sid: True) == []
     assert watch.tick(lambda sid: True) == [2]
@@ -35,6 +35,16 @@ def test_acknowledged_or_closed_streams_are_forgotten() -> None:
     watch.opened(2)
     watch.opened(4)
     assert watch.tick(lambda sid: sid == 4) == []
-    assert list(watch.waiting) == [4]
+    assert list(watch.waiting) == [(4, 0)]
     assert watch.tick(lambda sid: False) == []
     assert not watch.waiting and watch.responsive
+
+
+def test_only_streams_old_enough_are_given_up() -> None:
+    watch = AckWatch()
+    watch.opened(2)
+    watch.tick(lambda sid: True)
+    watch.opened(4)  # half a timeout younger
+    watch.tick(lambda sid: True)
+    assert watch.tick(lambda sid: True) == [2]
+    assert watch.tick(lambda sid: True) == [4]

@@ -160,12 +160,12 @@ class ConnectionTracker:
         """Track `conn` (from `ip`); False if its address is over the limit (not tracked)."""
         per_ip = self.per_ip
         if per_ip is not None and per_ip.limit and ip:
-            if self.exempt is None or not self.exempt(ip):
-                if not per_ip.add(ip):
-                    if self.on_refused is not None:
-                        self.on_refused(ip)
-                    return False
+            if per_ip.add(ip):
                 self._counted[conn] = ip
+            elif self.exempt is None or not self.exempt(ip):  # asked only when over
+                if self.on_refused is not None:
+                    self.on_refused(ip)
+                return False
         self._conns.add(conn)
         self._empty.clear()
         return True

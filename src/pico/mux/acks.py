@@ -12,6 +12,7 @@ whenever the peer sends anything (one store per read: no clock, no allocation).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 # Ticks (of timeout / 2) a stream must wait and the peer must be silent before giving up:
@@ -21,12 +22,16 @@ _SILENT_TICKS = 2
 
 
 class AckWatch:
-    """Streams awaiting their ACK; whether the peer seems frozen."""
+    """Streams awaiting their ACK, oldest first; whether the peer seems frozen.
+
+    A tick looks only at the oldest streams, up to the first that is pending and too young
+    (the ones behind it are younger): its cost is the streams it forgets, not all of them.
+    """
 
     __slots__ = ("heard", "silent_ticks", "ticks", "unresponsive", "waiting")
 
     def __init__(self) -> None:
-        self.waiting: dict[int, int] = {}  # stream id -> the tick it was opened at
+        self.waiting: deque[tuple[int, int]] = deque()  # (stream id, tick it was opened at)
         self.ticks = 0
         self.silent_ticks = 0  # ticks in a row during which the peer sent nothing
         self.heard = False  # the peer sent something since the last tick
@@ -39,7 +44,7 @@ class AckWatch:
 
     def opened(self, stream_id: int) -> None:
         """A stream was opened: its SYN awaits the peer's ACK."""
-        self.waiting[stream_id] = self.ticks
+        self.waiting.append((stream_id, self.ticks))
 
     def tick(self, pending: Callable[[int], bool]) -> list[int]:
         """One period passed: the streams to give up on (forgotten here).
@@ -54,13 +59,15 @@ class AckWatch:
             self.silent_ticks += 1
         self.heard = False
         silent = self.silent_ticks >= _SILENT_TICKS
+        waiting = self.waiting
         expired = []
-        for stream_id, opened in list(self.waiting.items()):
-            if not pending(stream_id):
-                del self.waiting[stream_id]
-            elif silent and self.ticks - opened >= _AGE_TICKS:
-                del self.waiting[stream_id]
+        while waiting:
+            stream_id, opened = waiting[0]
+            if pending(stream_id):
+                if not silent or self.ticks - opened < _AGE_TICKS:
+                    break
                 expired.append(stream_id)
+            waiting.popleft()
         if expired:
             self.unresponsive = True
         return expired

@@ -505,6 +505,7 @@ class Tunnel(asyncio.BufferedProtocol):
                 transport.abort()
             if self._direct is not None:
                 self._direct.close()
+                self._flush()  # the closed writer releases the pipe chunks still queued
         else:
             self._flush()  # a GoAway, final RSTs, the end of responses still go out
             self.transport = None
