@@ -33,6 +33,9 @@ class _Sink(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def close(self) -> None:
         pass
 

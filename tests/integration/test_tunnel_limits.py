@@ -152,7 +152,9 @@ async def test_pings_of_an_agent_that_reads_its_pongs_are_all_answered(h: Harnes
     pongs = 0
     wire = b""
     while pongs < 5000:
-        wire += await asyncio.wait_for(reader.read(65536), 5)
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the node closed the tunnel"
+        wire += data
         pongs = sum(1 for f in mux_frames(wire) if f[0] == FrameType.PING and f[1] & Flags.ACK)
     assert "chatty" in node.registry.counts()
     assert rejections(node, "upstream.max_control_frames") == 0

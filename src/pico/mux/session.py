@@ -150,10 +150,11 @@ class Session:
         self._accept_streams = accept_streams
         self._peer_streams = 0  # live streams the peer opened
         self._refused = 0  # SYNs refused
-        # Control frames queued in answer to the peer (pongs, SYN ACKs, refusals, window
-        # updates): the caller compares it over time to see a peer that makes us answer
-        # without reading the answers (a ping or reset flood).
-        self._replies = 0
+        # Control frames queued so far in answer to the peer: PING acks, SYN ACKs, RSTs
+        # refusing its SYNs, WINDOW_UPDATEs crediting what it sent. Read-only for callers,
+        # who compare it over time to see a peer that makes us answer without reading the
+        # answers (a ping or reset flood). An attribute, not a property: read per flush.
+        self.control_replies = 0
         self._initial_window = initial_window
         self._max_window = max_window
         self._next_id = 1 if client else 2
@@ -199,12 +200,6 @@ class Session:
     def refused_streams(self) -> int:
         """SYNs from the peer refused so far (over ``max_streams``, or not accepted at all)."""
         return self._refused
-
-    @property
-    def control_replies(self) -> int:
-        """Control frames queued so far in answer to the peer: PING acks, SYN ACKs, RSTs
-        refusing its SYNs, WINDOW_UPDATEs crediting what it sent (a count that only grows)."""
-        return self._replies
 
     def acknowledged(self, stream_id: int) -> bool:
         """True once the peer acknowledged a stream we opened (always for streams it opened);
@@ -413,7 +408,7 @@ class Session:
             st.recv_window = grown
         st.pending_credit = 0
         st.recv_avail += increment
-        self._replies += 1
+        self.control_replies += 1
         self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, 0, stream_id, increment))
 
     def send_ping(self) -> int:
@@ -582,7 +577,7 @@ class Session:
         if sid != 0:
             raise MuxProtocolError(f"PING frame on stream {sid} (must be 0)")
         if flags & _SYN:
-            self._replies += 1
+            self.control_replies += 1
             self._out.append(_pack(PROTOCOL_VERSION, _PING, _ACK, 0, opaque))
         elif flags & _ACK:
             self._events.append(PongReceived(opaque))
@@ -616,7 +611,7 @@ class Session:
                 self._refuse(sid)
                 return
             if self._going_away:
-                self._replies += 1
+                self.control_replies += 1
                 self._queue_rst(sid, ResetReason.REJECTED)
                 return
             if self._peer_streams >= self._max_streams:
@@ -625,7 +620,7 @@ class Session:
             st = _Stream(sid, self._initial_window)
             self._streams[sid] = st
             self._peer_streams += 1
-            self._replies += 1
+            self.control_replies += 1
             self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, sid, 0))
             self._events.append(StreamOpened(sid))
         elif st is None:
@@ -684,7 +679,7 @@ class Session:
                 f"peer opened {self._refused} streams; this side accepts none "
                 f"(at most {MAX_REFUSED_SYNS} are refused before this error)"
             )
-        self._replies += 1
+        self.control_replies += 1
         self._queue_rst(sid, ResetReason.REFUSED)
         limit = "accept_streams" if not self._accept_streams else "max_streams"
         self._events.append(StreamRefused(sid, limit))

@@ -152,10 +152,12 @@ class Tunnel(asyncio.BufferedProtocol):
         self._direct: splice.DirectWriter | None = None
         self.pipes: splice.PipePool | None = None  # when splicing: pipes for stream chunks
         self._read_buffer: bytearray | None = None  # from get_buffer() to buffer_updated()
-        # Control frames answered so far (WebSocket pongs here, the session counts its own),
-        # and their total when the write buffer went over its high-water mark.
+        # Control frames answered so far: WebSocket pongs here, the session counts its own.
+        # The marks are both counts when a flush last found the write buffer under its
+        # high-water mark: what was answered since is owed (unwritten, or unread).
         self._ws_replies = 0
-        self._replies_mark = 0
+        self._ws_mark = 0
+        self._session_mark = 0
         # Streams we opened that the peer has not acknowledged yet; its timer ticks every
         # ack_timeout / 2 while any wait.
         self._acks = AckWatch()
@@ -348,8 +350,8 @@ class Tunnel(asyncio.BufferedProtocol):
         if controls:
             self._answer_controls(controls)
         self._handle_events()
-        if self.write_blocked:
-            self._check_replies()
+        if controls or session.control_replies != self._session_mark:
+            self._check_replies()  # only when control frames were answered
         self.wake_writer()
 
     def _answer_controls(self, controls: list[ControlFrame]) -> None:
@@ -367,8 +369,20 @@ class Tunnel(asyncio.BufferedProtocol):
                 self.close("websocket closed by peer")
 
     def _check_replies(self) -> None:
-        """The peer does not read: close if it made us queue too many control frames since."""
-        owed = self.session.control_replies + self._ws_replies - self._replies_mark
+        """Close if the peer made us answer too many control frames it has not read.
+
+        Owed is what was answered since a flush last found the write buffer under its
+        high-water mark: frames not written yet (a loop iteration may read 32 times before
+        it flushes) and frames written while the peer does not read. Too many owed, they are
+        written out at once and counted again: a peer that reads is never cut for a burst.
+        """
+        if self._owed() <= self.max_control_frames or self._done.is_set():
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        self._mark_replies()
+        owed = self._owed()
         if owed <= self.max_control_frames or self._done.is_set():
             return
         if self.transport is not None:
@@ -387,6 +401,23 @@ class Tunnel(asyncio.BufferedProtocol):
             f"(limit {self.max_control_frames})"
         )
 
+    def _owed(self) -> int:
+        session_owed = self.session.control_replies - self._session_mark
+        return session_owed + self._ws_replies - self._ws_mark
+
+    def _mark_replies(self) -> None:
+        """A flush: if the peer reads what we send, every control frame so far is answered."""
+        buffered = (
+            self._direct.buffered
+            if self._direct is not None
+            else self.transport.get_write_buffer_size()
+            if self.transport is not None
+            else 0
+        )
+        if buffered <= _WRITE_HIGH_WATER:
+            self._ws_mark = self._ws_replies
+            self._session_mark = self.session.control_replies
+
     def _hit_limit(self, name: str) -> None:
         if not self.limit_hit:
             self.limit_hit = name
@@ -399,8 +430,6 @@ class Tunnel(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self.write_blocked = True
-        # From now until the peer reads again, control frames we answer with pile up.
-        self._replies_mark = self.session.control_replies + self._ws_replies
 
     def resume_writing(self) -> None:
         self.write_blocked = False
@@ -421,6 +450,8 @@ class Tunnel(asyncio.BufferedProtocol):
         direct = self._direct
         if transport is None and direct is None:
             return
+        if self.session.control_replies != self._session_mark or self._ws_replies != self._ws_mark:
+            self._mark_replies()  # before this flush's own output is written
         # Local actions (our FIN after the peer's, a reset) produce events too: deliver them.
         self._handle_events()
         parts = self.session.take_output()
