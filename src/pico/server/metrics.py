@@ -61,6 +61,19 @@ class NodeMetrics:
             registry=r,
         )
 
+        # Labels are bounded: the names of the limits (config keys), see server.upstream.
+        self.limit_rejections = Counter(
+            "pico_limit_rejections_total",
+            "Connections, tunnels, streams and frames refused for a limit, by limit (its "
+            "config key).",
+            ["limit"],
+            registry=r,
+        )
+
+    def limit_rejected(self, limit: str) -> None:
+        """Count one refusal for `limit`."""
+        self.limit_rejections.labels(limit).inc()
+
     def auth_failure_counter(self, port: str) -> Callable[[str], None]:
         """What a port's verifier calls with the reason of each refusal."""
         return lambda reason: self.auth_failures.labels(port, reason).inc()
