@@ -122,6 +122,25 @@ class Logger:
 
     warning = warn
 
+    def warn_throttled(self, msg: str, /, **fields: object) -> None:
+        """Log at warn level at most once per `THROTTLE_INTERVAL` for this subsystem and `msg`.
+
+        For what a peer controls (bad input, floods): `msg` must be a constant. A record
+        carries `suppressed`, how many were dropped since the last one written.
+        """
+        if not (_min_level <= WARN or self.subsystem in _verbose):
+            return
+        key = (self.subsystem, msg)
+        now = time.monotonic()
+        last = _throttled.get(key)
+        if last is not None and now - last[0] < THROTTLE_INTERVAL:
+            last[1] += 1
+            return
+        if last is not None and last[1]:
+            fields["suppressed"] = last[1]
+        _throttled[key] = [now, 0]
+        self._emit("warn", msg, fields)
+
     def error(self, msg: str, /, **fields: object) -> None:
         """Log at error level."""
         if _min_level <= ERROR or self.subsystem in _verbose:
@@ -152,6 +171,10 @@ class Logger:
 
 
 _CORE = frozenset({"ts", "level", "subsystem", "msg"})
+# Throttled warnings: at most one per (subsystem, message) per interval; the time of the last
+# one written and how many were suppressed since. Keys are constant messages: bounded.
+THROTTLE_INTERVAL = 60.0
+_throttled: dict[tuple[str, str], list[float]] = {}
 _loggers: dict[str, Logger] = {}
 
 

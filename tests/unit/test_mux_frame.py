@@ -56,6 +56,7 @@ def test_reset_reasons_fit_in_one_byte_and_are_stable() -> None:
         "GOING_AWAY": 5,
         "CANCELLED": 6,
         "REJECTED": 7,
+        "UNACKNOWLEDGED": 8,
     }
 
 

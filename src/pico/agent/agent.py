@@ -76,6 +76,13 @@ class AgentMetrics:
         self.active_streams = Gauge(
             "pico_agent_active_streams", "Streams currently open.", ["endpoint"], registry=r
         )
+        self.limit_rejections = Counter(
+            "pico_agent_limit_rejections_total",
+            "What the agent refused a node for, by limit: streams over max_streams "
+            "(refused), or the tunnel closed for a control frame flood.",
+            ["endpoint", "limit"],
+            registry=r,
+        )
         self.dial_errors = Counter(
             "pico_agent_dial_errors_total",
             "Failed connections to the local service, by reason.",
@@ -171,6 +178,9 @@ class EndpointLink:
             ping_timeout=self.agent.config.server.heartbeat_timeout,
             name=endpoint_id,
             random_mask=self.agent.config.server.mask_frames,
+            # A node (maybe not ours) may not make the agent hold more service connections.
+            max_streams=self.agent.config.max_streams,
+            on_limit=self._limit_hit,
         )
         moved = asyncio.Event()
         tunnel.on_goaway = moved.set
@@ -205,6 +215,15 @@ class EndpointLink:
             )
         return False
 
+    def _limit_hit(self, limit: str) -> None:
+        self.agent.metrics.limit_rejections.labels(self.spec.endpoint_id, limit).inc()
+        if limit == "max_streams":
+            _log.warn_throttled(
+                "stream refused: max_streams reached",
+                endpoint_id=self.spec.endpoint_id,
+                max_streams=self.agent.config.max_streams,
+            )
+
     def _on_stream(self, stream: MuxStream) -> None:
         if self.stopping:
             stream.reset(ResetReason.REJECTED)  # never reached the service: the node retries
@@ -236,6 +255,8 @@ class EndpointLink:
                     duration=round(loop.time() - started, 3),
                 )
 
+        if stream.closed:
+            return  # reset before we got to it: the node may send the request elsewhere
         try:
             await asyncio.wait_for(
                 loop.create_connection(

@@ -364,6 +364,18 @@ class ProxyConfig(_Model):
             "10.0.0.0/8); from others Pico sets them from what it saw.",
         )
     )
+    max_connections_per_ip: int = Field(
+        4096,
+        ge=0,
+        description="Open client connections one IP address may have (0: no limit); more are "
+        "closed at once. Trusted proxies and cluster members are not limited.",
+    )
+    stream_ack_timeout: Duration = Field(
+        2.0,
+        description="A request's tunnel stream that the agent has not acknowledged after "
+        "this long, while the agent sent nothing at all (frozen, overloaded), is reset and "
+        "the request tried on another upstream: it never reached a service (0 disables).",
+    )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
@@ -375,6 +387,42 @@ class UpstreamConfig(_Model):
     bind_addr: BindAddr = Field(":8001", description="Address the upstream server listens on.")
     advertise_addr: AdvertiseAddr = Field(
         "", description="Upstream address advertised to other nodes (derived if empty)."
+    )
+    heartbeat_interval: PositiveDuration = Field(
+        5.0, description="Interval between pings to each agent."
+    )
+    heartbeat_timeout: PositiveDuration = Field(
+        5.0,
+        description="A tunnel whose ping is not answered within this is closed: a frozen or "
+        "unreachable agent leaves rotation within heartbeat_interval + heartbeat_timeout.",
+    )
+    max_tunnels: int = Field(
+        10000,
+        ge=1,
+        description="Tunnels this node accepts in all; more agents get 503 (they retry, "
+        "maybe through the load balancer to another node).",
+    )
+    max_tunnels_per_endpoint: int = Field(
+        256, ge=1, description="Tunnels one endpoint may have on this node; more get 429."
+    )
+    max_streams_per_tunnel: int = Field(
+        1024,
+        ge=1,
+        description="Streams (requests in flight plus idle keep-alive ones) open on one tunnel "
+        "at once; a request finding every tunnel of its endpoint full gets 503.",
+    )
+    max_connections_per_ip: int = Field(
+        1024,
+        ge=0,
+        description="Open connections (tunnels and upgrades in progress) one IP address may "
+        "have on the upstream port (0: no limit); more get 429.",
+    )
+    max_control_frames: int = Field(
+        10000,
+        ge=1,
+        description="Control frames (pongs, acks, resets, window updates) an agent may make "
+        "the node queue while it does not read them; past it the tunnel is closed (ping and "
+        "reset floods).",
     )
     auth: UpstreamAuthConfig = Field(default_factory=UpstreamAuthConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
@@ -819,6 +867,12 @@ class AgentConfig(_Model):
     forwarder: ForwarderConfig = Field(default_factory=ForwarderConfig)
     admin: AgentAdminConfig = Field(default_factory=AgentAdminConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    max_streams: int = Field(
+        1024,
+        ge=1,
+        description="Streams a node may have open on one tunnel at once (each is a connection "
+        "to the service); more are refused, and the node tries another upstream.",
+    )
 
     @model_validator(mode="after")
     def _unique_endpoints(self) -> AgentConfig:

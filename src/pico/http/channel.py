@@ -27,12 +27,17 @@ __all__ = [
     "ResetReason",
     "Router",
     "Upstream",
+    "UpstreamBusy",
     "UpstreamUnavailable",
 ]
 
 
 class UpstreamUnavailable(Exception):
     """The upstream cannot open a channel now (tunnel closing, node unreachable)."""
+
+
+class UpstreamBusy(UpstreamUnavailable):
+    """The upstream is at its limit of channels open at once (`upstream.max_streams_per_tunnel`)."""
 
 
 class ChannelReceiver(Protocol):

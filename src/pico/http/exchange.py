@@ -16,6 +16,7 @@ from pico.http.channel import (
     ClientSide,
     ResetReason,
     Upstream,
+    UpstreamBusy,
     UpstreamUnavailable,
 )
 from pico.http.head import error_response, render_trailers, rewrite_request_head
@@ -115,6 +116,7 @@ class Exchange:
 
     def start(self) -> None:
         """Send the request to the best candidate that can open a channel."""
+        busy = False
         while self.candidates:
             upstream = self.candidates[0]
             try:
@@ -122,11 +124,16 @@ class Exchange:
                 # have closed meanwhile: it could not be retried safely.
                 fresh = self.retried_fresh or self.request.method not in IDEMPOTENT
                 channel, reused = upstream.open_channel(fresh=fresh)
-            except UpstreamUnavailable:
+            except UpstreamUnavailable as exc:
+                busy = busy or isinstance(exc, UpstreamBusy)
                 self.candidates.pop(0)
                 continue
             self.tried.add(id(upstream))
             self._attach(upstream, channel, reused)
+            return
+        if busy:
+            # Every upstream left is at its stream limit: no point waiting for another.
+            self._fail(503, "upstream busy: too many requests in flight", undelivered=True)
             return
         failure = (502, "upstream unreachable" if self.upstream else "no available upstreams")
         if not self._hold(failure):

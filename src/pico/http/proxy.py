@@ -161,11 +161,17 @@ class ProxyConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        if self.connections is not None:
-            self.connections.add(self)
-        transport.set_write_buffer_limits(high=self.limits.write_high_water)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else ""
+        if self.connections is not None and not self.connections.add(self, self.client_ip):
+            # Over `proxy.max_connections_per_ip`: closed before anything is read. An answer
+            # would cost what the limit saves, and the client already holds thousands.
+            self._closing = True
+            self._parser = _DETACHED_PARSER
+            self.transport = None
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
         self.trusted_client = self.limits.trusts(self.client_ip)
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = b"https"

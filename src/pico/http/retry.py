@@ -1,10 +1,11 @@
 """What to do when a channel fails before the response head: a pure function, no sockets.
 
 A request is sent again only when it provably never reached a service (the agent could not
-connect, a node refused it while leaving, the connection to another node could not be made),
-or when repeating it is harmless (RFC 9110 §9.2.2 idempotent methods) and no response byte came
-back: it rode a pooled stream the service had already closed, or the connection to its upstream
-collapsed under it (the node or the agent died).
+connect, a node refused it while leaving, the connection to another node could not be made,
+the agent never read the stream's SYN), or when repeating it is harmless (RFC 9110 §9.2.2
+idempotent methods) and no response byte came back: it rode a pooled stream the service had
+already closed, or the connection to its upstream collapsed under it (the node or the agent
+died).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ DIAL_FAILURES: dict[ResetReason, tuple[int, str]] = {
     ResetReason.REFUSED: (502, "upstream unreachable"),
     ResetReason.UNREACHABLE: (502, "upstream unreachable"),
     ResetReason.TIMEOUT: (504, "upstream timeout"),
+    # The agent did not acknowledge the stream (`proxy.stream_ack_timeout`): frozen or stuck.
+    ResetReason.UNACKNOWLEDGED: (504, "upstream timeout"),
 }
 
 

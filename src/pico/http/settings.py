@@ -2,7 +2,8 @@
 
 `ProxyLimits` (each limit protects the node from one kind of slow or big client),
 `RequestRecord` (what an observer learns about each finished request: metrics, access log) and
-`ConnectionTracker` (the open client connections, for graceful shutdown).
+`ConnectionTracker` (the open client connections, for graceful shutdown, at most so many per
+client address: `AddressLimit`).
 """
 
 from __future__ import annotations
@@ -102,20 +103,78 @@ class ForwardProof(Protocol):
 Observer = Callable[[RequestRecord], None]
 
 
-class ConnectionTracker:
-    """The open client connections of a proxy port, for graceful shutdown."""
+class AddressLimit:
+    """Open connections per client IP address, at most `limit` each (0: no limit).
 
-    def __init__(self) -> None:
+    It protects a port's descriptors and memory from one address; addresses are dropped
+    when their last connection closes, so the table holds only what is open.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def add(self, ip: str) -> bool:
+        """Count a new connection from `ip`; False (not counted) if it is over the limit."""
+        n = self._open.get(ip, 0)
+        if self.limit and n >= self.limit:
+            return False
+        self._open[ip] = n + 1
+        return True
+
+    def remove(self, ip: str) -> None:
+        """A connection counted by `add` closed."""
+        n = self._open.get(ip, 0) - 1
+        if n > 0:
+            self._open[ip] = n
+        else:
+            self._open.pop(ip, None)
+
+    def count(self, ip: str) -> int:
+        """Connections open from `ip`."""
+        return self._open.get(ip, 0)
+
+
+class ConnectionTracker:
+    """The open client connections of a proxy port, for graceful shutdown.
+
+    With `per_ip`, a connection from an address that already has `per_ip.limit` open ones is
+    refused by `add` (`on_refused` is called); `exempt(ip)` addresses are never limited.
+    """
+
+    def __init__(
+        self,
+        per_ip: AddressLimit | None = None,
+        exempt: Callable[[str], bool] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self._conns: set[ProxyConnection] = set()
         self._empty = asyncio.Event()
         self._empty.set()
+        self.per_ip = per_ip
+        self.exempt = exempt
+        self.on_refused = on_refused
+        self._counted: dict[ProxyConnection, str] = {}  # connections counted per IP
 
-    def add(self, conn: ProxyConnection) -> None:
+    def add(self, conn: ProxyConnection, ip: str = "") -> bool:
+        """Track `conn` (from `ip`); False if its address is over the limit (not tracked)."""
+        per_ip = self.per_ip
+        if per_ip is not None and per_ip.limit and ip:
+            if per_ip.add(ip):
+                self._counted[conn] = ip
+            elif self.exempt is None or not self.exempt(ip):  # asked only when over
+                if self.on_refused is not None:
+                    self.on_refused(ip)
+                return False
         self._conns.add(conn)
         self._empty.clear()
+        return True
 
     def discard(self, conn: ProxyConnection) -> None:
         self._conns.discard(conn)
+        ip = self._counted.pop(conn, None)
+        if ip is not None and self.per_ip is not None:
+            self.per_ip.remove(ip)
         if not self._conns:
             self._empty.set()
 

@@ -23,6 +23,7 @@ from pico.mux.session import (
     StreamClosed,
     StreamEnded,
     StreamOpened,
+    StreamRefused,
     StreamReset,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "StreamClosed",
     "StreamEnded",
     "StreamOpened",
+    "StreamRefused",
     "StreamReset",
     "encode_header",
 ]

@@ -15,6 +15,15 @@ class StreamOpened:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamRefused:
+    """The peer's SYN was refused with RST(REFUSED) and no state was kept: ``limit`` says
+    which (``max_streams``: too many streams open; ``accept_streams``: none are accepted)."""
+
+    stream_id: int
+    limit: str
+
+
+@dataclass(frozen=True, slots=True)
 class DataReceived:
     """Payload bytes, in order. The caller must later call ``consume(stream_id, len(data))``.
 
@@ -81,6 +90,7 @@ Event = (
     StreamOpened
     | DataReceived
     | StreamEnded
+    | StreamRefused
     | StreamReset
     | StreamClosed
     | SendWindowAvailable

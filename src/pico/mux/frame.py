@@ -66,6 +66,9 @@ class ResetReason(IntEnum):
     GOING_AWAY = 5  # the session closed under the stream (it may have reached a service)
     CANCELLED = 6
     REJECTED = 7  # refused before reaching any service (the peer is going away): safe to retry
+    # Never on the wire: the peer did not acknowledge the stream in time (it never read the
+    # SYN, so nothing reached a service), and this side reset it: safe to retry.
+    UNACKNOWLEDGED = 8
 
 
 class MuxProtocolError(Exception):

@@ -21,6 +21,7 @@ from pico.mux.events import (
     StreamClosed,
     StreamEnded,
     StreamOpened,
+    StreamRefused,
     StreamReset,
 )
 from pico.mux.frame import (
@@ -50,6 +51,7 @@ __all__ = [
     "StreamClosed",
     "StreamEnded",
     "StreamOpened",
+    "StreamRefused",
     "StreamReset",
 ]
 
@@ -62,6 +64,10 @@ MAX_RECV_PAYLOAD = 16 * 1024 * 1024  # a DATA frame announcing more than this is
 MAX_SIZED_PAYLOAD = 1024 * 1024
 _MAX_U32 = 0xFFFFFFFF
 _FRAME_START = HEADER_SIZE + 1  # the longest piece ever buffered: an RST header and reason
+# A side that accepts no streams from its peer (the node: only it opens streams) refuses
+# this many SYNs, each with an RST and no state, then treats the next as a protocol error:
+# a peer that keeps opening streams it was refused is flooding, not racing a GoAway.
+MAX_REFUSED_SYNS = 8
 
 _DATA = int(FrameType.DATA)
 _WINDOW_UPDATE = int(FrameType.WINDOW_UPDATE)
@@ -83,6 +89,7 @@ class MuxError(Exception):
 
 class _Stream:
     __slots__ = (
+        "acked",
         "fin_pending",
         "fin_received",
         "fin_sent",
@@ -99,6 +106,8 @@ class _Stream:
 
     def __init__(self, stream_id: int, window: int) -> None:
         self.stream_id = stream_id
+        # The peer has seen the stream: it opened it, or it acknowledged our SYN.
+        self.acked = True
         self.send_window = window  # bytes we may still send before the peer credits more
         self.queue: deque[memoryview] = deque()  # unsent data waiting for window
         self.queued = 0  # total bytes in ``queue``
@@ -113,17 +122,39 @@ class _Stream:
 
 
 class Session:
-    """One side of a yamux connection. ``client=True`` for the agent (odd stream ids)."""
+    """One side of a yamux connection. ``client=True`` for the agent (odd stream ids).
+
+    Limits on what the peer may make us hold: ``max_streams`` streams it opened at once (a
+    SYN beyond is refused with RST(REFUSED) and no state), or none at all with
+    ``accept_streams=False`` (after ``MAX_REFUSED_SYNS`` refusals, a protocol error).
+    """
 
     def __init__(
-        self, *, client: bool, initial_window: int = DEFAULT_WINDOW, max_window: int = MAX_WINDOW
+        self,
+        *,
+        client: bool,
+        initial_window: int = DEFAULT_WINDOW,
+        max_window: int = MAX_WINDOW,
+        max_streams: int = _MAX_U32,
+        accept_streams: bool = True,
     ) -> None:
-        """Create a session. Raises ``ValueError`` on nonsensical window sizes."""
+        """Create a session. Raises ``ValueError`` on nonsensical window sizes or limits."""
         if initial_window <= 0 or initial_window > _MAX_U32:
             raise ValueError("initial_window must be in 1..2**32-1")
         if max_window < initial_window:
             raise ValueError("max_window must be >= initial_window")
+        if max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
         self._client = client
+        self._max_streams = max_streams
+        self._accept_streams = accept_streams
+        self._peer_streams = 0  # live streams the peer opened
+        self._refused = 0  # SYNs refused
+        # Control frames queued so far in answer to the peer: PING acks, SYN ACKs, RSTs
+        # refusing its SYNs, WINDOW_UPDATEs crediting what it sent. Read-only for callers,
+        # who compare it over time to see a peer that makes us answer without reading the
+        # answers (a ping or reset flood). An attribute, not a property: read per flush.
+        self.control_replies = 0
         self._initial_window = initial_window
         self._max_window = max_window
         self._next_id = 1 if client else 2
@@ -164,6 +195,17 @@ class Session:
     def stream_count(self) -> int:
         """Number of streams with live state."""
         return len(self._streams)
+
+    @property
+    def refused_streams(self) -> int:
+        """SYNs from the peer refused so far (over ``max_streams``, or not accepted at all)."""
+        return self._refused
+
+    def acknowledged(self, stream_id: int) -> bool:
+        """True once the peer acknowledged a stream we opened (always for streams it opened);
+        False for an unknown stream."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.acked
 
     def stream_ids(self) -> list[int]:
         """Ids of the streams with live state, in opening order."""
@@ -250,7 +292,8 @@ class Session:
         if stream_id > _MAX_U32:
             raise MuxError("stream ids exhausted")
         self._next_id += 2
-        self._streams[stream_id] = _Stream(stream_id, self._initial_window)
+        st = self._streams[stream_id] = _Stream(stream_id, self._initial_window)
+        st.acked = False
         self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _SYN, stream_id, 0))
         return stream_id
 
@@ -336,6 +379,7 @@ class Session:
         st = self._streams.pop(stream_id, None)
         if st is None:
             return
+        self._freed(stream_id)
         self._queue_rst(stream_id, reason)
         st.queue.clear()
         st.queued = 0
@@ -364,6 +408,7 @@ class Session:
             st.recv_window = grown
         st.pending_credit = 0
         st.recv_avail += increment
+        self.control_replies += 1
         self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, 0, stream_id, increment))
 
     def send_ping(self) -> int:
@@ -401,6 +446,12 @@ class Session:
     def _drop_all_streams(self) -> None:
         self._events.extend(StreamClosed(sid) for sid in self._streams)
         self._streams.clear()
+        self._peer_streams = 0
+
+    def _freed(self, stream_id: int) -> None:
+        """A stream's state was dropped: count it off the peer's streams if it opened it."""
+        if stream_id & 1 == self._peer_parity:
+            self._peer_streams -= 1
 
     def _fail(self, message: str) -> None:
         if self._closed:
@@ -421,6 +472,7 @@ class Session:
     def _maybe_finished(self, st: _Stream) -> None:
         if st.fin_sent and st.fin_received:
             del self._streams[st.stream_id]
+            self._freed(st.stream_id)
             self._events.append(StreamClosed(st.stream_id))
 
     def _flush(self, st: _Stream) -> None:
@@ -525,6 +577,7 @@ class Session:
         if sid != 0:
             raise MuxProtocolError(f"PING frame on stream {sid} (must be 0)")
         if flags & _SYN:
+            self.control_replies += 1
             self._out.append(_pack(PROTOCOL_VERSION, _PING, _ACK, 0, opaque))
         elif flags & _ACK:
             self._events.append(PongReceived(opaque))
@@ -554,20 +607,32 @@ class Session:
             if st is not None or sid <= self._highest_peer_id:
                 raise MuxProtocolError(f"SYN reuses stream id {sid}")
             self._highest_peer_id = sid
+            if not self._accept_streams:
+                self._refuse(sid)
+                return
             if self._going_away:
+                self.control_replies += 1
                 self._queue_rst(sid, ResetReason.REJECTED)
+                return
+            if self._peer_streams >= self._max_streams:
+                self._refuse(sid)
                 return
             st = _Stream(sid, self._initial_window)
             self._streams[sid] = st
+            self._peer_streams += 1
+            self.control_replies += 1
             self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, sid, 0))
             self._events.append(StreamOpened(sid))
         elif st is None:
             if self._seen(sid):
                 return  # late frame for a stream we already closed/reset: ignore (race)
             raise MuxProtocolError(f"{FrameType(ftype).name} frame for stream {sid} never opened")
+        elif flags & _ACK:
+            st.acked = True
 
         if flags & _RST:
             del self._streams[sid]
+            self._freed(sid)
             st.queue.clear()
             st.queued = 0
             self._events.append(StreamReset(sid, _RESET_REASONS.get(reason, ResetReason.NORMAL)))
@@ -602,6 +667,22 @@ class Session:
 
         if flags & _FIN:
             self._on_fin(st)
+
+    def _refuse(self, sid: int) -> None:
+        """Answer a SYN we will not serve with RST(REFUSED), keeping no state for it.
+
+        Its payload, if it came with DATA, is dropped (`_seen` ignores late frames for it).
+        """
+        self._refused += 1
+        if not self._accept_streams and self._refused > MAX_REFUSED_SYNS:
+            raise MuxProtocolError(
+                f"peer opened {self._refused} streams; this side accepts none "
+                f"(at most {MAX_REFUSED_SYNS} are refused before this error)"
+            )
+        self.control_replies += 1
+        self._queue_rst(sid, ResetReason.REFUSED)
+        limit = "accept_streams" if not self._accept_streams else "max_streams"
+        self._events.append(StreamRefused(sid, limit))
 
     def _on_fin(self, st: _Stream) -> None:
         if not st.fin_received:

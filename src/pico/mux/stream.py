@@ -169,6 +169,11 @@ class MuxStream:
     def _dispatch(self, kind: int, value: object) -> None:
         receiver = self.receiver
         if receiver is None:
+            if kind == _LOST:
+                # Reset before anyone took it (the agent was still dialing): what arrived is
+                # never delivered, so a request retried elsewhere never reaches this service.
+                self._buffered_events = [(kind, value)]
+                return
             if self._buffered_events is None:
                 self._buffered_events = []
             if type(value) is memoryview:

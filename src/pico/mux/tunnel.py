@@ -19,6 +19,7 @@ from typing import cast
 
 from pico import log
 from pico.mux import splice
+from pico.mux.acks import AckWatch
 from pico.mux.buffers import READ_BUFFERS
 from pico.mux.frame import ResetReason
 from pico.mux.session import (
@@ -32,6 +33,7 @@ from pico.mux.session import (
     StreamClosed,
     StreamEnded,
     StreamOpened,
+    StreamRefused,
     StreamReset,
 )
 from pico.mux.stream import _DATA, _EOF, _RESUME, MuxStream
@@ -41,6 +43,7 @@ from pico.mux.websocket import (
     OP_PING,
     OP_PONG,
     ZERO_KEY,
+    ControlFrame,
     FrameDecoder,
     WebSocketError,
     encode_frame,
@@ -65,6 +68,14 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 # per-stream memory bound; it also caps one stream's throughput at max_window / RTT
 # (4 MiB at 50 ms is 80 MB/s).
 DEFAULT_MAX_WINDOW = 4 * 1024 * 1024
+# Control frames the peer may make us queue (pongs, acks, refusals, window updates) while it
+# does not read what we send (the write buffer is over its high-water mark). Past it the
+# tunnel stops reading and closes: the defence of HTTP/2 servers against ping and reset
+# floods (Go's maxQueuedControlFrames is 10000, too). Memory stays within the write buffer's
+# high-water mark plus this many small frames.
+DEFAULT_MAX_CONTROL_FRAMES = 10_000
+# What `limit_hit` and `on_limit` name when the tunnel refuses or closes for a limit.
+LIMIT_CONTROL_FRAMES = "control_frames"
 
 
 class Tunnel(asyncio.BufferedProtocol):
@@ -75,6 +86,16 @@ class Tunnel(asyncio.BufferedProtocol):
     written as one WebSocket frame. `ping_interval` and `ping_timeout` detect a dead peer even
     when TCP says nothing (half-open connections behind NATs and load balancers). `max_window`
     bounds each stream's receive window, so the memory a slow consumer can pin.
+
+    What the peer may make us hold is bounded: without `on_stream` it may open no streams
+    (the session refuses them without state, then fails the tunnel); with it, at most
+    `max_streams` at once; and at most `max_control_frames` control frames answered while it
+    does not read (then the tunnel is aborted). `on_limit(name)` is told of each refusal.
+
+    With `ack_timeout`, a stream we opened that the peer has not acknowledged after that long,
+    while the peer was silent all along, is reset and its receiver told `UNACKNOWLEDGED` (the
+    peer never read the SYN: nothing reached a service, the request may go elsewhere); the
+    tunnel then counts as not `usable` until the peer is heard from again.
     """
 
     def __init__(
@@ -87,8 +108,17 @@ class Tunnel(asyncio.BufferedProtocol):
         name: str = "",
         max_window: int = DEFAULT_MAX_WINDOW,
         random_mask: bool = False,
+        max_streams: int = 0xFFFFFFFF,
+        max_control_frames: int = DEFAULT_MAX_CONTROL_FRAMES,
+        ack_timeout: float = 0.0,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
-        self.session = Session(client=client, max_window=max_window)
+        self.session = Session(
+            client=client,
+            max_window=max_window,
+            max_streams=max_streams,
+            accept_streams=on_stream is not None,
+        )
         self.client = client
         # A client masks its frames: with random keys when `random_mask`, else with ZERO_KEY.
         self.random_mask = client and random_mask
@@ -99,6 +129,11 @@ class Tunnel(asyncio.BufferedProtocol):
         self.ping_timeout = ping_timeout
         self.streams: dict[int, MuxStream] = {}
         self.close_reason = ""
+        self.max_control_frames = max_control_frames
+        self.ack_timeout = ack_timeout
+        self.on_limit = on_limit
+        # The limit the tunnel was closed for ("" if none): the peer misbehaved.
+        self.limit_hit = ""
         self.on_goaway: Callable[[], None] | None = None
         self.transport: asyncio.Transport | None = None
         # True while the connection's write buffer is above its high-water mark: every
@@ -117,6 +152,17 @@ class Tunnel(asyncio.BufferedProtocol):
         self._direct: splice.DirectWriter | None = None
         self.pipes: splice.PipePool | None = None  # when splicing: pipes for stream chunks
         self._read_buffer: bytearray | None = None  # from get_buffer() to buffer_updated()
+        # Control frames answered so far: WebSocket pongs here, the session counts its own.
+        # The marks are both counts when a flush last found the write buffer under its
+        # high-water mark: what was answered since is owed (unwritten, or unread).
+        self._ws_replies = 0
+        self._ws_mark = 0
+        self._session_mark = 0
+        # Streams we opened that the peer has not acknowledged yet; its timer ticks every
+        # ack_timeout / 2 while any wait.
+        self._acks = AckWatch()
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._abort = False  # close by aborting: the peer does not read what is queued
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -165,9 +211,15 @@ class Tunnel(asyncio.BufferedProtocol):
 
     @property
     def usable(self) -> bool:
-        """True while new streams may be opened on this tunnel."""
+        """True while new streams may be opened on this tunnel (and the peer answers)."""
         s = self.session
-        return not (s.closed or s.going_away or s.peer_going_away or self._done.is_set())
+        return not (
+            s.closed
+            or s.going_away
+            or s.peer_going_away
+            or self._done.is_set()
+            or not self._acks.responsive
+        )
 
     def open_stream(self) -> MuxStream:
         """Open a new stream to the peer. Raises MuxError if the tunnel is closing."""
@@ -177,6 +229,10 @@ class Tunnel(asyncio.BufferedProtocol):
         stream = MuxStream(self, stream_id)
         self.streams[stream_id] = stream
         self._no_streams.clear()
+        if self.ack_timeout > 0:
+            self._acks.opened(stream_id)
+            if self._ack_timer is None:
+                self._ack_timer = self._loop.call_later(self.ack_timeout / 2, self._ack_tick)
         self.wake_writer()
         return stream
 
@@ -281,28 +337,92 @@ class Tunnel(asyncio.BufferedProtocol):
             READ_BUFFERS.give(buf)
 
     def data_received(self, data: bytes | memoryview) -> None:
-        random_key = self.random_mask
+        self._acks.heard = True  # the peer is alive (a store, no allocation)
         try:
             payloads, controls = self.decoder.feed(data)
         except WebSocketError as exc:
-            _log.warn("tunnel websocket error", tunnel=self.name, error=str(exc))
+            _log.warn_throttled("tunnel websocket error", tunnel=self.name, error=str(exc))
             self.close(f"websocket error: {exc}")
             return
         session = self.session
         for payload in payloads:
             session.receive_data(payload)
+        if controls:
+            self._answer_controls(controls)
+        self._handle_events()
+        if controls or session.control_replies != self._session_mark:
+            self._check_replies()  # only when control frames were answered
+        self.wake_writer()
+
+    def _answer_controls(self, controls: list[ControlFrame]) -> None:
+        random_key = self.random_mask
         for frame in controls:
             if frame.opcode == OP_PING:
                 pong = encode_frame(OP_PONG, frame.payload, mask=self.client, random_key=random_key)
                 self._control.append(pong)
+                self._ws_replies += 1
             elif frame.opcode == OP_CLOSE:
                 close = frame.payload[:2]
                 self._control.append(
                     encode_frame(OP_CLOSE, close, mask=self.client, random_key=random_key)
                 )
                 self.close("websocket closed by peer")
-        self._handle_events()
-        self.wake_writer()
+
+    def _check_replies(self) -> None:
+        """Close if the peer made us answer too many control frames it has not read.
+
+        Owed is what was answered since a flush last found the write buffer under its
+        high-water mark: frames not written yet (a loop iteration may read 32 times before
+        it flushes) and frames written while the peer does not read. Too many owed, they are
+        written out at once and counted again: a peer that reads is never cut for a burst.
+        """
+        if self._owed() <= self.max_control_frames or self._done.is_set():
+            return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        self._mark_replies()
+        owed = self._owed()
+        if owed <= self.max_control_frames or self._done.is_set():
+            return
+        if self.transport is not None:
+            self.transport.pause_reading()
+        _log.warn_throttled(
+            "tunnel control frame flood",
+            tunnel=self.name,
+            peer=self.peer,
+            queued=owed,
+            limit=self.max_control_frames,
+        )
+        self._hit_limit(LIMIT_CONTROL_FRAMES)
+        self._abort = True  # what is queued would never be read: drop it with the connection
+        self.close(
+            f"control frame flood: {owed} control frames queued while the peer does not read "
+            f"(limit {self.max_control_frames})"
+        )
+
+    def _owed(self) -> int:
+        session_owed = self.session.control_replies - self._session_mark
+        return session_owed + self._ws_replies - self._ws_mark
+
+    def _mark_replies(self) -> None:
+        """A flush: if the peer reads what we send, every control frame so far is answered."""
+        buffered = (
+            self._direct.buffered
+            if self._direct is not None
+            else self.transport.get_write_buffer_size()
+            if self.transport is not None
+            else 0
+        )
+        if buffered <= _WRITE_HIGH_WATER:
+            self._ws_mark = self._ws_replies
+            self._session_mark = self.session.control_replies
+
+    def _hit_limit(self, name: str) -> None:
+        if not self.limit_hit:
+            self.limit_hit = name
+        if self.on_limit is not None:
+            self.on_limit(name)
 
     def eof_received(self) -> bool:
         self._return_read_buffer()
@@ -339,6 +459,8 @@ class Tunnel(asyncio.BufferedProtocol):
         direct = self._direct
         if transport is None and direct is None:
             return
+        if self.session.control_replies != self._session_mark or self._ws_replies != self._ws_mark:
+            self._mark_replies()  # before this flush's own output is written
         # Local actions (our FIN after the peer's, a reset) produce events too: deliver them.
         self._handle_events()
         parts = self.session.take_output()
@@ -405,10 +527,11 @@ class Tunnel(asyncio.BufferedProtocol):
         self.close(f"connection lost: {exc}")
 
     def _shutdown(self) -> None:
-        for timer in (self._ping_timer, self._pong_deadline):
+        for timer in (self._ping_timer, self._pong_deadline, self._ack_timer):
             if timer is not None:
                 timer.cancel()
-        self._ping_timer = self._pong_deadline = None
+        self._ping_timer = self._pong_deadline = self._ack_timer = None
+        self._acks.waiting.clear()
         self._close_streams()
         self.session.close()
         self.session.events_received()  # dropped: the streams were failed above
@@ -416,12 +539,20 @@ class Tunnel(asyncio.BufferedProtocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         transport = self.transport
-        self._flush()  # a GoAway, final RSTs, the end of responses still go out
-        self.transport = None
-        if transport is not None:
-            transport.close()
-        if self._direct is not None:
-            self._direct.close(drain=True)  # what the socket did not take yet goes out first
+        if self._abort:
+            self.transport = None
+            if transport is not None:
+                transport.abort()
+            if self._direct is not None:
+                self._direct.close()
+                self._flush()  # the closed writer releases the pipe chunks still queued
+        else:
+            self._flush()  # a GoAway, final RSTs, the end of responses still go out
+            self.transport = None
+            if transport is not None:
+                transport.close()
+            if self._direct is not None:
+                self._direct.close(drain=True)  # what the socket did not take yet goes first
         if self.pipes is not None:
             self.pipes.close()
 
@@ -449,7 +580,32 @@ class Tunnel(asyncio.BufferedProtocol):
     def _ping_timed_out(self) -> None:
         self._pong_deadline = None
         _log.warn("tunnel ping timeout", tunnel=self.name, timeout=self.ping_timeout)
+        self._abort = True  # the peer reads nothing: what is queued for it would stay queued
         self.close("ping timeout")
+
+    def _ack_tick(self) -> None:
+        """Reset the streams the peer left unacknowledged (see `pico.mux.acks`)."""
+        self._ack_timer = None
+        if self._done.is_set():
+            return
+        session = self.session
+        streams = self.streams
+        expired = self._acks.tick(lambda sid: sid in streams and not session.acknowledged(sid))
+        if expired:
+            _log.warn_throttled(
+                "tunnel stream not acknowledged",
+                tunnel=self.name,
+                streams=len(expired),
+                timeout=self.ack_timeout,
+            )
+            for stream_id in expired:
+                stream = self.forget(stream_id)
+                session.reset_stream(stream_id, ResetReason.CANCELLED)
+                if stream is not None:
+                    stream._lost(ResetReason.UNACKNOWLEDGED)
+            self.wake_writer()
+        if self._acks.waiting:
+            self._ack_timer = self._loop.call_later(self.ack_timeout / 2, self._ack_tick)
 
     def _handle_events(self) -> None:
         if self._done.is_set():
@@ -497,6 +653,9 @@ class Tunnel(asyncio.BufferedProtocol):
             elif t is GoAwayReceived:
                 if self.on_goaway is not None:
                     self.on_goaway()
+            elif t is StreamRefused:
+                self._hit_limit(ev.limit)  # type: ignore[union-attr]
             elif t is ConnectionTerminated:
-                _log.warn("tunnel protocol error", tunnel=self.name, error=ev.error)  # type: ignore[union-attr]
-                self.close(f"protocol error: {ev.error}")  # type: ignore[union-attr]
+                error = ev.error  # type: ignore[union-attr]
+                _log.warn_throttled("tunnel protocol error", tunnel=self.name, error=error)
+                self.close(f"protocol error: {error}")

@@ -62,6 +62,13 @@ class NodeMetrics:
             registry=r,
         )
 
+        self.limit_rejections = Counter(
+            "pico_limit_rejections_total",
+            "Connections, tunnels, streams and frames refused for a limit, by limit (its "
+            "config key).",
+            ["limit"],
+            registry=r,
+        )
         # TCP connections through /_pico/v1/tcp (pico.server.tcp); bytes are counted when
         # a connection ends.
         self.tcp_connections = Counter(
@@ -76,6 +83,10 @@ class NodeMetrics:
             ["direction"],
             registry=r,
         )
+
+    def limit_rejected(self, limit: str) -> None:
+        """Count one refusal for `limit`."""
+        self.limit_rejections.labels(limit).inc()
 
     def tcp_opened(self) -> None:
         """A TCP connection was bridged to a tunnel stream."""

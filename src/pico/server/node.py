@@ -29,7 +29,13 @@ from pico.gossip import GossipConfig, Gossiper, GossipEvent
 from pico.gossip.seal import Keyring, parse_key
 from pico.gossip.transport import GossipTransport
 from pico.http.proxy import ProxyConnection
-from pico.http.settings import ConnectionTracker, Observer, ProxyLimits, RequestRecord
+from pico.http.settings import (
+    AddressLimit,
+    ConnectionTracker,
+    Observer,
+    ProxyLimits,
+    RequestRecord,
+)
 from pico.server import collectors
 from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer
@@ -39,7 +45,7 @@ from pico.server.history import History
 from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
 from pico.server.syncer import ClusterSyncer
-from pico.server.upstream import EndpointRegistry, UpstreamServer
+from pico.server.upstream import EndpointRegistry, TunnelLimits, UpstreamServer
 from pico.tls import PeerTls, client_context, server_context
 from pico.webapp import BindError, ConnectionGuard, ConnectionLimits, serve_app
 
@@ -142,10 +148,22 @@ class Node:
             if (verifier := verifier_for(auth_config, self.metrics.auth_failure_counter(port)))
         }
         self._key_tasks: set[asyncio.Task[None]] = set()
+        up = config.upstream
         self.upstream_server = UpstreamServer(
             self.registry,
             auth=self.verifiers.get("upstream"),
-            disconnect_on_expiry=not config.upstream.auth.disable_disconnect_on_expiry,
+            disconnect_on_expiry=not up.auth.disable_disconnect_on_expiry,
+            ping_interval=up.heartbeat_interval,
+            ping_timeout=up.heartbeat_timeout,
+            limits=TunnelLimits(
+                max_tunnels=up.max_tunnels,
+                max_tunnels_per_endpoint=up.max_tunnels_per_endpoint,
+                max_streams_per_tunnel=up.max_streams_per_tunnel,
+                max_connections_per_ip=up.max_connections_per_ip,
+                max_control_frames=up.max_control_frames,
+                stream_ack_timeout=config.proxy.stream_ack_timeout,
+            ),
+            on_limit=self.metrics.limit_rejected,
             tcp_observer=self.metrics,
         )
         self.admin = AdminServer(
@@ -175,7 +193,12 @@ class Node:
                 ipaddress.ip_network(c, strict=False) for c in config.proxy.trusted_proxies
             ),
         )
-        self.connections = ConnectionTracker()
+        self.connections = ConnectionTracker(
+            AddressLimit(config.proxy.max_connections_per_ip),
+            # Load balancers and other nodes carry many clients' connections.
+            exempt=lambda ip: self.limits.trusts(ip) or self._is_peer(ip),
+            on_refused=self._proxy_ip_limited,
+        )
         self.admin_guard = ConnectionGuard(
             ConnectionLimits(
                 read_header_timeout=config.admin.read_header_timeout,
@@ -199,6 +222,14 @@ class Node:
             if host == ip:
                 return True
         return False
+
+    def _proxy_ip_limited(self, ip: str) -> None:
+        self.metrics.limit_rejected("proxy.max_connections_per_ip")
+        _log.warn_throttled(
+            "proxy limit reached: proxy.max_connections_per_ip",
+            client_ip=ip,
+            limit=self.config.proxy.max_connections_per_ip,
+        )
 
     def _on_node_gone(self, node_id: str) -> None:
         self.node_upstreams.forget(node_id)

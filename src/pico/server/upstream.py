@@ -3,6 +3,8 @@
 `GET /pico/v1/upstream/{endpoint_id}` upgrades to a WebSocket that carries one mux `Tunnel`.
 The `EndpointRegistry` keeps the tunnels of each endpoint in connection order and hands them out
 round-robin; a tunnel leaves the registry the moment it closes, fails its pings, or sends GoAway.
+`TunnelLimits` bounds what agents may make the node hold (tunnels, streams, connections per
+address, control frames); each refusal is a clear answer, a count by limit and a throttled log.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from pico import log
 from pico.auth import Token, TokenVerifier
-from pico.http.channel import Channel, ResetReason, Upstream, UpstreamUnavailable
+from pico.http.channel import Channel, ResetReason, Upstream, UpstreamBusy, UpstreamUnavailable
 from pico.http.head import endpoint_key
+from pico.http.settings import AddressLimit
 from pico.mux.session import MuxError
 from pico.mux.stream import MuxStream
-from pico.mux.tunnel import Tunnel
+from pico.mux.tunnel import DEFAULT_MAX_CONTROL_FRAMES, Tunnel
 from pico.mux.upgrade import Accepted, Rejected, ServerHandshake, accept_response, reject_response
 from pico.server.tcp import TcpObserver, WebSocketBridge
 
@@ -29,6 +33,29 @@ _log = log.get_logger("upstream")
 # (each one holds a TCP connection from the agent to the service).
 _POOL_SIZE = 64
 _POOL_IDLE = 30.0
+
+# The names `on_limit` reports (the label of `pico_limit_rejections_total`): config keys.
+LIMIT_TUNNELS = "upstream.max_tunnels"
+LIMIT_TUNNELS_PER_ENDPOINT = "upstream.max_tunnels_per_endpoint"
+LIMIT_STREAMS = "upstream.max_streams_per_tunnel"
+LIMIT_CONNECTIONS_PER_IP = "upstream.max_connections_per_ip"
+LIMIT_CONTROL_FRAMES = "upstream.max_control_frames"
+LIMIT_AGENT_STREAMS = "upstream.agent_opened_streams"  # agents may open none
+# What the tunnel reports, as the names above.
+_TUNNEL_LIMITS = {"control_frames": LIMIT_CONTROL_FRAMES, "accept_streams": LIMIT_AGENT_STREAMS}
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelLimits:
+    """What agents may make this node hold (the `upstream.*` keys of the same names)."""
+
+    max_tunnels: int = 10_000
+    max_tunnels_per_endpoint: int = 256
+    max_streams_per_tunnel: int = 1024
+    max_connections_per_ip: int = 1024  # 0: no limit
+    max_control_frames: int = DEFAULT_MAX_CONTROL_FRAMES
+    # A stream the agent leaves unacknowledged this long while silent is reset (0: never).
+    stream_ack_timeout: float = 2.0
 
 
 class TunnelUpstream:
@@ -47,12 +74,18 @@ class TunnelUpstream:
         addr: str,
         protocol: str = "http",
         tcp_observer: TcpObserver | None = None,
+        *,
+        max_streams: int = 1024,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self.endpoint_id = endpoint_id
         self.tunnel = tunnel
         self.addr = addr
         self.protocol = protocol
         self.tcp_observer = tcp_observer
+        self.max_streams = max_streams
+        self.on_limit = on_limit
+        self.counted_ip: str | None = None  # its connection's slot in the per-IP limit
         self.connected_at = time.time()
         self.graceful = False  # the agent said goodbye (GoAway) before the tunnel closed
         self.expiry: asyncio.TimerHandle | None = None  # when its token expires
@@ -76,6 +109,13 @@ class TunnelUpstream:
             return stream, True
         if not self.tunnel.usable:
             raise UpstreamUnavailable("tunnel closing")
+        if self.tunnel.session.stream_count >= self.max_streams:
+            if not self._idle:
+                if self.on_limit is not None:
+                    self.on_limit(LIMIT_STREAMS)
+                raise UpstreamBusy(f"tunnel has {self.max_streams} streams open")
+            # An idle keep-alive stream makes room: the oldest.
+            self._idle.pop(0)[1].reset(ResetReason.NORMAL)
         try:
             stream = self.tunnel.open_stream()
         except MuxError as exc:
@@ -178,6 +218,10 @@ class EndpointRegistry:
         for listener in self.listeners:
             listener(key, count)
 
+    def count(self, endpoint_id: str) -> int:
+        """Registered tunnels of the endpoint (any case of its id)."""
+        return len(self._endpoints.get(endpoint_key(endpoint_id), ()))
+
     def candidates(self, endpoint_id: str) -> list[Upstream]:
         """The endpoint's usable tunnels, starting at the round-robin position.
 
@@ -228,14 +272,20 @@ class UpstreamServer:
         *,
         auth: TokenVerifier | None = None,
         disconnect_on_expiry: bool = True,
-        ping_interval: float = 15.0,
-        ping_timeout: float = 15.0,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 5.0,
+        limits: TunnelLimits | None = None,
         on_connect: Callable[[str], None] | None = None,
         on_disconnect: Callable[[str, bool], None] | None = None,
+        on_limit: Callable[[str], None] | None = None,
         tcp_observer: TcpObserver | None = None,
     ) -> None:
         self.registry = registry
         self.tcp_observer = tcp_observer
+        self.limits = limits = limits if limits is not None else TunnelLimits()
+        # Told the name of each limit an agent hit (a metric).
+        self.on_limit = on_limit
+        self.per_ip = AddressLimit(limits.max_connections_per_ip)
         # With `auth`, an agent needs a token that permits the endpoint it registers; its
         # tunnel is drained when the token expires unless `disconnect_on_expiry` is off.
         self.auth = auth
@@ -277,16 +327,35 @@ class UpstreamServer:
         rest: bytes,
         token: Token | None = None,
         protocol: str = "http",
+        counted_ip: str | None = None,
     ) -> None:
         """Serve an upgraded connection as the tunnel of `endpoint_id` (with its `token`),
-        served to clients as `protocol` (http or tcp)."""
+        served to clients as `protocol` (http or tcp).
+
+        `counted_ip`: the address `per_ip` counted this connection for (released at the end).
+        """
+        limits = self.limits
         tunnel = Tunnel(
-            client=False, ping_interval=self.ping_interval, ping_timeout=self.ping_timeout
+            client=False,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            max_control_frames=limits.max_control_frames,
+            ack_timeout=limits.stream_ack_timeout,
+            on_limit=lambda name: self.limit_hit(_TUNNEL_LIMITS.get(name, name)),
         )
         tunnel.attach(transport, b"")
         addr = tunnel.peer or "unknown"
         tunnel.name = f"{endpoint_id}@{addr}"
-        upstream = TunnelUpstream(endpoint_id, tunnel, addr, protocol, self.tcp_observer)
+        upstream = TunnelUpstream(
+            endpoint_id,
+            tunnel,
+            addr,
+            protocol,
+            self.tcp_observer,
+            max_streams=limits.max_streams_per_tunnel,
+            on_limit=self.limit_hit,
+        )
+        upstream.counted_ip = counted_ip
 
         def on_goaway() -> None:
             # The agent is stopping: route new requests elsewhere at once.
@@ -309,6 +378,28 @@ class UpstreamServer:
             upstream.expiry = loop.call_later(delay, self._expired, upstream)
         if rest:
             tunnel.data_received(rest)
+
+    def admit(self, endpoint_id: str) -> Rejected | None:
+        """Why a new tunnel for `endpoint_id` is refused now (the node or the endpoint is at
+        its limit), or None."""
+        limits = self.limits
+        if len(self._tunnels) >= limits.max_tunnels:
+            self.limit_hit(LIMIT_TUNNELS)
+            return Rejected(503, f"node is at upstream.max_tunnels ({limits.max_tunnels} tunnels)")
+        if self.registry.count(endpoint_id) >= limits.max_tunnels_per_endpoint:
+            self.limit_hit(LIMIT_TUNNELS_PER_ENDPOINT)
+            return Rejected(
+                429,
+                f"endpoint {endpoint_id} is at upstream.max_tunnels_per_endpoint "
+                f"({limits.max_tunnels_per_endpoint} tunnels)",
+            )
+        return None
+
+    def limit_hit(self, limit: str) -> None:
+        """Count a refusal for `limit` and log it (at most once a minute per limit)."""
+        if self.on_limit is not None:
+            self.on_limit(limit)
+        _log.warn_throttled("upstream limit reached: " + limit)
 
     def _expired(self, upstream: TunnelUpstream) -> None:
         """The agent's token expired: no new requests, GoAway, and the open ones finish."""
@@ -335,6 +426,8 @@ class UpstreamServer:
             self.registry.remove(upstream)
             upstream.close_idle()
             self._tunnels.discard(upstream)
+            if upstream.counted_ip is not None:
+                self.per_ip.remove(upstream.counted_ip)
             _log.info(
                 "upstream disconnected",
                 endpoint_id=upstream.endpoint_id,
@@ -391,10 +484,17 @@ class _UpgradeRequest(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.ip = ""
+        # Counted in `server.per_ip` (until the connection or its tunnel closes); when the
+        # address is over its limit, not counted and refused once its request is in.
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.timer = asyncio.get_running_loop().call_later(_HEAD_TIMEOUT, self._timeout)
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else ""
+        self.counted = self.server.per_ip.add(self.ip)
 
     def _timeout(self) -> None:
         self._reject(Rejected(408, "request head not received in time"))
@@ -404,21 +504,45 @@ class _UpgradeRequest(asyncio.Protocol):
             return
         match self.handshake.receive_data(data):
             case Accepted(endpoint_id, key, token, rest, protocol):
+                refusal = self._refusal(endpoint_id)
+                if refusal is not None:
+                    self._reject(refusal)
+                    return
                 transport, self.transport = self.transport, None
                 self._stop_timer()
+                self.counted = False  # the tunnel's now: released when it closes
                 transport.write(accept_response(key))
-                self.server.accept(endpoint_id, transport, rest, token, protocol)
+                self.server.accept(
+                    endpoint_id, transport, rest, token, protocol, counted_ip=self.ip
+                )
             case Rejected() as rejected:
                 self._reject(rejected)
             case None:
                 pass
 
+    def _refusal(self, endpoint_id: str) -> Rejected | None:
+        if not self.counted:
+            server = self.server
+            server.limit_hit(LIMIT_CONNECTIONS_PER_IP)
+            return Rejected(
+                429,
+                f"too many connections from {self.ip} "
+                f"(upstream.max_connections_per_ip is {server.limits.max_connections_per_ip})",
+            )
+        return self.server.admit(endpoint_id)
+
     def _reject(self, rejected: Rejected) -> None:
         self._stop_timer()
+        self._uncount()
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.write(reject_response(rejected))
             transport.close()
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.server.per_ip.remove(self.ip)
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -427,4 +551,5 @@ class _UpgradeRequest(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        self._uncount()
         self.transport = None
