@@ -283,7 +283,9 @@ class EndpointLink:
             stream.reset(ResetReason.REFUSED)
         except ssl.SSLError as exc:
             labels.dial_errors.labels(spec.endpoint_id, "tls").inc()
-            _log.warn("TLS to the service failed", endpoint_id=spec.endpoint_id, error=str(exc))
+            _log.warn_throttled(
+                "TLS to the service failed", endpoint_id=spec.endpoint_id, error=str(exc)
+            )
             stream.reset(ResetReason.UNREACHABLE)
         except OSError:
             labels.dial_errors.labels(spec.endpoint_id, "unreachable").inc()

@@ -237,7 +237,8 @@ class WebSocketBridge:
         try:
             payloads, controls = self._decoder.feed(data)
         except WebSocketError as exc:
-            _log.warn("bad websocket frame", endpoint_id=self.endpoint_id, error=str(exc))
+            # The client controls this: logged at most once a minute.
+            _log.warn_throttled("bad websocket frame", endpoint_id=self.endpoint_id, error=str(exc))
             self._send_close(_PROTOCOL_ERROR, str(exc)[:100])
             self.stream.reset(ResetReason.PROTOCOL)
             self._finish("protocol error")
