@@ -123,23 +123,16 @@ class Logger:
     warning = warn
 
     def warn_throttled(self, msg: str, /, **fields: object) -> None:
-        """Log at warn level at most once per `THROTTLE_INTERVAL` for this subsystem and `msg`.
+        """Log at warn level at most once a minute for this subsystem and `msg` (a
+        `RateLimited` per subsystem, with `msg` as the reason).
 
         For what a peer controls (bad input, floods): `msg` must be a constant. A record
         carries `suppressed`, how many were dropped since the last one written.
         """
-        if not (_min_level <= WARN or self.subsystem in _verbose):
-            return
-        key = (self.subsystem, msg)
-        now = time.monotonic()
-        last = _throttled.get(key)
-        if last is not None and now - last[0] < THROTTLE_INTERVAL:
-            last[1] += 1
-            return
-        if last is not None and last[1]:
-            fields["suppressed"] = last[1]
-        _throttled[key] = [now, 0]
-        self._emit("warn", msg, fields)
+        limiter = _throttles.get(self.subsystem)
+        if limiter is None:
+            limiter = _throttles.setdefault(self.subsystem, RateLimited(get_logger(self.subsystem)))
+        limiter.warn(msg, msg, **fields)
 
     def error(self, msg: str, /, **fields: object) -> None:
         """Log at error level."""
@@ -173,8 +166,7 @@ class Logger:
 _CORE = frozenset({"ts", "level", "subsystem", "msg"})
 # Throttled warnings: at most one per (subsystem, message) per interval; the time of the last
 # one written and how many were suppressed since. Keys are constant messages: bounded.
-THROTTLE_INTERVAL = 60.0
-_throttled: dict[tuple[str, str], list[float]] = {}
+_throttles: dict[str, RateLimited] = {}
 _loggers: dict[str, Logger] = {}
 
 
@@ -220,7 +212,9 @@ class RateLimited:
         suppressed = self._suppressed.pop(reason, 0)
         if suppressed:
             fields["suppressed"] = suppressed
-        self.logger.warn(msg, reason=reason, **fields)
+        if reason != msg:
+            fields["reason"] = reason
+        self.logger.warn(msg, **fields)
         return True
 
 

@@ -121,12 +121,12 @@ def test_kills_freezes_and_restarts_fail_no_request(procs: Procs, tmp_path: Path
     def event(name: str, act: object, allowed_in_flight: bool = False) -> None:
         wait_until(lambda: traffic.recovered(time.monotonic() - 60), timeout=30, what="steady")
         at = time.monotonic()
-        in_flight = traffic.in_flight_at(at)
         act()  # type: ignore[operator]
         wait_until(tunnels_up, timeout=30, what=f"two tunnels again after {name}")
         wait_until(lambda: traffic.recovered(at), timeout=30, what=f"requests succeed after {name}")
         failed = traffic.failed_between(at - 0.5, time.monotonic())
-        allowed = in_flight if allowed_in_flight else 0
+        # Requests in flight when the machine froze (known once they ended).
+        allowed = traffic.in_flight_at(at) if allowed_in_flight else 0
         failures[name] = (len(failed), allowed)
         report.append(f"{name}: {len(failed)} failed (allowed {allowed}) {sorted(set(failed))}")
 
