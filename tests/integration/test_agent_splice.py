@@ -24,7 +24,7 @@ from pico.mux import splice
 from pico.mux.frame import Flags, FrameType, encode_header
 from pico.mux.tunnel import Tunnel
 from pico.mux.websocket import OP_BINARY, OP_PING, encode_frame, frame_header
-from tests.support.cluster import Harness, proxy_url, wait_for
+from tests.support.cluster import Harness, agent_tunnel, proxy_url, wait_for
 from tests.support.services import pattern, sample_app
 
 EP = {"x-pico-endpoint": "ep"}
@@ -86,8 +86,8 @@ async def test_big_responses_are_spliced_and_arrive_intact(h: Harness) -> None:
     node = await h.node()
     running = await h.agent(node, [f"ep/127.0.0.1:{server.sockets[0].getsockname()[1]}"])
     await h.tunnel_up(node, "ep")
-    tunnel = running.agent.links[0].tunnel
-    assert tunnel is not None and tunnel.splicing
+    tunnel = await agent_tunnel(running)
+    assert tunnel.splicing
     assert all(got == body for got in await get_all(node, 4))
     assert tunnel.pipes is not None and tunnel.pipes.spares  # chunks went through pipes
     server.close()

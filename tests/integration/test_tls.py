@@ -23,7 +23,7 @@ from pico.config import ConfigError, ServerConfig, load_config_dict
 from pico.mux.handshake import open_websocket
 from pico.server.node import Node
 from tests.integration.test_cluster import gossip_addr
-from tests.support.cluster import Harness, wait_for
+from tests.support.cluster import Harness, agent_tunnel, wait_for
 from tests.support.procs import REPO
 from tests.support.services import sample_app
 
@@ -118,8 +118,7 @@ async def test_every_port_speaks_tls_and_nodes_forward_over_it(h: Harness, pki: 
     await h.tunnel_up(a, "ep")
     await wait_for(lambda: "ep" in b.cluster.remotes.get(a.node_id, a.cluster.local).endpoints)
     assert b.cluster.remotes[a.node_id].tls == {"proxy", "admin"}
-    (link,) = h.agents[-1].agent.links
-    assert link.tunnel is not None and not link.tunnel.splicing  # wss is copied, not spliced
+    assert not (await agent_tunnel(h.agents[-1])).splicing  # wss is copied, not spliced
     assert b.addrs is not None and a.addrs is not None
     client = pki.client()
     ep = {"x-pico-endpoint": "ep"}

@@ -11,7 +11,14 @@ import aiohttp
 from pico.mux.frame import Flags, FrameType, ResetReason, encode_header
 from pico.mux.tunnel import Tunnel
 from pico.mux.websocket import OP_BINARY, encode_frame
-from tests.support.cluster import Harness, agent_config, proxy_url, start_agent, wait_for
+from tests.support.cluster import (
+    Harness,
+    agent_config,
+    agent_tunnel,
+    proxy_url,
+    start_agent,
+    wait_for,
+)
 from tests.support.services import PEERS, sample_app
 
 
@@ -117,8 +124,8 @@ async def test_a_post_on_a_stream_a_frozen_agent_never_acks_goes_to_the_other_up
     await h.tunnel_up(node, "ep")
     await h.agent(node, [f"ep/127.0.0.1:{healthy_port}"])
     await h.tunnel_up(node, "ep", 2)
-    tunnel = frozen.agent.links[0].tunnel
-    assert tunnel is not None and tunnel.transport is not None
+    tunnel = await agent_tunnel(frozen)
+    assert tunnel.transport is not None
     tunnel.transport.pause_reading()  # frozen: it reads nothing, so it sends nothing
     headers = {"x-pico-endpoint": "ep"}
     try:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from pico.agent.agent import Agent
 from pico.config import AgentConfig, ServerConfig, load_config_dict
+from pico.mux.tunnel import Tunnel
 from pico.server.node import Node
 from tests.support.services import RawConnection, sample_app
 
@@ -156,6 +157,15 @@ class Harness:
             await runner.cleanup()
         for close in self.closers:
             close()
+
+
+async def agent_tunnel(running: RunningAgent) -> Tunnel:
+    """The agent's tunnel of its first endpoint, once the agent has it (the node registers a
+    tunnel as it sends the 101, a moment before the agent has read it)."""
+    link = running.agent.links[0]
+    await wait_for(lambda: link.tunnel is not None, what="the agent's side of its tunnel")
+    assert link.tunnel is not None
+    return link.tunnel
 
 
 async def connect(node: Node) -> RawConnection:
