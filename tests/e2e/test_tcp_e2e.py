@@ -6,6 +6,7 @@ Addresses 127.0.0.41-49 are this file's own (other e2e tests use .1 and .11-.13)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -37,10 +40,20 @@ pytestmark = pytest.mark.e2e
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None,
-    reason="redis-server and redis-cli are required (installed by .ci/run)",
-)
+
+
+def needs_redis(test: Callable[..., None]) -> Callable[..., None]:
+    """Fails (never skips) without Redis: .ci/run installs it, so a missing one is a broken
+    machine, not a reason to test less."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        assert REDIS_SERVER is not None and REDIS_CLI is not None, (
+            "redis-server and redis-cli are required: apt-get install redis-server redis-tools"
+        )
+        test(*args, **kwargs)
+
+    return run
 
 
 def start_node(procs: Procs, ip: str, *extra: str, name: str = "") -> Proc:
