@@ -201,7 +201,24 @@ class TlsConfig(_Model):
         return bool(self.cert)
 
 
-class ClusterTlsConfig(_Model):
+class _ClientTls(_Model):
+    """What a TLS client is configured with: the CAs it trusts and the certificate it shows.
+    Subclasses describe the fields for where they are used; the files are checked here."""
+
+    root_ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    @model_validator(mode="after")
+    def _files(self) -> _ClientTls:
+        from pico.tls import check_cas, check_pair
+
+        check_pair(self.cert, self.key)
+        check_cas(self.root_ca, "root_ca")
+        return self
+
+
+class ClusterTlsConfig(_ClientTls):
     """``cluster.tls``: how this node connects to other nodes' TLS ports (forwarding, admin)."""
 
     root_ca: str = Field(
@@ -218,14 +235,6 @@ class ClusterTlsConfig(_Model):
         description="Name other nodes' certificates must be valid for (default: the host of "
         "the address each node advertises).",
     )
-
-    @model_validator(mode="after")
-    def _files(self) -> ClusterTlsConfig:
-        from pico.tls import check_cas, check_pair
-
-        check_pair(self.cert, self.key)
-        check_cas(self.root_ca, "root_ca")
-        return self
 
 
 class JwksConfig(_Model):
@@ -746,7 +755,7 @@ def _http_url(value: str) -> str:
     return value
 
 
-class AgentTlsConfig(_Model):
+class AgentTlsConfig(_ClientTls):
     """``server.tls`` (agent side): verifying an https server, and the agent's own certificate."""
 
     root_ca: str = Field(
@@ -763,14 +772,6 @@ class AgentTlsConfig(_Model):
         description="Do not verify the server's certificate (testing only: anyone on the path "
         "can then read and change the tunnel).",
     )
-
-    @model_validator(mode="after")
-    def _files(self) -> AgentTlsConfig:
-        from pico.tls import check_cas, check_pair
-
-        check_pair(self.cert, self.key)
-        check_cas(self.root_ca, "root_ca")
-        return self
 
 
 def _check_server_tls(url: str, tls: AgentTlsConfig) -> None:
@@ -801,7 +802,7 @@ class AgentServerSection(_Model):
     tls: AgentTlsConfig = Field(default_factory=AgentTlsConfig)
 
 
-class ServiceTlsConfig(_Model):
+class ServiceTlsConfig(_ClientTls):
     """``tls`` (agent side): verifying the services of https listeners."""
 
     root_ca: str = Field(
@@ -814,14 +815,6 @@ class ServiceTlsConfig(_Model):
     insecure_skip_verify: bool = Field(
         False, description="Do not verify https services' certificates (testing only)."
     )
-
-    @model_validator(mode="after")
-    def _files(self) -> ServiceTlsConfig:
-        from pico.tls import check_cas, check_pair
-
-        check_pair(self.cert, self.key)
-        check_cas(self.root_ca, "root_ca")
-        return self
 
 
 class AgentAuthConfig(_Model):
