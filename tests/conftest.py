@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -38,3 +39,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With PICO_EXPECT_COMPILED=1 (`make test-compiled`), refuse to run on a build that is not
+    compiled: a run that silently imported the .py files would test nothing new."""
+    if os.environ.get("PICO_EXPECT_COMPILED") == "1":
+        from pico import native
+
+        missing = sorted(set(native.MODULES) - set(native.compiled_modules()))
+        if missing:
+            raise pytest.UsageError(
+                f"PICO_EXPECT_COMPILED=1 but these modules are not compiled: {missing}"
+            )

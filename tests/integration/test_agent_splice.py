@@ -174,17 +174,9 @@ async def test_a_closing_tunnel_sends_what_it_queued_before_closing(peer_talks: 
         stream.write_eof()
         fins += encode_header(FrameType.DATA, Flags.FIN, stream.stream_id, 0)
     tunnel.data_received(frame_header(OP_BINARY, len(fins), mask_key=None) + fins)
-    closing = asyncio.Event()
-    close = tunnel.close
-
-    def close_and_signal(reason: str = "closed") -> None:
-        close(reason)
-        closing.set()
-
-    tunnel.close = close_and_signal  # type: ignore[method-assign]
 
     async def read_all() -> int:
-        await closing.wait()  # the peer reads only once the tunnel is closing
+        await tunnel.wait_closing()  # the peer reads only once the tunnel is closing
         if peer_talks:
             await loop.sock_sendall(peer, encode_frame(OP_PING, b"hi", mask=False))
         got = 0
