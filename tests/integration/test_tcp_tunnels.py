@@ -421,3 +421,13 @@ async def test_the_tcp_route_takes_only_websocket_upgrades(
         async with http.get(proxy_url(node) + "/_pico/v1/tcp/my-db", headers=headers) as resp:
             assert resp.status == 400
             assert await resp.json() == {"error": message}
+
+
+async def test_a_refused_connection_through_a_forwarding_node_gets_502(h: Harness) -> None:
+    a, b, _c = await cluster(h, proxy={"upstream_wait": "0.2s"})
+    await h.tcp_agent(a, "gone", await closed_port())
+    await h.tunnel_up(a, "gone")
+    await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("gone") == 1, what="gossiped")
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("gone", url=proxy_url(b))
+    assert (caught.value.status, caught.value.message) == (502, "upstream unreachable")
