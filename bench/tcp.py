@@ -6,6 +6,8 @@ upload: the client does, then its FIN), for BENCH_DURATION seconds, in the same 
 HTTP cases. Each transfer pays what a real connection pays: the connect, and for Pico the
 WebSocket upgrade and the agent's dial, as wrk's 1 MB row pays its requests. MB/s is completed
 transfers x 1 MiB / time; the ratio is Pico over the nginx stream proxy of the same round.
+BENCH_TCP_SIZE (bytes, default 1 MiB) changes the transfer size: 16777216 shows the bulk copy
+with the per-connection setup mostly amortized.
 
 Pico: client -> `pico forward tcp` -> node proxy port -> tunnel -> `pico agent tcp` ->
 service. nginx: client -> nginx `stream { proxy_pass }` -> service. The service is the same
@@ -29,7 +31,8 @@ from bench.rss import Sampler
 if TYPE_CHECKING:
     from bench.run import Bench
 
-SIZE = 1024 * 1024
+SIZE = int(os.environ.get("BENCH_TCP_SIZE", "") or 1024 * 1024)
+LABEL = f"{SIZE / 2**20:g} MiB" if SIZE >= 2**20 else f"{SIZE} B"
 DIRECTIONS = ("down", "up")
 SERVICE_HOST = "127.0.0.4"
 STREAM_HOST = "127.0.0.5"
@@ -71,7 +74,7 @@ class TcpCase:
 
 
 def transfer_once(host: str, port: int) -> bool:
-    """One download through `host:port`: True if exactly 1 MiB came back."""
+    """One download through `host:port`: True if exactly SIZE bytes came back."""
     with socket.create_connection((host, port), timeout=5) as sock:
         sock.sendall(b"D")
         got = 0
@@ -163,7 +166,7 @@ class TcpBench:
 
         wait_until(f"the agent to register endpoint {ENDPOINT!r}", registered, 15, alive)
         wait_until(
-            "1 MiB through pico forward", lambda: transfer_once(host, forward_port), 10, alive
+            "a transfer through pico forward", lambda: transfer_once(host, forward_port), 10, alive
         )
         roles = {"forward": forward, "server": server, "agent": agent}
         return TcpSetup(PICO, host, forward_port, roles)
@@ -213,7 +216,7 @@ class TcpBench:
         )
         case.runs.append(run)
         print(
-            f"  round {len(case.runs)} {setup.name:32} tcp 1 MiB {case.direction:4}: "
+            f"  round {len(case.runs)} {setup.name:32} tcp {LABEL} {case.direction:4}: "
             f"{run.mib_per_sec:,.1f} MB/s, load generator {run.load_cpu:.0%} of a core"
             + (f", {run.errors} errors" if run.errors else ""),
             file=sys.stderr,
@@ -238,7 +241,7 @@ class TcpBench:
     def render(self) -> list[str]:
         lines = [
             "",
-            f"TCP: {self.connections} concurrent transfers of 1 MiB, each on a new connection "
+            f"TCP: {self.connections} concurrent transfers of {LABEL}, each on a new connection "
             "(down: the service sends, up: the client sends); MB/s of completed transfers; "
             "x stream = median of the per-round ratios to the nginx stream proxy; CPU is "
             "seconds per GiB moved, for the processes named",
@@ -274,10 +277,10 @@ class TcpBench:
                 continue
             rounds = sorted(self.ratios(case))
             if not rounds:
-                lines.append(f"| MB/s @ TCP 1 MiB | {case.direction} | n/a | {BAR}x | n/a |")
+                lines.append(f"| MB/s @ TCP {LABEL} | {case.direction} | n/a | {BAR}x | n/a |")
                 continue
             mid = rounds[len(rounds) // 2]
             run = case.median()
             ok = "PASS" if mid >= BAR and run is not None and not run.errors else "FAIL"
-            lines.append(f"| MB/s @ TCP 1 MiB | {case.direction} | {mid:.2f}x | {BAR}x | {ok} |")
+            lines.append(f"| MB/s @ TCP {LABEL} | {case.direction} | {mid:.2f}x | {BAR}x | {ok} |")
         return lines
