@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ class TcpBench:
                              "| | | | | | | |")  # fmt: skip
                 continue
             rounds = self.ratios(case)
-            mid = sorted(rounds)[len(rounds) // 2] if rounds else None
+            mid = statistics.median(rounds) if rounds else None
             gib = run.mib_per_sec * run.seconds / 1024
             cpu = (
                 ", ".join(f"{role} {sec / gib:.2f}" for role, sec in run.cpu.items()) if gib else ""
@@ -275,11 +276,11 @@ class TcpBench:
         for case in self.cases:
             if case.setup != PICO:
                 continue
-            rounds = sorted(self.ratios(case))
+            rounds = self.ratios(case)
             if not rounds:
                 lines.append(f"| MB/s @ TCP {LABEL} | {case.direction} | n/a | {BAR}x | n/a |")
                 continue
-            mid = rounds[len(rounds) // 2]
+            mid = statistics.median(rounds)  # as bench.run's ratio(): even counts average
             run = case.median()
             ok = "PASS" if mid >= BAR and run is not None and not run.errors else "FAIL"
             lines.append(f"| MB/s @ TCP {LABEL} | {case.direction} | {mid:.2f}x | {BAR}x | {ok} |")
