@@ -26,7 +26,8 @@ unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 # The suite runs twice: on the sources as they are, then unit and integration tests again on
-# the hot modules compiled with mypyc (pico.native lists them; see setup.py).
+# the hot modules compiled with mypyc (pico.native lists them; see setup.py), on uvloop as
+# `pico` runs (the first run is on asyncio's loop).
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests
 	$(MAKE) test-compiled
@@ -44,7 +45,8 @@ $(COMPILED)/.built: $(STAMP) $(SOURCES)
 compiled: $(COMPILED)/.built
 
 test-compiled: compiled
-	PICO_EXPECT_COMPILED=1 PYTHONPATH=$(abspath $(COMPILED))/src $(BIN)/pytest -q tests/unit tests/integration
+	PICO_EXPECT_COMPILED=1 PICO_TEST_LOOP=uvloop PYTHONPATH=$(abspath $(COMPILED))/src \
+		$(BIN)/pytest -q tests/unit tests/integration
 
 # Measures the compiled build (what `PICO_COMPILE=1 pip install .` and the image run);
 # `make bench BENCH_PURE=1` measures the plain sources.

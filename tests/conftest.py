@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from pico import log
 from tests.support.cluster import Harness
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop in-process tests run on: asyncio's, or uvloop's (what `pico` runs on) with
+    PICO_TEST_LOOP=uvloop, as `make test-compiled` does, so both loops are covered."""
+    if os.environ.get("PICO_TEST_LOOP", "asyncio") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture
