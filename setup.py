@@ -5,8 +5,8 @@ the modules on the data path run about a third faster (see DESIGN.md §7): they 
 sources, type-checked by mypy --strict, turned into C extensions that Python imports in place
 of the .py files. Everything else is declared in pyproject.toml.
 
-    pip install mypy setuptools                         # a compiled install (needs a C compiler)
-    PICO_COMPILE=1 pip install --no-build-isolation .
+    pip install '.[compile]'                            # the dependencies, and mypy to compile
+    PICO_COMPILE=1 pip install --no-build-isolation --no-deps --force-reinstall .
     PICO_COMPILE=1 python setup.py build_ext --inplace  # compiled modules beside the sources
 
 Editable installs (`pip install -e .`) stay pure so an edited .py file is what runs.
@@ -35,7 +35,8 @@ def ext_modules() -> list[object]:
     except ImportError:
         raise SystemExit(
             "PICO_COMPILE=1 needs mypy (which brings mypyc) where the package is built: "
-            "pip install mypy setuptools, then pip install --no-build-isolation ."
+            "pip install '.[compile]', then PICO_COMPILE=1 pip install --no-build-isolation "
+            "--no-deps --force-reinstall ."
         ) from None
 
     return list(mypycify([f"src/{m.replace('.', '/')}.py" for m in MODULES], opt_level="3"))

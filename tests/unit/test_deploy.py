@@ -478,7 +478,10 @@ def test_dockerfile() -> None:
     assert user not in ("root", "0"), "the image must not run as root"
     # The image runs the compiled build, and checks that it is one.
     assert any(
-        "PICO_COMPILE=1 pip install --no-cache-dir --no-build-isolation ." in rest
+        "PICO_COMPILE=1 pip install --no-cache-dir --no-build-isolation --no-deps "
+        "--force-reinstall ."
+        in rest
+        and "'.[compile]'" in rest
         and "build_mode() == 'compiled'" in rest
         for rest in by_name["RUN"]
     )
