@@ -45,9 +45,7 @@ class InProcessService(Protocol):
         """After the drain: stop what is left."""
 
 
-def agent_config(
-    endpoint: str, protocol: str, url: str, api_key: str, root_ca: str
-) -> AgentConfig:
+def agent_config(endpoint: str, protocol: str, url: str, api_key: str, root_ca: str) -> AgentConfig:
     """The agent configuration of an SDK endpoint. Raises ValueError naming the bad value."""
     tls = {"root_ca": root_ca} if root_ca else {}
     # The listener's address is never dialed (the dialer is in-process); it is there because
