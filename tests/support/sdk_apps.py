@@ -2,7 +2,7 @@
 WebSocket echo, held and disconnect-watching requests, a lifespan that records its order), a
 Flask app, and the same apps as processes:
 
-    python -m tests.support.sdk_apps starlette ENDPOINT UPSTREAM_URL ADMIN_URL
+    python -m tests.support.sdk_apps starlette ENDPOINT UPSTREAM_URL ADMIN_URL[,ADMIN_URL...]
     python -m tests.support.sdk_apps flask ENDPOINT UPSTREAM_URL
 
 The Starlette process prints one JSON line per event ("startup", "serving", "shutdown",
@@ -197,9 +197,13 @@ def _print(event: str, **fields: Any) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
 
 
-def _registered(admin_url: str, endpoint: str) -> bool:
-    with urllib.request.urlopen(f"{admin_url}/status/proxy/endpoints", timeout=5) as resp:
-        return endpoint in json.loads(resp.read())
+def _registered(admin_urls: str, endpoint: str) -> bool:
+    """Whether any of the nodes (comma-separated admin URLs) lists `endpoint`."""
+    for url in admin_urls.split(","):
+        with urllib.request.urlopen(f"{url}/status/proxy/endpoints", timeout=5) as resp:
+            if endpoint in json.loads(resp.read()):
+                return True
+    return False
 
 
 async def _serve_starlette(endpoint: str, url: str, admin_url: str) -> None:
