@@ -646,6 +646,16 @@ class EndpointSpec:
 _UNIX_PREFIX = "unix:"
 
 
+def unix_socket_path(addr: str) -> str | None:
+    """The path of a "unix:PATH" address (None for any other); ValueError if PATH is bad."""
+    if not addr.startswith(_UNIX_PREFIX):
+        return None
+    path = addr[len(_UNIX_PREFIX) :]
+    if not path or "\0" in path:
+        raise ValueError(f"invalid Unix socket address {addr!r} (expected unix:/path/to.sock)")
+    return path
+
+
 def parse_endpoint(value: str) -> EndpointSpec:
     """Parse "id/addr" (addr: "host:port", a bare port -> localhost, or "unix:PATH");
     ValueError if bad."""
@@ -657,10 +667,8 @@ def parse_endpoint(value: str) -> EndpointSpec:
             f"invalid endpoint id {endpoint_id!r} in {value!r} "
             "(1-128 characters of A-Z a-z 0-9 . _ -)"
         )
-    if addr.startswith(_UNIX_PREFIX):
-        path = addr[len(_UNIX_PREFIX) :]
-        if not path or "\0" in path:
-            raise ValueError(f"invalid Unix socket path in {value!r} (expected unix:/path/to.sock)")
+    path = unix_socket_path(addr)
+    if path is not None:
         return EndpointSpec(endpoint_id, "", 0, unix_path=path)
     if addr.isdigit():
         host, port = "localhost", int(addr)
@@ -721,8 +729,9 @@ class ListenerConfig(_Model):
         description="Endpoint to register."
     )
     addr: str = Field(
-        description="The service: a port, host:port, or for http a URL (https://host:port: "
-        "the agent speaks TLS to the service, verified with tls.root_ca)."
+        description="The service: a port, host:port, unix:PATH (a Unix socket), or for http a "
+        "URL (https://host:port: the agent speaks TLS to the service, verified with "
+        "tls.root_ca)."
     )
     protocol: str = Field("http", description="http (requests) or tcp (raw connections).")
     access_log: bool = Field(
@@ -740,15 +749,21 @@ class ListenerConfig(_Model):
                 "(use http or tcp)"
             )
         try:
-            parse_listener_addr(self.addr, self.protocol)
+            if unix_socket_path(self.addr) is None:
+                parse_listener_addr(self.addr, self.protocol)
         except ValueError as exc:
             raise ValueError(f"listener {self.endpoint_id!r}: {exc}") from None
         return self
 
     def spec(self) -> EndpointSpec:
         """This listener as an :class:`EndpointSpec`."""
-        host, port, tls = parse_listener_addr(self.addr, self.protocol)
         protocol = cast(ListenerProtocol, self.protocol)
+        path = unix_socket_path(self.addr)
+        if path is not None:
+            return EndpointSpec(
+                self.endpoint_id, "", 0, protocol, False, self.timeout, self.access_log, path
+            )
+        host, port, tls = parse_listener_addr(self.addr, self.protocol)
         return EndpointSpec(
             self.endpoint_id, host, port, protocol, tls, self.timeout, self.access_log
         )
