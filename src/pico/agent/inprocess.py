@@ -146,6 +146,9 @@ class StreamTransport(asyncio.Transport):
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._state is not _State.OPEN:
+            # Bytes after close(): what a closed socket answers with a RST. The node learns
+            # nobody reads them, instead of sending into a stream that never ends.
+            self._stream.reset(ResetReason.CANCELLED)
             return
         chunk = data if type(data) is bytes else bytes(data)
         if self._reading_paused or self._held:
