@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/pico dev demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench fuzz
-	$(BIN)/ruff format --check src tests bench fuzz
+	$(BIN)/ruff check src tests bench fuzz examples
+	$(BIN)/ruff format --check src tests bench fuzz examples
 	$(BIN)/mypy src
 
 unit: $(STAMP)

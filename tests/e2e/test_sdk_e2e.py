@@ -258,3 +258,38 @@ def test_connect_reaches_redis_behind_pico_agent_tcp(procs: Procs) -> None:
 
     with pytest.raises(pico.sdk.UnknownEndpoint, match="502 no available upstreams"):
         asyncio.run(unknown())
+
+
+@needs_redis
+def test_the_examples_run_as_their_docstrings_say(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ip = "127.0.0.66"
+    start_node(procs, ip)
+    monkeypatch.setenv("PICO_URL", f"http://{ip}:8001")
+    monkeypatch.setenv("PICO_PROXY_URL", f"http://{ip}:8000")
+    starlette = procs.start("starlette-example", [sys.executable, "examples/starlette_app.py"])
+    flask = procs.start("flask-example", [sys.executable, "examples/flask_app.py"])
+    wait_until(lambda: endpoint_listed(ip, "my-app"), what="my-app registered")
+    wait_until(lambda: endpoint_listed(ip, "legacy"), what="legacy registered")
+    status, body = http_get(f"http://{ip}:8000/", {"x-pico-endpoint": "my-app"})
+    assert (status, json.loads(body)["hello"]) == (200, "world")
+    status, body = http_get(f"http://{ip}:8000/", {"x-pico-endpoint": "legacy"})
+    assert (status, json.loads(body)["hello"]) == (200, "flask")
+    start_redis(procs, ip, 6466)
+    procs.pico(
+        "agent", "tcp", "my-db", f"{ip}:6466",
+        "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
+    )  # fmt: skip
+    wait_until(lambda: endpoint_listed(ip, "my-db"), what="my-db registered")
+    redis = procs.start("redis-example", [sys.executable, "examples/connect_redis.py"])
+    assert redis.wait(timeout=30) == 0, redis.output()
+    assert redis.output().splitlines() == [
+        "PING -> PONG",
+        "SET  -> OK",
+        "GET  -> hello from pico",
+    ]
+    for example in (starlette, flask):
+        example.signal(signal.SIGINT)  # Ctrl-C
+        assert example.wait(timeout=30) == 0, example.output()
+    assert "shutdown: runs after the drain" in starlette.output()
