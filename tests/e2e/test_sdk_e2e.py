@@ -225,16 +225,21 @@ def test_flask_app_through_run_in_its_own_process(procs: Procs) -> None:
     wait_until(lambda: not endpoint_listed(A, "legacy"), what="legacy gone")
 
 
+def redis_behind_an_agent(procs: Procs, ip: str, port: int) -> None:
+    """A Redis on ip:port, registered as TCP endpoint my-db on the node at `ip`."""
+    start_redis(procs, ip, port)
+    procs.pico(
+        "agent", "tcp", "my-db", f"{ip}:{port}",
+        "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
+    )  # fmt: skip
+    wait_until(lambda: endpoint_listed(ip, "my-db"), what="my-db registered")
+
+
 @needs_redis
 def test_connect_reaches_redis_behind_pico_agent_tcp(procs: Procs) -> None:
     ip = "127.0.0.65"
     start_node(procs, ip)
-    start_redis(procs, ip, 6465)
-    procs.pico(
-        "agent", "tcp", "my-db", f"{ip}:6465",
-        "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
-    )  # fmt: skip
-    wait_until(lambda: endpoint_listed(ip, "my-db"), what="my-db registered")
+    redis_behind_an_agent(procs, ip, 6465)
 
     async def talk() -> list[bytes]:
         reader, writer = await pico.sdk.connect("my-db", url=f"http://{ip}:8000")
@@ -276,12 +281,7 @@ def test_the_examples_run_as_their_docstrings_say(
     assert (status, json.loads(body)["hello"]) == (200, "world")
     status, body = http_get(f"http://{ip}:8000/", {"x-pico-endpoint": "legacy"})
     assert (status, json.loads(body)["hello"]) == (200, "flask")
-    start_redis(procs, ip, 6466)
-    procs.pico(
-        "agent", "tcp", "my-db", f"{ip}:6466",
-        "--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0",
-    )  # fmt: skip
-    wait_until(lambda: endpoint_listed(ip, "my-db"), what="my-db registered")
+    redis_behind_an_agent(procs, ip, 6466)
     redis = procs.start("redis-example", [sys.executable, "examples/connect_redis.py"])
     assert redis.wait(timeout=30) == 0, redis.output()
     assert redis.output().splitlines() == [

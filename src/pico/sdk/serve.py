@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from pico.agent.agent import Agent, AgentRejected
+from pico.agent.agent import Agent, AgentMetrics, AgentRejected
 from pico.agent.inprocess import InProcessDialer
 from pico.config import (
     AgentConfig,
@@ -109,8 +109,8 @@ class Served:
         return self._agent is not None and self._agent.links[0].connected.is_set()
 
     @property
-    def metrics(self) -> Any:
-        """The agent's Prometheus metrics of this endpoint (`AgentMetrics`)."""
+    def metrics(self) -> AgentMetrics | None:
+        """The agent's Prometheus metrics of this endpoint (None before `start()`)."""
         return self._agent.metrics if self._agent is not None else None
 
     async def __aenter__(self) -> Served:
