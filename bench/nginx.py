@@ -1,4 +1,5 @@
-"""nginx configs: an origin serving static files, and a keep-alive reverse-proxy hop."""
+"""nginx configs: an origin serving static files, a keep-alive reverse-proxy hop, and a TCP
+proxy (the `stream` module, dynamic on Debian: package libnginx-mod-stream)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,33 @@ def hop_conf(prefix: Path, host: str, port: int, origin_host: str, origin_port: 
     }}
   }}""",
     )
+
+
+# Where Debian's libnginx-mod-stream puts the module (`dpkg -L libnginx-mod-stream`).
+STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+def stream_conf(prefix: Path, host: str, port: int, service_host: str, service_port: int) -> str:
+    """A plain TCP proxy: each connection to host:port is copied to the service and back."""
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    return f"""load_module {STREAM_MODULE};
+{user}daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+events {{
+  worker_connections 4096;
+}}
+stream {{
+  server {{
+    listen {host}:{port};
+    proxy_pass {service_host}:{service_port};
+    # 64 KiB copies (the default is 16 KiB): what a bulk copy should use, so the bar is fair.
+    proxy_buffer_size 64k;
+  }}
+}}
+"""
 
 
 def start(procs: ProcessGroup, nginx: str, name: str, prefix: Path, conf: str) -> Proc:

@@ -10,7 +10,10 @@ BENCH_CONNECTIONS (default 50), BENCH_REPEAT (rounds, default 5), BENCH_SECURE=1
 tokens on the proxy and upstream ports and gossip keys: what an Internet-facing cluster runs),
 BENCH_TLS=1 (the tunnels over wss: the agent copies instead of splicing), PICO_BENCH_PEERS=DIR
 (Piko one node and forwarded, and frp, from the `piko`, `frps` and `frpc` in DIR, in the same
-rounds; `x pico` is each setup over Pico on one node).
+rounds; `x pico` is each setup over Pico on one node). The TCP rows (bench.tcp: 1 MiB
+transfers through `pico forward tcp` and `pico agent tcp` against an nginx `stream` proxy)
+run in the same rounds: BENCH_TCP=0 leaves them out, BENCH_TCP_CONNECTIONS (default 8),
+BENCH_TCP_SIZE (bytes per transfer, default 1 MiB).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from types import FrameType
 from bench import nginx, peers, wrk
 from bench.procs import BenchError, Proc, ProcessGroup, free_port, http_get, wait_until
 from bench.rss import Sampler
+from bench.tcp import TcpBench
 
 SIZES: dict[str, int] = {"1 KB": 1024, "1 MB": 1024 * 1024}
 PATHS: dict[str, str] = {"1 KB": "/1k.bin", "1 MB": "/1m.bin"}
@@ -161,6 +165,7 @@ class Bench:
         self.auth_token = ""
         self.gossip_key = ""  # with a key, gossip and forwarding are sealed/authenticated
         self.tunnel_ca = ""  # with a CA, the upstream port speaks TLS and agents use wss
+        self.tcp: TcpBench | None = None  # the TCP rows, unless BENCH_TCP=0
 
     def enable_gossip_keys(self) -> None:
         """Seal gossip and sign forwarded requests in the Pico setups started afterwards."""
@@ -493,6 +498,9 @@ class Bench:
                 )
                 if started:
                     setups.append(started)
+        if os.environ.get("BENCH_TCP", "1") != "0":
+            self.tcp = TcpBench(self)
+            self.tcp.start()
         measured = [
             (setup, Case(setup.name, size, shown=setup.shown)) for setup in setups for size in SIZES
         ]
@@ -501,6 +509,8 @@ class Bench:
             print(f"bench: round {round_no + 1} of {self.cfg.repeat}", file=sys.stderr, flush=True)
             for setup, case in measured:
                 self.measure_once(setup, case, warmup=round_no == 0)
+            if self.tcp is not None:
+                self.tcp.measure_round(warmup=round_no == 0)
         for _, case in measured:
             case.pick_median()
         names = ("nginx direct", HOP, ONE_NODE, TWO_NODES, UVICORN, SDK, *peers.NAMES)
@@ -573,7 +583,7 @@ def cpu_per_req(case: Case) -> str:
     return f"{used / case.result.requests * 1e6:,.1f}"
 
 
-def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
+def render(cases: list[Case], cfg: Config, notes: list[str], tcp: TcpBench | None = None) -> str:
     hop = {c.size: c for c in cases if c.setup == HOP and c.result}
     pico = {c.size: c for c in cases if c.setup == ONE_NODE and c.result}
     lines = [
@@ -629,6 +639,8 @@ def render(cases: list[Case], cfg: Config, notes: list[str]) -> str:
                 f"| {ok_d} |"
             )
     lines += sdk_bar(cases)
+    if tcp is not None:
+        lines += tcp.render()
     if notes:
         lines += ["", *(f"* {note}" for note in notes)]
     return "\n".join(lines) + "\n"
@@ -678,11 +690,13 @@ def main() -> int:
     finally:
         bench.procs.stop_all()
         ok = ok and not any(c.note.startswith("failed") for c in bench.cases)
+        if bench.tcp is not None:
+            ok = ok and not any(c.note.startswith("failed") for c in bench.tcp.cases)
         if ok:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"bench: logs kept in {tmp / 'logs'}", file=sys.stderr)
-    table = render(bench.cases, cfg, bench.notes)
+    table = render(bench.cases, cfg, bench.notes, bench.tcp)
     print(table)
     out = Path(__file__).resolve().parent / "results" / "latest.md"
     out.parent.mkdir(exist_ok=True)

@@ -62,7 +62,7 @@ async def connect_websocket(
     url: str,
     api_key: str = "",
     ssl: ssl_module.SSLContext | None = None,
-    timeout: float = 10.0,
+    timeout: float = 15.0,
 ) -> tuple[asyncio.Transport, bytes]:
     """Open the WebSocket to `endpoint`: (transport paused for reading, bytes past the 101).
 
@@ -296,14 +296,16 @@ async def open_connection(
     url: str = "http://localhost:8000",
     api_key: str = "",
     ssl: ssl_module.SSLContext | None = None,
-    timeout: float = 10.0,
+    timeout: float = 15.0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the TCP endpoint `endpoint` through the proxy port at `url`.
 
-    Returns asyncio streams; `writer.write_eof()` half-closes (the service reads EOF) and
-    `reader` sees EOF once the service closed its side. Raises ForwardError when the node
-    refuses (unknown endpoint 502, auth 401/403, an http endpoint 400), OSError or
-    TimeoutError when it cannot be reached. Cancelling closes everything it opened.
+    Returns asyncio streams once the agent has connected to the service; `writer.write_eof()`
+    half-closes (the service reads EOF) and `reader` sees EOF once the service closed its
+    side. Raises ForwardError when the node refuses: unknown endpoint (502 `no available
+    upstreams`), a service that refused or could not be reached (502 `upstream unreachable`,
+    504 `upstream timeout`), auth (401/403), an http endpoint (400); OSError or TimeoutError
+    when the node cannot be reached. Cancelling closes everything it opened.
     """
     transport, rest = await connect_websocket(
         endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout
@@ -335,7 +337,7 @@ class Forwarder:
         url: str,
         api_key: str = "",
         ssl: ssl_module.SSLContext | None = None,
-        timeout: float = 10.0,
+        timeout: float = 15.0,
     ) -> None:
         self.endpoint = endpoint
         self.url = url

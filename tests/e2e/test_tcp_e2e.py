@@ -1,7 +1,8 @@
 """TCP tunnels end to end: real `pico server`, `pico agent tcp|http`, `pico forward tcp`, Redis
 and redis-cli, raw half-closing services, an https service, failover and the error lines.
 
-Addresses 127.0.0.41-49 are this file's own (other e2e tests use .1 and .11-.13).
+Addresses 127.0.0.41-49 and 127.0.0.71 are this file's own (other e2e tests use .1 and
+.11-.13).
 """
 
 from __future__ import annotations
@@ -354,6 +355,43 @@ def test_forward_logs_one_line_per_refused_connection(procs: Procs) -> None:
     # With the token, the same endpoint works.
     start_forward(procs, f"{ip}:6013", "my-db", f"http://{ip}:8000", "--auth.api-key", key)
     assert exchange((ip, 6013), b"authorized") == b"authorized"
+
+
+def echoes(addr: tuple[str, int]) -> bool:
+    try:
+        return exchange(addr, b"up", timeout=2) == b"up"
+    except OSError:
+        return False
+
+
+def test_a_refusing_service_is_a_502_line_and_a_second_agent_takes_the_connections(
+    procs: Procs,
+) -> None:
+    ip = "127.0.0.71"
+    start_node(procs, ip)
+    agent = ("--server.url", f"http://{ip}:8001", "--admin.bind-addr", f"{ip}:0")
+    procs.pico("agent", "tcp", "my-db", f"{ip}:6479", *agent, name="agent-refused")  # no service
+    wait_until(lambda: endpoint_listed(ip, "my-db"), what="the refusing agent registered")
+    forward = start_forward(procs, f"{ip}:6071", "my-db", f"http://{ip}:8000")
+    assert exchange((ip, 6071), b"hi") == b""  # closed: no upgrade, no bytes
+    wanted = "connection to my-db failed: 502 upstream unreachable"
+    wait_until(lambda: wanted in forward.output(), what=wanted)
+    errors = [x for x in forward.output().splitlines() if '"level":"error"' in x]
+    assert len(errors) == 1, errors
+    # A second agent of the endpoint whose service answers: every connection reaches it, the
+    # ones the refusing agent was tried for first included.
+    procs.start("echo", [sys.executable, "-m", "tests.support.tcp_services", "echo", ip, "6471"])
+    wait_until(lambda: echoes((ip, 6471)), what="the echo service up")
+    procs.pico("agent", "tcp", "my-db", f"{ip}:6471", *agent, name="agent-echo")
+    wait_until(
+        lambda: (
+            len(json.loads(http_get(f"http://{ip}:8002/status/proxy/endpoints")[1])["my-db"]) == 2
+        ),
+        what="two agents for my-db",
+    )
+    for i in range(4):
+        assert exchange((ip, 6071), b"try %d" % i) == b"try %d" % i
+    assert len([x for x in forward.output().splitlines() if '"level":"error"' in x]) == 1
 
 
 GIB = 1 << 30

@@ -193,17 +193,79 @@ async def test_tcp_route_needs_a_token_for_the_endpoint_when_proxy_auth_is_on(
     writer.close()
 
 
-async def test_service_that_refuses_closes_the_websocket_with_a_reason(h: Harness) -> None:
-    node = await h.node()
+async def closed_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (a service that refuses connections)."""
     echo = await echo_service()
     port = echo.port
     echo.close()
     await echo.server.wait_closed()
-    await h.tcp_agent(node, "gone", port)
+    return port
+
+
+async def test_a_service_that_refuses_gets_the_client_502_and_no_upgrade(h: Harness) -> None:
+    node = await h.node()
+    await h.tcp_agent(node, "gone", await closed_port())
     await h.tunnel_up(node, "gone")
-    reader, writer = await open_connection("gone", url=proxy_url(node))
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    writer.close()
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("gone", url=proxy_url(node))
+    assert (caught.value.status, caught.value.message) == (502, "upstream unreachable")
+    async with aiohttp.ClientSession() as http:  # a plain client sees the same JSON error
+        async with http.get(
+            proxy_url(node) + "/_pico/v1/tcp/gone",
+            headers={
+                "Connection": "Upgrade",
+                "Upgrade": "websocket",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Version": "13",
+            },
+        ) as resp:
+            assert resp.status == 502
+            assert resp.headers["Content-Type"] == "application/json"
+            assert await resp.json() == {"error": "upstream unreachable"}
+
+
+async def test_a_refused_connection_is_retried_on_another_agent_of_the_endpoint(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    refusing = await h.tcp_agent(node, "db", await closed_port())
+    await h.tunnel_up(node, "db")
+    await tcp_endpoint(h, node, "db")  # a second agent, whose service answers
+    await h.tunnel_up(node, "db", count=2)
+    for i in range(4):  # round robin: half of them try the refusing agent first
+        reader, writer = await open_connection("db", url=proxy_url(node))
+        writer.write(b"try %d" % i)
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"try %d" % i
+        writer.close()
+    refused = refusing.agent.metrics.registry.get_sample_value(
+        "pico_agent_dial_errors_total", {"endpoint": "db", "reason": "refused"}
+    )
+    assert refused is not None and refused >= 1
+
+
+async def test_forwarder_logs_one_line_for_a_service_that_refuses(
+    h: Harness, logs: io.StringIO
+) -> None:
+    node = await h.node()
+    await h.tcp_agent(node, "gone", await closed_port())
+    await h.tunnel_up(node, "gone")
+    forwarder = Forwarder("gone", url=proxy_url(node))
+    host, port = await forwarder.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+        def errors() -> list[str]:
+            entries = [json.loads(line) for line in logs.getvalue().splitlines()]
+            return [e["msg"] for e in entries if e["subsystem"] == "forward"]
+
+        await wait_for(
+            lambda: errors() == ["connection to gone failed: 502 upstream unreachable"],
+            what="the error line",
+        )
+    finally:
+        await forwarder.close()
 
 
 async def test_forwarder_logs_one_line_for_a_refused_connection(
@@ -359,3 +421,13 @@ async def test_the_tcp_route_takes_only_websocket_upgrades(
         async with http.get(proxy_url(node) + "/_pico/v1/tcp/my-db", headers=headers) as resp:
             assert resp.status == 400
             assert await resp.json() == {"error": message}
+
+
+async def test_a_refused_connection_through_a_forwarding_node_gets_502(h: Harness) -> None:
+    a, b, _c = await cluster(h, proxy={"upstream_wait": "0.2s"})
+    await h.tcp_agent(a, "gone", await closed_port())
+    await h.tunnel_up(a, "gone")
+    await wait_for(lambda: b.cluster.remotes[a.node_id].endpoints.get("gone") == 1, what="gossiped")
+    with pytest.raises(ForwardError) as caught:
+        await open_connection("gone", url=proxy_url(b))
+    assert (caught.value.status, caught.value.message) == (502, "upstream unreachable")

@@ -18,6 +18,9 @@ class FakeStream:
         self.calls: list[Any] = []
         self.receiver: Any = None
 
+    def accept(self) -> None:
+        self.calls.append("accept")
+
     def set_receiver(self, receiver: Any) -> None:
         self.receiver = receiver
 
@@ -74,6 +77,8 @@ def started(protocol: Recorder) -> tuple[StreamTransport, FakeStream, list[str]]
     transport = StreamTransport(cast(MuxStream, stream), protocol, lambda: done.append("done"))
     transport.start()
     assert stream.receiver is transport
+    assert stream.calls == ["accept"]  # acknowledged before anything else
+    stream.calls.clear()
     return transport, stream, done
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
+
+import pytest
 
 from pico.http.channel import ResetReason
 from pico.mux.websocket import (
@@ -34,6 +37,25 @@ class FakeStream:
         self.eof = False
         self.reset_reason: ResetReason | None = None
         self.paused = False
+        self.acknowledged = False  # the agent's ACK arrived (its service connection is up)
+        self.on_accepted: Callable[[], None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.reset_reason is not None
+
+    def when_accepted(self, callback: Callable[[], None]) -> bool:
+        if self.acknowledged:
+            return False
+        self.on_accepted = callback
+        return True
+
+    def acknowledge(self) -> None:
+        """The agent's ACK arrives."""
+        self.acknowledged = True
+        callback, self.on_accepted = self.on_accepted, None
+        if callback is not None:
+            callback()
 
     def set_receiver(self, receiver: object) -> None:
         self.receiver = receiver
@@ -60,6 +82,7 @@ class Client:
     def __init__(self) -> None:
         self.data = bytearray()
         self.lost = False
+        self.lost_reason: ResetReason | None = None
         self.paused = False
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -70,6 +93,7 @@ class Client:
 
     def connection_lost(self, reason: ResetReason | None) -> None:
         self.lost = True
+        self.lost_reason = reason
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -95,7 +119,7 @@ async def opened() -> tuple[WebSocketBridge, FakeStream, Client, Observer]:
     bridge = WebSocketBridge(stream, "my-db", observer)  # type: ignore[arg-type]
     bridge.set_receiver(client)
     bridge.write(HEAD)
-    await asyncio.sleep(0)  # the 101 goes out on the next loop pass
+    stream.acknowledge()  # the agent reached the service
     assert client.data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"Sec-WebSocket-Accept: " + accept_key(KEY).encode() in client.data
     client.data.clear()
@@ -199,3 +223,59 @@ async def test_backpressure_passes_both_ways() -> None:
     assert stream.paused
     bridge.resume_reading()
     assert not stream.paused
+
+
+async def test_the_101_waits_until_the_agent_acknowledges_the_stream() -> None:
+    stream, client, observer = FakeStream(), Client(), Observer()
+    bridge = WebSocketBridge(stream, "my-db", observer)  # type: ignore[arg-type]
+    bridge.set_receiver(client)
+    bridge.write(HEAD + encode_frame(OP_BINARY, b"early", mask=True))
+    for _ in range(3):
+        await asyncio.sleep(0)  # loop passes: nothing is answered before the agent's ACK
+    assert client.data == b"" and bridge.state is State.CONNECTING
+    assert observer.opened == 0 and stream.sent == b""
+    stream.acknowledge()
+    assert client.data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert bytes(stream.sent) == b"early"  # what followed the head, once open
+    assert observer.opened == 1 and bridge.state is State.OPEN
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [ResetReason.REFUSED, ResetReason.UNREACHABLE, ResetReason.TIMEOUT],
+    ids=lambda r: r.name.lower(),
+)
+async def test_a_dial_failure_before_the_ack_reaches_the_engine_as_its_reason(
+    reason: ResetReason,
+) -> None:
+    stream, client, observer = FakeStream(), Client(), Observer()
+    bridge = WebSocketBridge(stream, "my-db", observer)  # type: ignore[arg-type]
+    bridge.set_receiver(client)
+    bridge.write(HEAD)
+    bridge.connection_lost(reason)  # the agent's RST, before any ACK
+    # No 101 and no Close frame: the engine answers (another upstream, or 502/504).
+    assert client.data == b"" and client.lost and client.lost_reason is reason
+    assert bridge.state is State.CLOSED
+    assert observer.opened == 0 and observer.records == []
+
+
+async def test_an_agent_that_acknowledged_at_once_gets_the_101_on_the_next_loop_pass() -> None:
+    stream, client = FakeStream(), Client()
+    stream.acknowledged = True  # an agent that does not wait for its dial
+    bridge = WebSocketBridge(stream, "my-db")  # type: ignore[arg-type]
+    bridge.set_receiver(client)
+    bridge.write(HEAD)
+    assert client.data == b""  # the engine is still sending the request
+    await asyncio.sleep(0)
+    assert client.data.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+
+
+async def test_a_client_gone_while_the_agent_dials_resets_the_stream() -> None:
+    stream, client, observer = FakeStream(), Client(), Observer()
+    bridge = WebSocketBridge(stream, "my-db", observer)  # type: ignore[arg-type]
+    bridge.set_receiver(client)
+    bridge.write(HEAD)
+    bridge.reset(ResetReason.CANCELLED)
+    assert stream.reset_reason is ResetReason.CANCELLED and bridge.state is State.CLOSED
+    stream.acknowledge()  # too late: nothing is answered
+    assert client.data == b"" and observer.opened == 0

@@ -184,6 +184,10 @@ class EndpointLink:
             # A node (maybe not ours) may not make the agent hold more service connections.
             max_streams=self.agent.config.max_streams,
             on_limit=self._limit_hit,
+            # A TCP client is answered (101) only once its service connection is up: the
+            # stream is acknowledged after the dial (ServiceSide), or reset with its failure,
+            # which the node treats as any dial failure (another upstream, else 502/504).
+            defer_acks=self.spec.protocol == "tcp",
         )
         moved = asyncio.Event()
         tunnel.on_goaway = moved.set

@@ -65,6 +65,7 @@ class StreamTransport(asyncio.Transport):
 
     def start(self) -> None:
         """Tell the protocol it is connected, then deliver what the stream already has."""
+        self._stream.accept()  # connected: a deferred ACK (tcp endpoints) goes out first
         self._protocol.connection_made(self)
         self._stream.set_receiver(self)
 

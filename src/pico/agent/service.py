@@ -32,6 +32,7 @@ class ServiceSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.stream.accept()  # connected: a deferred ACK goes out before any service byte
         self.stream.set_receiver(StreamSide(self))
 
     def data_received(self, data: bytes) -> None:

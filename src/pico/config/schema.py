@@ -381,9 +381,10 @@ class ProxyConfig(_Model):
     )
     stream_ack_timeout: Duration = Field(
         2.0,
-        description="A request's tunnel stream that the agent has not acknowledged after "
+        description="A request's tunnel stream that the agent has not answered after "
         "this long, while the agent sent nothing at all (frozen, overloaded), is reset and "
-        "the request tried on another upstream: it never reached a service (0 disables).",
+        "the request tried on another upstream: it never reached a service (0 disables). "
+        "An agent dialing a TCP service has answered: its dial is bounded by its own timeout.",
     )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -947,8 +948,12 @@ class ForwardServerSection(_Model):
     url: Annotated[str, AfterValidator(_http_url)] = Field(
         "http://localhost:8000", description="Pico proxy URL (http or https)."
     )
+    # Above the agents' dial timeout (forwarder.timeout, 10 s): the node answers a service
+    # that does not accept in time with 504 before this side gives up on the node itself.
     timeout: PositiveDuration = Field(
-        10.0, description="How long connecting to the proxy port (and its answer) may take."
+        15.0,
+        description="How long connecting to the proxy port and its answer may take (the "
+        "answer waits for the agent to connect to the service).",
     )
     tls: AgentTlsConfig = Field(default_factory=AgentTlsConfig)
 

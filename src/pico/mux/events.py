@@ -9,7 +9,15 @@ from pico.mux.frame import ResetReason
 
 @dataclass(frozen=True, slots=True)
 class StreamOpened:
-    """The peer opened a stream (SYN received); the core has already ACKed it."""
+    """The peer opened a stream (SYN received); the core has already ACKed it, unless the
+    session defers acknowledgements (``defer_acks``: see :meth:`Session.accept_stream`)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    """The peer acknowledged a stream we opened and asked about (:meth:`Session.report_ack`)."""
 
     stream_id: int
 
@@ -88,6 +96,7 @@ class ConnectionTerminated:
 
 Event = (
     StreamOpened
+    | StreamAccepted
     | DataReceived
     | StreamEnded
     | StreamRefused

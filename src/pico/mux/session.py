@@ -18,6 +18,7 @@ from pico.mux.events import (
     GoAwayReceived,
     PongReceived,
     SendWindowAvailable,
+    StreamAccepted,
     StreamClosed,
     StreamEnded,
     StreamOpened,
@@ -48,6 +49,7 @@ __all__ = [
     "PongReceived",
     "SendWindowAvailable",
     "Session",
+    "StreamAccepted",
     "StreamClosed",
     "StreamEnded",
     "StreamOpened",
@@ -89,7 +91,10 @@ class MuxError(Exception):
 
 class _Stream:
     __slots__ = (
+        "ack_due",
+        "ack_wanted",
         "acked",
+        "answered",
         "fin_pending",
         "fin_received",
         "fin_sent",
@@ -108,6 +113,11 @@ class _Stream:
         self.stream_id = stream_id
         # The peer has seen the stream: it opened it, or it acknowledged our SYN.
         self.acked = True
+        # The peer read our SYN: it acknowledged it, or said it is still deciding (a window
+        # update without flags, before its ACK: see Session.accept_stream).
+        self.answered = True
+        self.ack_wanted = False  # report_ack(): emit StreamAccepted when the ACK comes
+        self.ack_due = False  # a stream the peer opened, not acknowledged yet (defer_acks)
         self.send_window = window  # bytes we may still send before the peer credits more
         self.queue: deque[memoryview] = deque()  # unsent data waiting for window
         self.queued = 0  # total bytes in ``queue``
@@ -127,6 +137,11 @@ class Session:
     Limits on what the peer may make us hold: ``max_streams`` streams it opened at once (a
     SYN beyond is refused with RST(REFUSED) and no state), or none at all with
     ``accept_streams=False`` (after ``MAX_REFUSED_SYNS`` refusals, a protocol error).
+
+    With ``defer_acks``, a stream the peer opens is not acknowledged at once: the session
+    answers its SYN with a bare window update (read, deciding) and sends the ACK only on
+    :meth:`accept_stream`, so the opener learns whether the stream was taken (an agent that
+    acknowledges only once its service connection is up, or resets with the dial's reason).
     """
 
     def __init__(
@@ -137,6 +152,7 @@ class Session:
         max_window: int = MAX_WINDOW,
         max_streams: int = _MAX_U32,
         accept_streams: bool = True,
+        defer_acks: bool = False,
     ) -> None:
         """Create a session. Raises ``ValueError`` on nonsensical window sizes or limits."""
         if initial_window <= 0 or initial_window > _MAX_U32:
@@ -148,6 +164,7 @@ class Session:
         self._client = client
         self._max_streams = max_streams
         self._accept_streams = accept_streams
+        self._defer_acks = defer_acks
         self._peer_streams = 0  # live streams the peer opened
         self._refused = 0  # SYNs refused
         # Control frames queued so far in answer to the peer: PING acks, SYN ACKs, RSTs
@@ -206,6 +223,37 @@ class Session:
         False for an unknown stream."""
         st = self._streams.get(stream_id)
         return st is not None and st.acked
+
+    def answered(self, stream_id: int) -> bool:
+        """True once the peer read the SYN of a stream we opened: it acknowledged it, or said
+        it is still deciding (see ``defer_acks``); always for streams it opened. False for an
+        unknown stream."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.answered
+
+    def report_ack(self, stream_id: int) -> bool:
+        """Emit :class:`StreamAccepted` when the peer acknowledges this stream we opened.
+
+        Returns False, and emits nothing, if it already has (or the stream is unknown).
+        """
+        st = self._streams.get(stream_id)
+        if st is None or st.acked:
+            return False
+        st.ack_wanted = True
+        return True
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Acknowledge a stream the peer opened whose ACK was deferred (``defer_acks``).
+
+        Call it before sending anything on the stream. Idempotent; a no-op for a stream
+        already acknowledged, unknown or reset (reset it instead to refuse it).
+        """
+        st = self._streams.get(stream_id)
+        if st is None or not st.ack_due:
+            return
+        st.ack_due = False
+        self.control_replies += 1
+        self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, stream_id, 0))
 
     def stream_ids(self) -> list[int]:
         """Ids of the streams with live state, in opening order."""
@@ -293,7 +341,7 @@ class Session:
             raise MuxError("stream ids exhausted")
         self._next_id += 2
         st = self._streams[stream_id] = _Stream(stream_id, self._initial_window)
-        st.acked = False
+        st.acked = st.answered = False
         self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _SYN, stream_id, 0))
         return stream_id
 
@@ -621,14 +669,22 @@ class Session:
             self._streams[sid] = st
             self._peer_streams += 1
             self.control_replies += 1
-            self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, sid, 0))
+            if self._defer_acks:
+                # Read, not taken yet: the opener knows we are alive (its ack timeout must
+                # not count a slow decision as a frozen peer); accept_stream() sends the ACK.
+                st.ack_due = True
+                self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, 0, sid, 0))
+            else:
+                self._out.append(_pack(PROTOCOL_VERSION, _WINDOW_UPDATE, _ACK, sid, 0))
             self._events.append(StreamOpened(sid))
         elif st is None:
             if self._seen(sid):
                 return  # late frame for a stream we already closed/reset: ignore (race)
             raise MuxProtocolError(f"{FrameType(ftype).name} frame for stream {sid} never opened")
         elif flags & _ACK:
-            st.acked = True
+            st.acked = st.answered = True
+            if st.ack_wanted:
+                self._events.append(StreamAccepted(sid))
 
         if flags & _RST:
             del self._streams[sid]
@@ -664,6 +720,10 @@ class Session:
             elif st.window_wait:
                 st.window_wait = False
                 self._events.append(SendWindowAvailable(sid))
+        else:
+            # A window update without credit: an ACK, a FIN, or (before the ACK of a stream
+            # we opened) the peer saying it read the SYN and is still deciding.
+            st.answered = True
 
         if flags & _FIN:
             self._on_fin(st)

@@ -8,6 +8,7 @@ through a `StreamReceiver`'s callbacks, and flow control reaches the peer throug
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pico.mux.frame import ResetReason
@@ -43,6 +44,7 @@ class MuxStream:
     __slots__ = (
         "_buffered_events",
         "_closed",
+        "_on_accepted",
         "_reading_paused",
         "_unconsumed",
         "_write_paused",
@@ -59,6 +61,7 @@ class MuxStream:
         self._write_paused = False
         self._unconsumed = 0
         self._closed = False
+        self._on_accepted: Callable[[], None] | None = None
         # Events that arrive before a receiver is attached (the agent attaches it after it has
         # connected to the service); bounded by the stream's receive window.
         self._buffered_events: list[tuple[int, object]] | None = None
@@ -80,6 +83,29 @@ class MuxStream:
             # A stream handed on (the idle pool) may still be waiting for window: the new
             # receiver must hold its writes until resume_writing().
             receiver.pause_writing()
+
+    def accept(self) -> None:
+        """Acknowledge a stream the peer opened on a tunnel that defers acknowledgements
+        (`Tunnel(defer_acks=True)`): the peer learns the stream was taken. Call it before
+        writing anything; a no-op on other tunnels, and after a reset (reset to refuse)."""
+        if not self._closed:
+            self.tunnel.session.accept_stream(self.stream_id)
+            self.tunnel.wake_writer()
+
+    def when_accepted(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` once the peer acknowledges this stream we opened, before any of
+        its bytes reach the receiver. Returns False, and never calls it, if the peer already
+        has or the stream is closed (its receiver hears of that)."""
+        if self._closed or not self.tunnel.session.report_ack(self.stream_id):
+            return False
+        self._on_accepted = callback
+        return True
+
+    def peer_accepted(self) -> None:
+        """From the tunnel: the peer acknowledged the stream (see when_accepted)."""
+        callback, self._on_accepted = self._on_accepted, None
+        if callback is not None and not self._closed:
+            callback()
 
     def write(self, data: bytes | memoryview) -> None:
         """Queue bytes to the peer; calls receiver.pause_writing() when the window is full."""
@@ -144,6 +170,7 @@ class MuxStream:
             return
         self._closed = True
         self.receiver = None
+        self._on_accepted = None
         self.tunnel.session.reset_stream(self.stream_id, reason)
         self.tunnel.forget(self.stream_id)
         self.tunnel.wake_writer()
@@ -203,4 +230,5 @@ class MuxStream:
         if self._closed and self.receiver is None and self._buffered_events is None:
             return
         self._closed = True
+        self._on_accepted = None
         self._dispatch(_LOST, reason)

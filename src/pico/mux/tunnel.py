@@ -30,6 +30,7 @@ from pico.mux.session import (
     PongReceived,
     SendWindowAvailable,
     Session,
+    StreamAccepted,
     StreamClosed,
     StreamEnded,
     StreamOpened,
@@ -92,10 +93,14 @@ class Tunnel(asyncio.BufferedProtocol):
     `max_streams` at once; and at most `max_control_frames` control frames answered while it
     does not read (then the tunnel is aborted). `on_limit(name)` is told of each refusal.
 
-    With `ack_timeout`, a stream we opened that the peer has not acknowledged after that long,
+    With `ack_timeout`, a stream we opened that the peer has not answered after that long,
     while the peer was silent all along, is reset and its receiver told `UNACKNOWLEDGED` (the
     peer never read the SYN: nothing reached a service, the request may go elsewhere); the
-    tunnel then counts as not `usable` until the peer is heard from again.
+    tunnel then counts as not `usable` until the peer is heard from again. A peer that read
+    the SYN and is still deciding (`defer_acks` on its side: an agent dialing its service)
+    has answered: its stream waits for the peer's ACK or reset, however long that takes.
+
+    With `defer_acks`, streams the peer opens are acknowledged only by `MuxStream.accept()`.
     """
 
     def __init__(
@@ -112,12 +117,14 @@ class Tunnel(asyncio.BufferedProtocol):
         max_control_frames: int = DEFAULT_MAX_CONTROL_FRAMES,
         ack_timeout: float = 0.0,
         on_limit: Callable[[str], None] | None = None,
+        defer_acks: bool = False,
     ) -> None:
         self.session = Session(
             client=client,
             max_window=max_window,
             max_streams=max_streams,
             accept_streams=on_stream is not None,
+            defer_acks=defer_acks,
         )
         self.client = client
         # A client masks its frames: with random keys when `random_mask`, else with ZERO_KEY.
@@ -590,7 +597,7 @@ class Tunnel(asyncio.BufferedProtocol):
             return
         session = self.session
         streams = self.streams
-        expired = self._acks.tick(lambda sid: sid in streams and not session.acknowledged(sid))
+        expired = self._acks.tick(lambda sid: sid in streams and not session.answered(sid))
         if expired:
             _log.warn_throttled(
                 "tunnel stream not acknowledged",
@@ -655,6 +662,10 @@ class Tunnel(asyncio.BufferedProtocol):
                     self.on_goaway()
             elif t is StreamRefused:
                 self._hit_limit(ev.limit)  # type: ignore[union-attr]
+            elif isinstance(ev, StreamAccepted):
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    stream.peer_accepted()
             elif t is ConnectionTerminated:
                 error = ev.error  # type: ignore[union-attr]
                 _log.warn_throttled("tunnel protocol error", tunnel=self.name, error=error)

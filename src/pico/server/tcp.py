@@ -7,6 +7,11 @@ engine splices the client connection to it: the client's WebSocket frames are de
 stream bytes, and the stream's bytes go back as binary frames. So routing, auth, forwarding
 to the node that holds the endpoint and holding during failover are the HTTP engine's own.
 
+The 101 waits for the agent to reach the service: the agent acknowledges the stream only once
+its dial succeeded, and resets it with the dial's failure otherwise (REFUSED, UNREACHABLE,
+TIMEOUT). A reset before the ACK reaches the engine as that reason, before any response byte:
+a dial failure, which it retries on another upstream or answers 502/504 as for HTTP.
+
 Half-close: a Close frame from the client ends the stream's direction to the service (the
 service reads EOF); the service's EOF becomes a Close frame (1000) to the client, which may
 keep sending. The connection ends when both directions have.
@@ -77,9 +82,11 @@ class TcpObserver(Protocol):
 
 
 class State(enum.Enum):
-    """HEAD until the engine's request head is in, OPEN while bytes flow, CLOSED after."""
+    """HEAD until the engine's request head is in, CONNECTING until the agent acknowledged
+    the stream (its service connection is up), OPEN while bytes flow, CLOSED after."""
 
     HEAD = "head"
+    CONNECTING = "connecting"
     OPEN = "open"
     CLOSED = "closed"
 
@@ -149,6 +156,8 @@ class WebSocketBridge:
         self.bytes_out = 0
         self._started = time.monotonic()
         self._client = ""
+        self._key = ""  # the client's Sec-WebSocket-Key, while CONNECTING
+        self._early: list[bytes] = []  # bytes after the head, while CONNECTING
         stream.set_receiver(self)
 
     # -- Channel (what the proxy engine sees) ------------------------------------------------------
@@ -166,6 +175,9 @@ class WebSocketBridge:
             self._take_head(data)
         elif self.state is State.OPEN:
             self._from_client(data)
+        elif self.state is State.CONNECTING:
+            # Not expected: the engine holds what follows an upgrade head until the 101.
+            self._early.append(bytes(data))
 
     def write_eof(self) -> None:
         """The client's TCP connection ended (without a Close frame, or after one)."""
@@ -201,21 +213,29 @@ class WebSocketBridge:
             # An HTTP request reached a TCP endpoint (it registered while the request waited).
             self._refuse(400, "endpoint is tcp")
             return
-        self.state = State.OPEN
+        self.state = State.CONNECTING
         self._client = head.client
+        self._key = head.key
+        if head.rest:
+            self._early.append(head.rest)
+        self._head = _Head()  # nothing more to parse: drop the parser
+        if not self.stream.when_accepted(self._accepted) and not self.stream.closed:
+            # Acknowledged already (an agent that does not wait for its dial). Answered on
+            # the next loop pass: the engine is still sending the request.
+            asyncio.get_running_loop().call_soon(self._accepted)
+
+    def _accepted(self) -> None:
+        """The agent reached the service: the client gets its 101, and bytes flow."""
+        if self.state is not State.CONNECTING or self.receiver is None:
+            return
+        self.state = State.OPEN
+        self._started = time.monotonic()
         if self.observer is not None:
             self.observer.tcp_opened()
-        key, rest = head.key, head.rest
-        self._head = _Head()  # nothing more to parse: drop the parser
-        # Answered on the next loop pass: the engine is still sending the request.
-        asyncio.get_running_loop().call_soon(self._answer, key, rest)
-
-    def _answer(self, key: str, rest: bytes) -> None:
-        if self.state is not State.OPEN or self.receiver is None:
-            return
-        self.receiver.data_received(accept_response(key))
-        if rest:
-            self._from_client(rest)
+        self.receiver.data_received(accept_response(self._key))
+        early, self._early = self._early, []
+        for data in early:
+            self._from_client(data)
 
     def _refuse(self, status: int, message: str) -> None:
         self.stream.reset(ResetReason.NORMAL)
@@ -277,7 +297,9 @@ class WebSocketBridge:
         self._maybe_done()
 
     def connection_lost(self, reason: ResetReason | None) -> None:
-        if self.state is State.HEAD:
+        if self.state is State.HEAD or self.state is State.CONNECTING:
+            # Before the 101: the engine sees the agent's reason (a dial failure: retried
+            # elsewhere, or 502/504) as it would for an HTTP request.
             self.state = State.CLOSED
             self._notify_closed()
             if self.receiver is not None:
