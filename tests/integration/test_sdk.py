@@ -68,12 +68,14 @@ async def test_json_request_reaches_the_app_with_the_client_address_from_the_nod
     assert resp.json() == {"hello": "world", "client": "127.0.0.62", "scheme": "http", "n": "1"}
 
 
-async def test_a_hundred_keep_alive_requests_share_one_stream(h: Harness) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_hundred_keep_alive_requests_share_one_stream(h: Harness, http: str) -> None:
     node = await h.node()
-    async with pico.sdk.serve_asgi(starlette_app(Record()), "app", url=upstream_url(node)) as s:
-        async with client(node) as http:
+    app = starlette_app(Record())
+    async with pico.sdk.serve_asgi(app, "app", url=upstream_url(node), http=http) as s:
+        async with client(node) as c:
             for n in range(100):
-                resp = await http.get(f"/?n={n}")
+                resp = await c.get(f"/?n={n}")
                 assert resp.json()["n"] == str(n)
         assert streams_opened(s) == 1  # one client connection, one stream, one uvicorn conn
 
@@ -139,9 +141,11 @@ async def test_sse_events_arrive_as_the_app_sends_them(h: Harness) -> None:
                         await other.get("/sse/next")
 
 
-async def test_websocket_echo_through_the_node(h: Harness) -> None:
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_websocket_echo_through_the_node(h: Harness, http: str) -> None:
     node = await h.node()
-    async with pico.sdk.serve_asgi(starlette_app(Record()), "app", url=upstream_url(node)):
+    app = starlette_app(Record())
+    async with pico.sdk.serve_asgi(app, "app", url=upstream_url(node), http=http):
         uri = proxy_url(node).replace("http", "ws") + "/ws"
         async with websockets.connect(uri, additional_headers={"x-pico-endpoint": "app"}) as ws:
             for message in ("hello", b"\x00\x01binary", "x" * 200_000):
@@ -269,6 +273,20 @@ async def test_connect_errors_say_what_the_node_said(h: Harness) -> None:
             await pico.sdk.connect("web", url=url, api_key=permits("web"))
     with pytest.raises(pico.sdk.Unreachable, match=r"cannot reach http://127\.0\.0\.1:9"):
         await pico.sdk.connect("web", url="http://127.0.0.1:9")
+
+
+async def test_connect_to_a_tcp_endpoint_whose_service_refuses_is_unreachable(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens there
+    await h.tcp_agent(node, "gone", port)
+    await h.tunnel_up(node, "gone")
+    with pytest.raises(pico.sdk.Unreachable, match="'gone': 502 upstream unreachable"):
+        await pico.sdk.connect("gone", url=proxy_url(node))
 
 
 async def test_rejected_endpoint_raises_with_the_nodes_reason(h: Harness) -> None:

@@ -79,9 +79,9 @@ def serve_asgi(
     the token the node wants. Use the result with `async with`: it runs the app's lifespan
     startup, registers the endpoint, and on leaving drains (GoAway; in-flight requests get
     `grace` seconds) and runs the lifespan shutdown. `http` ("httptools" or "h11"), `ws`
-    ("websockets-sansio", "wsproto" or "none") and `lifespan` ("auto", "on", "off") pick
-    uvicorn's implementations. Raises ValueError (bad arguments) at once; StartupFailed and
-    EndpointRejected from `async with`.
+    ("websockets-sansio" or "none": WebSocket upgrades refused) and `lifespan` ("auto", "on",
+    "off") pick uvicorn's implementations (the ones tested with it). Raises ValueError (bad
+    arguments) at once; StartupFailed and EndpointRejected from `async with`.
     """
     service = AsgiService(app, http=http, ws=ws, lifespan=lifespan)
     return Served(service, endpoint, url=url, api_key=api_key, root_ca=root_ca, grace=grace)

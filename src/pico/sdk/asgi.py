@@ -24,7 +24,7 @@ _log = log.get_logger("sdk")
 
 # Lifespan modes, HTTP and WebSocket implementations the SDK is tested with (uvicorn names).
 HTTP_IMPLEMENTATIONS = ("httptools", "h11")
-WS_IMPLEMENTATIONS = ("websockets-sansio", "wsproto", "none")
+WS_IMPLEMENTATIONS = ("websockets-sansio", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
 
 
