@@ -259,6 +259,45 @@ async def test_listen_and_connect_carry_raw_streams_both_ways(h: Harness) -> Non
         await server
 
 
+async def test_listener_refuses_past_its_backlog_and_its_close_leaves_nothing(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    tasks_before = asyncio.all_tasks()
+    me = psutil.Process()
+    fds_before = me.num_fds()
+    async with pico.sdk.listen("raw", url=upstream_url(node), backlog=1) as listener:
+        waiting = await pico.sdk.connect("raw", url=proxy_url(node))  # fills the backlog
+        # Not taken by the application, so the next one is refused: the node says 502.
+        with pytest.raises(pico.sdk.Unreachable, match="502"):
+            await pico.sdk.connect("raw", url=proxy_url(node))
+        reader, writer = await listener.accept()
+        writer.write(b"taken")
+        assert await waiting[0].readexactly(5) == b"taken"
+        taken = (reader, writer)
+        await listener.close(grace=0.5)  # the open one is cut after it
+        assert await waiting[0].read() == b""  # the tunnel closed under the open one
+        with pytest.raises(ConnectionAbortedError):
+            await listener.accept()
+        assert [pair async for pair in listener] == []
+    taken[1].close()
+    waiting[1].close()
+    await waiting[1].wait_closed()
+    await wait_for(lambda: not node.registry.counts(), what="no tunnel on the node")
+    await wait_for(lambda: asyncio.all_tasks() == tasks_before, what="no task left")
+    await wait_for(lambda: me.num_fds() == fds_before, what="no descriptor left")
+
+
+async def test_entering_while_no_node_answers_is_safe_to_cancel() -> None:
+    tasks_before = asyncio.all_tasks()
+    served = pico.sdk.serve_asgi(starlette_app(Record()), "app", url="http://127.0.0.1:9")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await served.__aenter__()  # retries with backoff: nobody listens on port 9
+    assert not served.connected
+    await wait_for(lambda: asyncio.all_tasks() == tasks_before, what="no task left")
+
+
 async def test_connect_errors_say_what_the_node_said(h: Harness) -> None:
     node = await h.node(proxy={"auth": {"hmac_secret_key": SECRET}})
     async with pico.sdk.serve_asgi(starlette_app(Record()), "web", url=upstream_url(node)):
