@@ -102,6 +102,19 @@ async def test_lifespan_starts_before_the_endpoint_registers_and_ends_after_the_
     assert record.events == ["startup", "held", "shutdown"]
 
 
+async def test_a_failed_lifespan_startup_raises_and_never_registers(h: Harness) -> None:
+    node = await h.node()
+
+    def fail() -> None:
+        raise RuntimeError("no database")
+
+    app = starlette_app(Record(), on_startup=fail)
+    with pytest.raises(pico.sdk.StartupFailed, match="lifespan startup failed"):
+        async with pico.sdk.serve_asgi(app, "app", url=upstream_url(node)):
+            raise AssertionError("never served")
+    assert registered(node, "app") == 0
+
+
 async def test_close_leaves_no_task_no_descriptor_no_thread_and_no_tunnel(h: Harness) -> None:
     node = await h.node()
     me = psutil.Process()

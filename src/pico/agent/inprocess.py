@@ -206,7 +206,11 @@ class StreamTransport(asyncio.Transport):
 
 
 class InProcessDialer:
-    """Connects each stream to a new protocol from `protocol_factory`, in this process."""
+    """Connects each stream to a new protocol from `protocol_factory`, in this process.
+
+    The factory may raise ConnectionRefusedError to refuse a stream (a full backlog): the
+    agent resets it as refused, and the node tries another upstream or answers 502.
+    """
 
     def __init__(
         self,
@@ -215,15 +219,11 @@ class InProcessDialer:
     ) -> None:
         self.protocol_factory = protocol_factory
         self.name = name
-        self.accepting = True
 
     @property
     def service(self) -> str:
         return self.name
 
     async def dial(self, stream: MuxStream, on_done: Callable[[], None]) -> None:
-        """Start a protocol on `stream`. Raises ConnectionRefusedError once `accepting` is
-        off (the SDK is closing: the node sends the request elsewhere)."""
-        if not self.accepting:
-            raise ConnectionRefusedError("the in-process service is closing")
+        """Start a protocol on `stream`; raises what the factory raises."""
         StreamTransport(stream, self.protocol_factory(), on_done).start()

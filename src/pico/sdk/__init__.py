@@ -27,13 +27,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from pico.sdk.asgi import AsgiService, StartupFailed
+from pico.sdk.asgi import AsgiService
 from pico.sdk.connect import connect
 from pico.sdk.errors import (
     ConnectError,
     EndpointRejected,
     NotPermitted,
     PicoError,
+    StartupFailed,
     UnknownEndpoint,
     Unreachable,
     WrongProtocol,

@@ -19,6 +19,7 @@ from uvicorn.server import ServerState
 
 from pico import log
 from pico.agent.inprocess import NODE_PEER
+from pico.sdk.errors import StartupFailed
 
 _log = log.get_logger("sdk")
 
@@ -26,10 +27,6 @@ _log = log.get_logger("sdk")
 HTTP_IMPLEMENTATIONS = ("httptools", "h11")
 WS_IMPLEMENTATIONS = ("websockets-sansio", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
-
-
-class StartupFailed(Exception):
-    """The app's lifespan startup failed (the app said so, or raised)."""
 
 
 class AsgiService:
@@ -102,8 +99,3 @@ class AsgiService:
             await self._lifespan.shutdown()
             if self._lifespan.should_exit:
                 _log.warn("the ASGI app's lifespan shutdown failed")
-
-    @property
-    def busy(self) -> int:
-        """Requests the app is handling now."""
-        return len(self.state.tasks)

@@ -12,6 +12,11 @@ class EndpointRejected(PicoError):
     (a bad or missing token, a token that does not permit the endpoint, a wrong URL)."""
 
 
+class StartupFailed(PicoError):
+    """The ASGI app's lifespan startup failed (the app said so, or raised): the endpoint was
+    never registered."""
+
+
 class ConnectError(PicoError, ConnectionError):
     """`connect()` failed; `status` is the node's HTTP status (0: no node answered) and
     `reason` what it said."""
