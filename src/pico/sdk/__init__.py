@@ -27,7 +27,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from pico.sdk.asgi import AsgiService
+try:
+    from pico.sdk.asgi import AsgiService
+    from pico.sdk.wsgi import WsgiService
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        f"pico.sdk needs the 'sdk' extra ({exc.name} is missing): pip install 'pico[sdk]'"
+    ) from exc
 from pico.sdk.connect import connect
 from pico.sdk.errors import (
     ConnectError,
@@ -41,7 +47,6 @@ from pico.sdk.errors import (
 )
 from pico.sdk.listen import DEFAULT_BACKLOG, Listener, StreamService
 from pico.sdk.serve import DEFAULT_GRACE, Served
-from pico.sdk.wsgi import WsgiService
 
 __all__ = [
     "ConnectError",
