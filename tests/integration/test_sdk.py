@@ -45,7 +45,6 @@ def client(node: Node, endpoint: str = "app", **options: Any) -> httpx.AsyncClie
 
 def streams_opened(served: pico.sdk.Served) -> float:
     """The agent's own count of streams the node opened to the app."""
-    assert served.metrics is not None
     value = served.metrics.registry.get_sample_value(
         "pico_agent_streams_total", {"endpoint": served.endpoint}
     )

@@ -94,11 +94,10 @@ class Served:
         self.endpoint = endpoint
         self.grace = grace
         self._service = service
-        self._config = agent_config(endpoint, protocol, url, api_key, root_ca)
-        self._spec = EndpointSpec(endpoint, "", 0, protocol)
-        self._dialer = InProcessDialer(service.protocol_factory, name=f"in-process:{endpoint}")
+        config = agent_config(endpoint, protocol, url, api_key, root_ca)
+        dialer = InProcessDialer(service.protocol_factory, name=f"in-process:{endpoint}")
+        self._agent = Agent(config, [(EndpointSpec(endpoint, "", 0, protocol), dialer)])
         self._stop = asyncio.Event()
-        self._agent: Agent | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._finished: asyncio.Task[None] | None = None
@@ -106,12 +105,12 @@ class Served:
     @property
     def connected(self) -> bool:
         """True while the endpoint's tunnel is up."""
-        return self._agent is not None and self._agent.links[0].connected.is_set()
+        return self._agent.links[0].connected.is_set()
 
     @property
-    def metrics(self) -> AgentMetrics | None:
-        """The agent's Prometheus metrics of this endpoint (None before `start()`)."""
-        return self._agent.metrics if self._agent is not None else None
+    def metrics(self) -> AgentMetrics:
+        """The agent's Prometheus metrics of this endpoint."""
+        return self._agent.metrics
 
     async def __aenter__(self) -> Served:
         await self.start()
@@ -130,7 +129,7 @@ class Served:
         if self._task is not None:
             raise RuntimeError("already started")
         await self._service.startup()
-        self._agent = agent = Agent(self._config, [(self._spec, self._dialer)])
+        agent = self._agent
         self._task = asyncio.get_running_loop().create_task(agent.run(self._stop))
         connected = asyncio.ensure_future(agent.links[0].connected.wait())
         try:
@@ -165,8 +164,7 @@ class Served:
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
-        if self._agent is not None:
-            self._agent.grace = self.grace  # read when the drain starts
+        self._agent.grace = self.grace  # read when the drain starts
         self._stop.set()
         if self._task is not None:
             self._service.shutdown_connections()
