@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from pico.sdk.serve import Served
 
@@ -23,15 +23,17 @@ class _Accepted(asyncio.StreamReaderProtocol):
     """A connection's protocol: once connected, its streams join the backlog."""
 
     def __init__(self, listener: StreamService) -> None:
-        self._reader = asyncio.StreamReader(limit=listener.read_limit)
-        super().__init__(self._reader)
-        self._listener = listener
+        self.reader = asyncio.StreamReader(limit=listener.read_limit)
+        super().__init__(self.reader)
+        self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         loop = asyncio.get_running_loop()
-        writer = asyncio.StreamWriter(transport, self, self._reader, loop)  # type: ignore[arg-type]
-        self._listener.offer((self._reader, writer))
+        writer = asyncio.StreamWriter(
+            cast(asyncio.WriteTransport, transport), self, self.reader, loop
+        )
+        self.listener.offer((self.reader, writer))
 
 
 class StreamService:
