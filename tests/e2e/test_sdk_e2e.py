@@ -167,9 +167,9 @@ def test_a_gib_each_way_through_two_nodes_keeps_the_app_process_memory_bounded(
     assert peak[0] - baseline < 64 << 20
 
 
-def test_node_killed_mid_request_the_app_reconnects_and_held_requests_succeed(
-    procs: Procs,
-) -> None:
+def app_behind_a_load_balancer(procs: Procs) -> tuple[Proc, dict[str, Proc], str, str]:
+    """Nodes A and B behind a load balancer on LB:8001; the app registered through it.
+    Returns (app, nodes by address, the node holding its tunnel, the other one)."""
     two_nodes(procs)
     nodes = {A: procs.procs[0], B: procs.procs[1]}
     procs.pico("dev", "lb", "--route", f"{LB}:8001={A}:8001,{B}:8001", name="lb")
@@ -180,6 +180,42 @@ def test_node_killed_mid_request_the_app_reconnects_and_held_requests_succeed(
     holder = A if endpoint_listed(A, "app") else B
     other = B if holder == A else A
     wait_until(lambda: knows_endpoint(other), what="the other node knows the endpoint")
+    return app, nodes, holder, other
+
+
+def test_a_node_that_stops_gracefully_loses_no_request(procs: Procs) -> None:
+    app, nodes, holder, other = app_behind_a_load_balancer(procs)
+    headers = {"x-pico-endpoint": "app"}
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=f"http://{other}:8000", headers=headers, timeout=30) as c:
+            while not stop.is_set():
+                statuses.append(c.get("/").status_code)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_until(lambda: len(statuses) > 20, what="requests flowing")
+        # SIGTERM: the node sends GoAway; the app opens a new tunnel (through the load
+        # balancer, to the other node) while its open streams finish on the old one.
+        nodes[holder].signal(signal.SIGTERM)
+        assert nodes[holder].wait(timeout=30) == 0
+        wait_until(lambda: endpoint_listed(other, "app"), what="app moved to the other node")
+        seen = len(statuses)
+        wait_until(lambda: len(statuses) > seen + 20, what="requests flowing again")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert set(statuses) == {200}, sorted(set(statuses))
+    assert app.popen.poll() is None
+
+
+def test_node_killed_mid_request_the_app_reconnects_and_held_requests_succeed(
+    procs: Procs,
+) -> None:
+    app, nodes, holder, other = app_behind_a_load_balancer(procs)
     headers = {"x-pico-endpoint": "app"}
     results: dict[str, httpx.Response | Exception] = {}
 
