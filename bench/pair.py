@@ -20,6 +20,7 @@ import psutil
 
 from bench import wrk
 from bench.run import Bench, find_tools
+from pico.native import build_mode
 
 
 def main() -> int:
@@ -40,6 +41,7 @@ def main() -> int:
         argv = [cfg.wrk, "-t1", "-c50", f"-d{duration}s", "--latency", *headers, url]
         return wrk.parse(subprocess.run(argv, capture_output=True, text=True).stdout)
 
+    print(f"pico build: {build_mode()}", flush=True)
     try:
         origin = bench.origin = bench.start_origin()
         hop = bench.start_hop(origin)

@@ -36,6 +36,7 @@ from bench import nginx, peers, wrk
 from bench.procs import BenchError, Proc, ProcessGroup, free_port, http_get, wait_until
 from bench.rss import Sampler
 from bench.tcp import TcpBench
+from pico.native import build_mode
 
 SIZES: dict[str, int] = {"1 KB": 1024, "1 MB": 1024 * 1024}
 PATHS: dict[str, str] = {"1 KB": "/1k.bin", "1 MB": "/1m.bin"}
@@ -594,7 +595,8 @@ def render(cases: list[Case], cfg: Config, notes: list[str], tcp: TcpBench | Non
         f") · {cfg.repeat} round(s), each measuring every case once; values are the median "
         "run, ratios (x) the median of the per-round ratios to the nginx hop · MB = MiB as wrk "
         "reports it · CPU µs/req and peak RSS cover the processes named in the RSS column (not "
-        "the origin nginx, except for nginx direct)",
+        f"the origin nginx, except for nginx direct) · pico build: {build_mode()} "
+        "(`make bench` measures the mypyc build; `BENCH_PURE=1` the plain sources)",
         "",
         "| setup | size | req/s | x hop | x pico | p50 | p99 | MB/s | x hop | CPU µs/req "
         "| peak RSS (MB) | errors |",

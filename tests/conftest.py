@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
 from pico import log
 from tests.support.cluster import Harness
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The loop in-process tests run on: asyncio's, or uvloop's (what `pico` runs on) with
+    PICO_TEST_LOOP=uvloop, as `make test-compiled` does, so both loops are covered."""
+    if os.environ.get("PICO_TEST_LOOP", "asyncio") == "uvloop":
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 @pytest.fixture
@@ -38,3 +52,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, "rep_" + report.when, report)
     return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With PICO_EXPECT_COMPILED=1 (`make test-compiled`), refuse to run on a build that is not
+    compiled: a run that silently imported the .py files would test nothing new."""
+    if os.environ.get("PICO_EXPECT_COMPILED") == "1":
+        from pico import native
+
+        missing = sorted(set(native.MODULES) - set(native.compiled_modules()))
+        if missing:
+            raise pytest.UsageError(
+                f"PICO_EXPECT_COMPILED=1 but these modules are not compiled: {missing}"
+            )

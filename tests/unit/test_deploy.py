@@ -476,7 +476,12 @@ def test_dockerfile() -> None:
 
     user = by_name["USER"][-1].split(":")[0]
     assert user not in ("root", "0"), "the image must not run as root"
-    assert any("pip install --no-cache-dir ." in rest for rest in by_name["RUN"])
+    # The image runs the compiled build, and checks that it is one.
+    assert any(
+        "PICO_COMPILE=1 pip install --no-cache-dir --no-build-isolation ." in rest
+        and "build_mode() == 'compiled'" in rest
+        for rest in by_name["RUN"]
+    )
 
     healthcheck = by_name["HEALTHCHECK"][-1]
     cmd = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())

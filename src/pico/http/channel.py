@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from pico.http.head import Headers
     from pico.http.request import Request
     from pico.http.settings import ForwardProof, ProxyLimits
-    from pico.http.timer import LazyTimer
 
 __all__ = [
     "Cancellable",
@@ -25,6 +24,7 @@ __all__ = [
     "ChannelReceiver",
     "ClientSide",
     "ResetReason",
+    "ResponseTimer",
     "Router",
     "Upstream",
     "UpstreamBusy",
@@ -88,6 +88,15 @@ class Cancellable(Protocol):
     def cancel(self) -> None: ...
 
 
+class ResponseTimer(Protocol):
+    """Bounds the wait for a response head (a `LazyTimer`)."""
+
+    @property
+    def armed(self) -> bool: ...
+    def arm(self, delay: float) -> None: ...
+    def cancel(self) -> None: ...
+
+
 class Router(Protocol):
     """Chooses the upstreams for a request."""
 
@@ -119,8 +128,9 @@ class ClientSide(Protocol):
     trusted_client: bool  # a listed proxy: its X-Forwarded-Proto/-Host are kept
     scheme: bytes  # b"http" or b"https": how the client reached us
     forward_proof: ForwardProof | None  # marks requests forwarded to other nodes
-    response_timer: LazyTimer
 
+    @property
+    def response_timer(self) -> ResponseTimer: ...
     @property
     def write_paused(self) -> bool: ...
     def write(self, data: bytes | memoryview) -> None: ...

@@ -316,6 +316,10 @@ class Tunnel(asyncio.BufferedProtocol):
         """True once the tunnel has stopped or is stopping."""
         return self._done.is_set()
 
+    async def wait_closing(self) -> None:
+        """Return once the tunnel is stopping (`close()` was called, or the peer left)."""
+        await self._done.wait()
+
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

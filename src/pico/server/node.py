@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import psutil
 from aiohttp import web
 
-from pico import log
+from pico import log, native
 from pico.auth import ProxyAuth, verifier_for
 from pico.config import ServerConfig, parse_host_port
 from pico.gossip import GossipConfig, Gossiper, GossipEvent
@@ -370,6 +370,7 @@ class Node:
             proxy_addr=self.addrs.proxy_advertise,
             upstream_addr=self.addrs.upstream_advertise,
             admin_addr=self.addrs.admin_advertise,
+            build=native.build_mode(),  # compiled with mypyc, or pure Python (pico.native)
         )
 
     def _observer(self) -> Observer:

@@ -14,7 +14,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from pico import log
 from pico.auth import Token, TokenVerifier
@@ -313,7 +313,10 @@ class UpstreamServer:
             ssl=tls,
             ssl_handshake_timeout=_HEAD_TIMEOUT if tls is not None else None,
         )
-        return int(self._server.sockets[0].getsockname()[1])
+        # Any: uvloop's servers hold a list of sockets where the stubs declare a tuple (which
+        # the compiled module would check).
+        server: Any = self._server
+        return int(server.sockets[0].getsockname()[1])
 
     async def serve(self) -> None:
         """Start accepting agents on the port `start()` bound."""
