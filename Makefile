@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/pico dev demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench fuzz setup.py
-	$(BIN)/ruff format --check src tests bench fuzz setup.py
+	$(BIN)/ruff check src tests bench fuzz examples setup.py
+	$(BIN)/ruff format --check src tests bench fuzz examples setup.py
 	$(BIN)/mypy src
 
 unit: $(STAMP)

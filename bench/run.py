@@ -47,8 +47,14 @@ ENDPOINT = "bench"
 HOP = "nginx hop"
 ONE_NODE = "pico one node"
 TWO_NODES = "pico two nodes (forwarded)"
+# The SDK row: one minimal ASGI app (bench.asgi_app) under uvicorn behind `pico agent`, and
+# the same app through pico.sdk.serve_asgi (no port, no agent), each on a node of its own.
+UVICORN = "uvicorn behind pico agent"
+SDK = "pico.sdk serve_asgi"
 # Bars from the task (and DESIGN.md section 7 targets), as ratios to the nginx hop.
 BARS = {"req/s @ 1 KB": (0.3, 0.5), "MB/s @ 1 MB": (0.7, 1.0)}
+# The SDK's bar (issue 14): its req/s at 1 KB over uvicorn's behind the agent.
+SDK_BAR = 0.9
 
 
 @dataclass
@@ -265,6 +271,9 @@ class Bench:
         )
         return proc, ports
 
+    def upstream_url(self, server_ports: dict[str, int]) -> str:
+        return f"{'https' if self.tunnel_ca else 'http'}://{PICO_HOST}:{server_ports['upstream']}"
+
     def start_agent(self, server_ports: dict[str, int], origin: Setup) -> Proc:
         argv = [
             self.cfg.pico,
@@ -272,7 +281,7 @@ class Bench:
             "--endpoints",
             f"{ENDPOINT}/{origin.host}:{origin.port}",
             "--server.url",
-            f"{'https' if self.tunnel_ca else 'http'}://{PICO_HOST}:{server_ports['upstream']}",
+            self.upstream_url(server_ports),
             "--admin.bind-addr",
             f"{PICO_HOST}:0",
             "--log.level",
@@ -287,15 +296,23 @@ class Bench:
     def start_pico_one(self, origin: Setup) -> Setup:
         server, ports = self.start_server("pico-server")
         agent = self.start_agent(ports, origin)
+        self.wait_registered(ports, server, agent)
+        roles = {"server": server, "agent": agent, "origin": origin.roles["nginx"]}
+        return Setup(ONE_NODE, PICO_HOST, ports["proxy"], self._endpoint_headers(), roles,
+                     ["server", "agent"])  # fmt: skip
+
+    def wait_registered(self, ports: dict[str, int], *procs: Proc) -> None:
+        """Wait until endpoint 'bench' is registered on the node of `ports` and serves both
+        sizes; `procs` must stay alive meanwhile."""
 
         def registered() -> bool:
             status, body = http_get(PICO_HOST, ports["admin"], "/status/proxy/endpoints")
             return status == 200 and ENDPOINT in json.loads(body)
 
         def alive() -> None:
-            self.procs.check_alive(server, agent)
+            self.procs.check_alive(*procs)
 
-        wait_until("the agent to register endpoint 'bench'", registered, 15, alive)
+        wait_until("endpoint 'bench' to be registered", registered, 15, alive)
         headers = self._endpoint_headers()
         wait_until(
             "a 200 through the tunnel",
@@ -303,8 +320,41 @@ class Bench:
             10,
             alive,
         )
-        roles = {"server": server, "agent": agent, "origin": origin.roles["nginx"]}
-        return Setup(ONE_NODE, PICO_HOST, ports["proxy"], headers, roles, ["server", "agent"])
+
+    def start_uvicorn(self) -> Setup:
+        """bench.asgi_app under uvicorn (httptools, uvloop) on a port, behind `pico agent`."""
+        port = free_port(ORIGIN_HOST)
+        app = self.procs.start(
+            "uvicorn",
+            [sys.executable, "-m", "uvicorn", "bench.asgi_app:app", "--host", ORIGIN_HOST,
+             "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+             "--no-access-log", "--log-level", "warning", "--lifespan", "off"],
+        )  # fmt: skip
+        wait_until(
+            "uvicorn",
+            lambda: probe_body(ORIGIN_HOST, port, {}),
+            15,
+            lambda: self.procs.check_alive(app),
+        )
+        server, ports = self.start_server("pico-server-uvicorn")
+        origin = Setup("uvicorn", ORIGIN_HOST, port, {}, {"uvicorn": app}, ["uvicorn"])
+        agent = self.start_agent(ports, origin)
+        self.wait_registered(ports, server, agent, app)
+        roles = {"server": server, "agent": agent, "uvicorn": app}
+        return Setup(UVICORN, PICO_HOST, ports["proxy"], self._endpoint_headers(), roles,
+                     ["server", "agent", "uvicorn"])  # fmt: skip
+
+    def start_sdk(self) -> Setup:
+        """bench.asgi_app through pico.sdk.serve_asgi: the app is its own agent."""
+        server, ports = self.start_server("pico-server-sdk")
+        argv = [sys.executable, "-m", "bench.asgi_app", ENDPOINT, self.upstream_url(ports)]
+        if self.auth_token:
+            argv.append(self.auth_token)
+        app = self.procs.start("pico-sdk-app", argv)
+        self.wait_registered(ports, server, app)
+        roles = {"server": server, "sdk app": app}
+        return Setup(SDK, PICO_HOST, ports["proxy"], self._endpoint_headers(), roles,
+                     ["server", "sdk app"])  # fmt: skip
 
     def start_pico_two(self, origin: Setup) -> Setup:
         server_a, ports_a = self.start_server("pico-node-a")
@@ -432,6 +482,11 @@ class Bench:
         else:
             for size in SIZES:
                 self.cases.append(Case(TWO_NODES, size, note="skipped (cluster not available)"))
+        if not self.tunnel_ca:  # the SDK row (the bench app takes no CA)
+            for name, start in ((UVICORN, self.start_uvicorn), (SDK, self.start_sdk)):
+                started = self.attempt(name, start)
+                if started:
+                    setups.append(started)
         folder = peers.peers_dir()
         if folder is not None:
             for name, start_peer in (
@@ -459,7 +514,7 @@ class Bench:
                 self.tcp.measure_round(warmup=round_no == 0)
         for _, case in measured:
             case.pick_median()
-        names = ("nginx direct", HOP, ONE_NODE, TWO_NODES, *peers.NAMES)
+        names = ("nginx direct", HOP, ONE_NODE, TWO_NODES, UVICORN, SDK, *peers.NAMES)
         order = {name: i for i, name in enumerate(names)}
         self.cases.sort(key=lambda c: (order.get(c.setup, 9), list(SIZES).index(c.size)))
         for setup in reversed(setups):
@@ -585,11 +640,30 @@ def render(cases: list[Case], cfg: Config, notes: list[str], tcp: TcpBench | Non
                 f"| {bar} | {setup} | {value:.2f}x | {rounds} | {task}x | {ok} | {design}x "
                 f"| {ok_d} |"
             )
+    lines += sdk_bar(cases)
     if tcp is not None:
         lines += tcp.render()
     if notes:
         lines += ["", *(f"* {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def sdk_bar(cases: list[Case]) -> list[str]:
+    """The SDK's bar: its req/s at 1 KB over uvicorn's behind the agent, round by round."""
+    sdk = next((c for c in cases if c.setup == SDK and c.size == "1 KB" and c.result), None)
+    base = next((c for c in cases if c.setup == UVICORN and c.size == "1 KB" and c.result), None)
+    value = ratio(sdk, base, "rps") if sdk is not None else None
+    if sdk is None or value is None:
+        header = f"| bar (vs {UVICORN}) | setup | ratio |"
+        return ["", header, "|---|---|--:|", f"| req/s @ 1 KB | {SDK} | n/a |"]
+    rounds = ", ".join(f"{v:.2f}" for v in round_ratios(sdk, base, "rps"))
+    ok = "PASS" if value >= SDK_BAR and not sdk.problems else "FAIL"
+    return [
+        "",
+        f"| bar (vs {UVICORN}) | setup | ratio | per round | bar | result |",
+        "|---|---|--:|---|--:|---|",
+        f"| req/s @ 1 KB | {SDK} | {value:.2f}x | {rounds} | {SDK_BAR}x | {ok} |",
+    ]
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:

@@ -30,6 +30,7 @@ def test_listeners_of_both_protocols_are_registered_in_order() -> None:
                 {"endpoint_id": "cache", "addr": "6379", "protocol": "tcp", "timeout": "3s"},
                 {"endpoint_id": "app", "addr": "https://svc.local:8443", "access_log": True},
                 {"endpoint_id": "plain", "addr": "http://10.0.0.1"},
+                {"endpoint_id": "sock", "addr": "unix:/run/db.sock", "protocol": "tcp"},
             ],
         },
     )
@@ -39,6 +40,7 @@ def test_listeners_of_both_protocols_are_registered_in_order() -> None:
         EndpointSpec("cache", "localhost", 6379, "tcp", timeout=3.0),
         EndpointSpec("app", "svc.local", 8443, "http", tls=True, access_log=True),
         EndpointSpec("plain", "10.0.0.1", 80, "http"),
+        EndpointSpec("sock", "", 0, "tcp", unix_path="/run/db.sock"),
     ]
 
 

@@ -247,6 +247,15 @@ def test_agent_endpoints_parsing() -> None:
     ]
 
 
+def test_agent_endpoint_on_a_unix_socket_keeps_the_slashes_of_its_path() -> None:
+    cfg = load_config_dict(AgentConfig, {"endpoints": ["my-app/unix:/run/app.sock", "b/4000"]})
+    assert cfg.parsed_endpoints() == [
+        EndpointSpec("my-app", "", 0, unix_path="/run/app.sock"),
+        EndpointSpec("b", "localhost", 4000),
+    ]
+    assert cfg.parsed_endpoints()[0].service == "unix:/run/app.sock"
+
+
 def test_agent_endpoints_comma_string() -> None:
     cfg = load_config_dict(AgentConfig, {"endpoints": "a/1,b/localhost:2"})
     assert [e.endpoint_id for e in cfg.parsed_endpoints()] == ["a", "b"]
@@ -264,6 +273,8 @@ def test_agent_endpoints_comma_string() -> None:
         (["a/host:port"], "invalid endpoint address"),
         (["a/0"], "invalid endpoint port 0"),
         (["a/70000"], "invalid endpoint port 70000"),
+        (["a/unix:"], "invalid Unix socket address 'unix:'"),
+        (["a/unix"], "invalid endpoint address 'unix'"),
     ],
 )
 def test_agent_endpoint_errors(endpoints: list[str], message: str) -> None:

@@ -1,8 +1,9 @@
-"""The agent: one tunnel per endpoint, each stream spliced to a new TCP connection to the service.
+"""The agent: one tunnel per endpoint, each stream connected to the service by its `Dialer`.
 
 The agent never parses HTTP: bytes pass through unchanged, so WebSocket, SSE and anything else
-work. It reconnects forever with full-jitter exponential backoff on network errors and 5xx,
-and stops with a clear message when the server rejects it (400, 401, 403).
+work (a TCP service's connection is spliced; see pico.agent.dialer for the others). It
+reconnects forever with full-jitter exponential backoff on network errors and 5xx, and stops
+with a clear message when the server rejects it (400, 401, 403).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -22,7 +24,7 @@ from prometheus_client import (
 )
 
 from pico import log
-from pico.agent.service import ServiceSide, SplicedServiceSide
+from pico.agent.dialer import Dialer, dialer_for
 from pico.config import AgentConfig, EndpointSpec
 from pico.mux.frame import ResetReason
 from pico.mux.handshake import HandshakeError, open_websocket
@@ -92,16 +94,17 @@ class AgentMetrics:
 
 
 class EndpointLink:
-    """Keeps one endpoint's tunnel up: connect, serve, reconnect."""
+    """Keeps one endpoint's tunnel up: connect, serve, reconnect.
 
-    def __init__(
-        self,
-        agent: Agent,
-        spec: EndpointSpec,
-    ) -> None:
+    `connected` is set while a tunnel is up (the node has registered the endpoint).
+    """
+
+    def __init__(self, agent: Agent, spec: EndpointSpec, dialer: Dialer) -> None:
         self.agent = agent
         self.spec = spec
+        self.dialer = dialer
         self.tunnel: Tunnel | None = None
+        self.connected = asyncio.Event()
         self.stopping = False
         self._dials: set[asyncio.Task[None]] = set()
         # Tunnels of a node that sent GoAway, finishing their streams, and their run() tasks.
@@ -190,6 +193,7 @@ class EndpointLink:
         tunnel.on_goaway = moved.set
         tunnel.attach(transport, rest, resume=True, direct=True)
         self.tunnel = tunnel
+        self.connected.set()
         m.connected.labels(endpoint_id).set(1)
         m.connects.labels(endpoint_id).inc()
         _log.info("connected", endpoint_id=endpoint_id, url=self.url, node=tunnel.peer)
@@ -202,6 +206,7 @@ class EndpointLink:
             waiter.cancel()
             if self.tunnel is tunnel:
                 self.tunnel = None
+                self.connected.clear()
             m.connected.labels(endpoint_id).set(0)
         if moved.is_set() and not runner.done() and not self.stopping:
             # Open streams finish on the old tunnel while a new one is opened (through the
@@ -242,10 +247,7 @@ class EndpointLink:
         spec = self.spec
         labels = self.agent.metrics
         active = labels.active_streams.labels(spec.endpoint_id)
-        tls = self.agent.service_tls if spec.tls else None
-        # TLS to the service means its bytes are decrypted here: copied, never spliced.
-        splice = stream.tunnel.splicing and tls is None
-        side = SplicedServiceSide if splice else ServiceSide
+        service = self.dialer.service
         timeout = self.agent.config.forwarder.timeout if spec.timeout is None else spec.timeout
         started = loop.time()
 
@@ -255,30 +257,17 @@ class EndpointLink:
                 _access.info(
                     "connection closed",
                     endpoint_id=spec.endpoint_id,
-                    service=f"{spec.host}:{spec.port}",
+                    service=service,
                     duration=round(loop.time() - started, 3),
                 )
 
         if stream.closed:
             return  # reset before we got to it: the node may send the request elsewhere
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: side(stream, done),
-                    spec.host,
-                    spec.port,
-                    ssl=tls,
-                    server_hostname=spec.host if tls is not None else None,
-                ),
-                timeout,
-            )
+            await asyncio.wait_for(self.dialer.dial(stream, done), timeout)
             active.inc()
             if spec.access_log:
-                _access.info(
-                    "connection opened",
-                    endpoint_id=spec.endpoint_id,
-                    service=f"{spec.host}:{spec.port}",
-                )
+                _access.info("connection opened", endpoint_id=spec.endpoint_id, service=service)
         except TimeoutError:
             labels.dial_errors.labels(spec.endpoint_id, "timeout").inc()
             stream.reset(ResetReason.TIMEOUT)
@@ -306,9 +295,15 @@ class EndpointLink:
 
 
 class Agent:
-    """`pico agent`: registers every configured endpoint."""
+    """`pico agent`: registers every configured endpoint.
 
-    def __init__(self, config: AgentConfig) -> None:
+    `endpoints` replaces the configured ones: (spec, dialer) pairs (the SDK's in-process
+    services).
+    """
+
+    def __init__(
+        self, config: AgentConfig, endpoints: Sequence[tuple[EndpointSpec, Dialer]] | None = None
+    ) -> None:
         self.config = config
         self.metrics = AgentMetrics()
         self.auth_headers: dict[str, str] = (
@@ -331,8 +326,14 @@ class Agent:
             service.key,
             insecure_skip_verify=service.insecure_skip_verify,
         )
-        self.links = [EndpointLink(self, spec) for spec in config.listener_specs()]
+        if endpoints is None:
+            endpoints = [
+                (spec, dialer_for(spec, self.service_tls)) for spec in config.listener_specs()
+            ]
+        self.links = [EndpointLink(self, spec, dialer) for spec, dialer in endpoints]
         self._admin: web.AppRunner | None = None
+        # What open streams get to finish once run() is told to stop.
+        self.grace = _GRACE_PERIOD
 
     async def start_admin(self) -> tuple[str, int]:
         """Serve /health and /metrics on `admin.bind_addr`."""
@@ -354,7 +355,8 @@ class Agent:
         return addr
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set (then drain) or a link is rejected (AgentRejected)."""
+        """Run until `stop` is set (then drain: open streams get `grace` seconds) or a link
+        is rejected (AgentRejected)."""
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(link.run()) for link in self.links]
         stopped = loop.create_task(stop.wait())
@@ -366,7 +368,7 @@ class Agent:
                     if task is not stopped and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
         finally:
-            await asyncio.gather(*(link.stop(_GRACE_PERIOD) for link in self.links))
+            await asyncio.gather(*(link.stop(self.grace) for link in self.links))
             for task in [*tasks, stopped]:
                 task.cancel()
             await asyncio.gather(*tasks, stopped, return_exceptions=True)

@@ -29,7 +29,8 @@ def agent(ctx: click.Context, /, **params: Any) -> None:
 
     Example: pico agent --endpoints my-endpoint/localhost:4000 registers endpoint
     'my-endpoint' and forwards its requests to localhost:4000. Several endpoints are
-    comma-separated: --endpoints a/4000,b/localhost:5000. The config file may list
+    comma-separated: --endpoints a/4000,b/localhost:5000; a service on a Unix socket is
+    --endpoints my-app/unix:/run/app.sock. The config file may list
     listeners: [{endpoint_id, addr, protocol: http|tcp, access_log, timeout}].
     """
     if ctx.invoked_subcommand is not None:
@@ -86,14 +87,16 @@ agent.add_command(
     _listener_command(
         "http",
         "Register ENDPOINT and serve its HTTP requests from ADDR.\n\n"
-        "ADDR is a port, host:port or a URL: pico agent http my-app https://localhost:8443 "
+        "ADDR is a port, host:port, unix:PATH (a Unix socket) or a URL: "
+        "pico agent http my-app https://localhost:8443 "
         "--tls.root-ca ca.pem speaks TLS to the service.",
     )
 )
 agent.add_command(
     _listener_command(
         "tcp",
-        "Register ENDPOINT and carry its TCP connections to ADDR (a port or host:port).\n\n"
+        "Register ENDPOINT and carry its TCP connections to ADDR (a port, host:port or "
+        "unix:PATH).\n\n"
         "Example: pico agent tcp my-db localhost:5432; reach it with "
         "pico forward tcp 6000 my-db.",
     )

@@ -30,6 +30,7 @@ from pico.config.schema import (
     HeaderFilter,
     ListenerConfig,
     ServerConfig,
+    check_endpoint_id,
     parse_endpoint,
     parse_listener_addr,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "HeaderFilter",
     "ListenerConfig",
     "ServerConfig",
+    "check_endpoint_id",
     "config_options",
     "describe",
     "expand_env",

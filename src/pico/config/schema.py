@@ -620,7 +620,8 @@ ListenerProtocol = Literal["http", "tcp"]
 
 @dataclass(frozen=True)
 class EndpointSpec:
-    """A parsed agent endpoint (a listener): streams for ``endpoint_id`` go to ``host:port``.
+    """A parsed agent endpoint (a listener): streams for ``endpoint_id`` go to ``host:port``,
+    or to the Unix socket ``unix_path`` when that is set (then ``host`` is "" and ``port`` 0).
 
     ``protocol`` is what the node serves it as (HTTP requests, or raw TCP connections through
     ``/_pico/v1/tcp/{id}``); ``tls``: the agent speaks TLS to the service (an https URL).
@@ -634,19 +635,42 @@ class EndpointSpec:
     tls: bool = False
     timeout: float | None = None
     access_log: bool = False
+    unix_path: str = ""
+
+    @property
+    def service(self) -> str:
+        """Where the service is, for logs: host:port or unix:PATH."""
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+# `--endpoints id/unix:PATH`: the service listens on a Unix socket (PATH may contain "/").
+_UNIX_PREFIX = "unix:"
+
+
+def unix_socket_path(addr: str) -> str | None:
+    """The path of a "unix:PATH" address (None for any other); ValueError if PATH is bad."""
+    if not addr.startswith(_UNIX_PREFIX):
+        return None
+    path = addr[len(_UNIX_PREFIX) :]
+    if not path or "\0" in path:
+        raise ValueError(f"invalid Unix socket address {addr!r} (expected unix:/path/to.sock)")
+    return path
 
 
 def parse_endpoint(value: str) -> EndpointSpec:
-    """Parse "id/addr" (addr: "host:port" or a bare port -> localhost); ValueError if bad."""
-    parts = value.split("/")
-    if len(parts) != 2:
+    """Parse "id/addr" (addr: "host:port", a bare port -> localhost, or "unix:PATH");
+    ValueError if bad."""
+    endpoint_id, slash, addr = (part.strip() for part in value.partition("/"))
+    if not slash or ("/" in addr and not addr.startswith(_UNIX_PREFIX)):
         raise ValueError(f"invalid endpoint {value!r} (expected <endpoint-id>/<addr>)")
-    endpoint_id, addr = parts[0].strip(), parts[1].strip()
     if not _ENDPOINT_ID.fullmatch(endpoint_id):
         raise ValueError(
             f"invalid endpoint id {endpoint_id!r} in {value!r} "
             "(1-128 characters of A-Z a-z 0-9 . _ -)"
         )
+    path = unix_socket_path(addr)
+    if path is not None:
+        return EndpointSpec(endpoint_id, "", 0, unix_path=path)
     if addr.isdigit():
         host, port = "localhost", int(addr)
     else:
@@ -702,12 +726,13 @@ def parse_listener_addr(addr: str, protocol: str) -> tuple[str, int, bool]:
 class ListenerConfig(_Model):
     """One entry of ``listeners``: an endpoint the agent registers, and where its service is."""
 
-    endpoint_id: Annotated[str, AfterValidator(_endpoint_id)] = Field(
+    endpoint_id: Annotated[str, AfterValidator(check_endpoint_id)] = Field(
         description="Endpoint to register."
     )
     addr: str = Field(
-        description="The service: a port, host:port, or for http a URL (https://host:port: "
-        "the agent speaks TLS to the service, verified with tls.root_ca)."
+        description="The service: a port, host:port, unix:PATH (a Unix socket), or for http a "
+        "URL (https://host:port: the agent speaks TLS to the service, verified with "
+        "tls.root_ca)."
     )
     protocol: str = Field("http", description="http (requests) or tcp (raw connections).")
     access_log: bool = Field(
@@ -725,21 +750,28 @@ class ListenerConfig(_Model):
                 "(use http or tcp)"
             )
         try:
-            parse_listener_addr(self.addr, self.protocol)
+            if unix_socket_path(self.addr) is None:
+                parse_listener_addr(self.addr, self.protocol)
         except ValueError as exc:
             raise ValueError(f"listener {self.endpoint_id!r}: {exc}") from None
         return self
 
     def spec(self) -> EndpointSpec:
         """This listener as an :class:`EndpointSpec`."""
-        host, port, tls = parse_listener_addr(self.addr, self.protocol)
         protocol = cast(ListenerProtocol, self.protocol)
+        path = unix_socket_path(self.addr)
+        if path is not None:
+            return EndpointSpec(
+                self.endpoint_id, "", 0, protocol, False, self.timeout, self.access_log, path
+            )
+        host, port, tls = parse_listener_addr(self.addr, self.protocol)
         return EndpointSpec(
             self.endpoint_id, host, port, protocol, tls, self.timeout, self.access_log
         )
 
 
-def _endpoint_id(value: str) -> str:
+def check_endpoint_id(value: str) -> str:
+    """`value` if it is a valid endpoint id; ValueError saying the rule, else."""
     if not _ENDPOINT_ID.fullmatch(value):
         raise ValueError(f"invalid endpoint id {value!r} (1-128 characters of A-Z a-z 0-9 . _ -)")
     return value
@@ -848,7 +880,8 @@ class AgentConfig(_Model):
         list[Annotated[str, AfterValidator(_endpoint)]], BeforeValidator(_split_list)
     ] = Field(
         default_factory=list,
-        description="Endpoints to register, each '<endpoint-id>/<addr>' (addr: host:port or port).",
+        description="Endpoints to register, each '<endpoint-id>/<addr>' (addr: host:port, port, "
+        "or unix:PATH for a service on a Unix socket).",
     )
     listeners: Annotated[list[ListenerConfig], _YAML_ONLY] = Field(
         default_factory=list,

@@ -1,0 +1,1 @@
+"""Runnable examples of `pico.sdk` (see the README's "From Python: pico.sdk")."""

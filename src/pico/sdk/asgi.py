@@ -1,0 +1,101 @@
+"""An ASGI app on mux streams, run by uvicorn's own protocol classes.
+
+Each stream the node opens is one HTTP connection, handed to uvicorn's HTTP protocol
+(httptools or h11; a WebSocket upgrade switches to uvicorn's WebSocket protocol) on a
+`StreamTransport`: uvicorn parses, keeps alive, upgrades and applies backpressure exactly as
+it does on a socket. Lifespan is uvicorn's `LifespanOn`; the node's `X-Forwarded-For` and
+`X-Forwarded-Proto` become `scope["client"]` and `scope["scheme"]` through uvicorn's
+`ProxyHeadersMiddleware`, which trusts only the node (every stream comes from one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal, cast
+
+from uvicorn import Config
+from uvicorn.lifespan.on import LifespanOn
+from uvicorn.server import ServerState
+
+from pico import log
+from pico.agent.inprocess import NODE_PEER
+from pico.sdk.errors import StartupFailed
+
+_log = log.get_logger("sdk")
+
+# Lifespan modes, HTTP and WebSocket implementations the SDK is tested with (uvicorn names).
+HTTP_IMPLEMENTATIONS = ("httptools", "h11")
+WS_IMPLEMENTATIONS = ("websockets-sansio", "none")
+LIFESPAN_MODES = ("auto", "on", "off")
+
+
+class AsgiService:
+    """One ASGI app served by uvicorn's protocols on streams (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        http: str = "httptools",
+        ws: str = "websockets-sansio",
+        lifespan: str = "auto",
+        timeout_keep_alive: float = 5.0,
+    ) -> None:
+        for name, value, allowed in (
+            ("http", http, HTTP_IMPLEMENTATIONS),
+            ("ws", ws, WS_IMPLEMENTATIONS),
+            ("lifespan", lifespan, LIFESPAN_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+        if not callable(app):
+            raise TypeError(f"app must be an ASGI application (a callable), not {app!r}")
+        self.config = Config(
+            app,
+            http=http,
+            ws=ws,
+            lifespan=cast(Literal["auto", "on", "off"], lifespan),
+            interface="asgi3",
+            proxy_headers=True,
+            forwarded_allow_ips=[NODE_PEER[0]],
+            log_config=None,  # the application's logging is its own business
+            access_log=False,
+            timeout_keep_alive=int(timeout_keep_alive),
+        )
+        self.config.load()
+        self.state = ServerState()
+        self._lifespan: LifespanOn | None = LifespanOn(self.config) if lifespan != "off" else None
+        self._app_state = self._lifespan.state if self._lifespan is not None else {}
+        self._protocol_class: Any = self.config.http_protocol_class
+
+    def protocol_factory(self) -> asyncio.BaseProtocol:
+        """uvicorn's HTTP protocol for a new stream, as uvicorn's server makes it."""
+        protocol: asyncio.BaseProtocol = self._protocol_class(
+            config=self.config, server_state=self.state, app_state=self._app_state
+        )
+        return protocol
+
+    async def startup(self) -> None:
+        """Run the app's lifespan startup. Raises StartupFailed."""
+        if self._lifespan is None:
+            return
+        await self._lifespan.startup()
+        if self._lifespan.should_exit:
+            raise StartupFailed("the ASGI app's lifespan startup failed (see its log)")
+
+    def shutdown_connections(self) -> None:
+        """Graceful shutdown of every connection: idle ones close, busy ones after their
+        response (uvicorn's own shutdown)."""
+        for connection in list(self.state.connections):
+            connection.shutdown()
+
+    async def finish(self) -> None:
+        """After the drain: cancel what is still running, then the lifespan shutdown."""
+        tasks = list(self.state.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._lifespan is not None:
+            await self._lifespan.shutdown()
+            if self._lifespan.should_exit:
+                _log.warn("the ASGI app's lifespan shutdown failed")
