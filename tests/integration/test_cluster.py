@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any
 
 import aiohttp
 
 from pico.server.node import Node
-from tests.support.cluster import Harness, admin_url, proxy_url, wait_for
+from tests.support.cluster import Harness, admin_url, connect, proxy_url, wait_for
 from tests.support.services import sample_app
 
 
@@ -199,3 +202,37 @@ async def test_new_endpoint_is_routable_from_other_nodes_before_the_next_gossip_
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy_url(others[0]), headers={"x-pico-endpoint": "ep"}) as resp:
             assert resp.status == 200
+
+
+async def test_a_client_abort_on_a_forwarding_node_reaches_the_service(h: Harness) -> None:
+    # The client gives up on node B (its connection is reset), which forwarded its request to
+    # A: the service behind A must learn it (its connection ends), not keep working for
+    # nobody. B used to end its connection to A with a FIN, which A took for a client that
+    # half-closed and still waits for the answer.
+    a, b = await cluster(h, n=2)
+    got_request, service_gone = asyncio.Event(), asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got_request.set()
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # never answered: returns when the node ends the connection
+        service_gone.set()
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await h.agent(a, [f"ep/127.0.0.1:{port}"])
+    await h.tunnel_up(a, "ep")
+    await wait_for(
+        lambda: b.cluster.remotes[a.node_id].endpoints.get("ep") == 1, what="endpoint gossiped"
+    )
+    client = await connect(b)
+    await client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: ep\r\n\r\n")
+    await asyncio.wait_for(got_request.wait(), 10)
+    sock = client.writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.writer.transport.abort()  # an RST: the client is gone, not half-closed
+    await asyncio.wait_for(service_gone.wait(), 10)
+    server.close()
+    await server.wait_closed()

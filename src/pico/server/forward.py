@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import cast
@@ -28,6 +30,8 @@ _POOL_SIZE = 64
 # Request bytes held while the connection is being set up, before the client is paused.
 _PENDING_LIMIT = 256 * 1024
 _POOL_IDLE = 30.0
+# struct linger {l_onoff = 1, l_linger = 0}: close() resets the connection.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class TcpChannel(asyncio.Protocol):
@@ -116,6 +120,9 @@ class TcpChannel(asyncio.Protocol):
             if reason == ResetReason.NORMAL:
                 self.transport.close()
             else:
+                # A reset, not a FIN: the other node would take a FIN for a client that
+                # half-closed and still waits for its answer, and keep the service working.
+                _reset_on_close(self.transport)
                 self.transport.abort()
 
     def pause_reading(self) -> None:
@@ -312,3 +319,11 @@ class MemberProof:
 
     def verify(self, value: bytes, method: bytes, target: bytes) -> bool:
         return self.keyring.forwarded_by_member(value, method, target, self.clock())
+
+
+def _reset_on_close(transport: asyncio.Transport) -> None:
+    """Make closing the connection send an RST (SO_LINGER with a zero timeout)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
