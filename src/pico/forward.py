@@ -50,6 +50,42 @@ _READ_BUFFERS = ReadBuffers(READ_SIZE, keep=8)
 _log = log.get_logger("forward")
 
 
+class PooledReads:
+    """One connection's reads into the pool's buffers (for a BufferedProtocol).
+
+    A buffer is taken for a read and given back once its bytes were delivered; one taken for
+    a read that got nothing (EOF) is kept for the next, and given back when the connection
+    ends (`release`), so a finished connection holds none.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer: bytearray | None = None
+
+    def buffer(self) -> memoryview:
+        """Where the next read goes."""
+        if self._buffer is None:
+            self._buffer = _READ_BUFFERS.take()
+        return memoryview(self._buffer)
+
+    def deliver(self, nbytes: int, to: Callable[[memoryview], None]) -> None:
+        """Hand the `nbytes` read to `to`, as a read-only view: what it keeps of it pins the
+        buffer (the pool does not reuse it until the view is gone)."""
+        buf, self._buffer = self._buffer, None
+        assert buf is not None
+        try:
+            to(memoryview(buf)[:nbytes].toreadonly())
+        finally:
+            _READ_BUFFERS.give(buf)
+
+    def release(self) -> None:
+        """The connection ended: give back a buffer no read filled."""
+        buf, self._buffer = self._buffer, None
+        if buf is not None:
+            _READ_BUFFERS.give(buf)
+
+
 class ForwardError(ConnectionError):
     """The node refused the connection: the HTTP `status` and its `message`."""
 
@@ -123,7 +159,7 @@ class WebSocketSide(asyncio.BufferedProtocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
-        self._read_buffer: bytearray | None = None
+        self._reads = PooledReads()
         self._close_sent = False
         self._close_received = False
         self._failed = False  # an error was reported: the loss that follows is not another
@@ -171,19 +207,10 @@ class WebSocketSide(asyncio.BufferedProtocol):
     # -- node -> local --------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self._read_buffer = _READ_BUFFERS.take()
-        return memoryview(buf)
+        return self._reads.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf = self._read_buffer
-        assert buf is not None
-        self._read_buffer = None
-        try:
-            # Read-only: the payloads are views of it, and the pool does not reuse it while
-            # the local transport keeps one.
-            self.data_received(memoryview(buf)[:nbytes].toreadonly())
-        finally:
-            _READ_BUFFERS.give(buf)
+        self._reads.deliver(nbytes, self.data_received)
 
     def data_received(self, data: bytes | memoryview) -> None:
         try:
@@ -224,6 +251,7 @@ class WebSocketSide(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._reads.release()
         if not self._close_received:
             if not self._failed:
                 self.on_error("connection to the node lost")
@@ -259,7 +287,7 @@ class LocalSide(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WebSocketSide | None = None
         self.peer = ""
-        self._read_buffer: bytearray | None = None
+        self._reads = PooledReads()
         self._early: list[bytes] = []  # read before the WebSocket was up
         self._eof = False
         self._closed = asyncio.get_running_loop().create_future()
@@ -288,17 +316,10 @@ class LocalSide(asyncio.BufferedProtocol):
             ws.send_close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        buf = self._read_buffer = _READ_BUFFERS.take()
-        return memoryview(buf)
+        return self._reads.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf = self._read_buffer
-        assert buf is not None
-        self._read_buffer = None
-        try:
-            self.data_received(memoryview(buf)[:nbytes].toreadonly())
-        finally:
-            _READ_BUFFERS.give(buf)
+        self._reads.deliver(nbytes, self.data_received)
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self.ws is not None:
@@ -318,13 +339,15 @@ class LocalSide(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._reads.release()
         if not self._closed.done():
             self._closed.set_result(None)
-        if self.ws is not None and self.ws.transport is not None:
+        ws, self.ws = self.ws, None  # no cycle with it: both are freed by refcount
+        if ws is not None and ws.transport is not None:
             if exc is None and self._eof:
-                self.ws.send_close()
+                ws.send_close()
             else:
-                self.ws.transport.abort()
+                ws.transport.abort()
 
     def pause_writing(self) -> None:
         if self.ws is not None:
@@ -416,6 +439,11 @@ class Forwarder:
         self._dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted and not yet finished."""
+        return len(self._tasks)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on (host, port); returns the bound address. Raises OSError."""
