@@ -310,8 +310,8 @@ async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> 
 async def test_forwarded_connections_leave_no_reference_cycles_holding_read_buffers(
     h: Harness,
 ) -> None:
-    # A finished connection is freed by its reference count at once: the collector runs
-    # rarely (pico.cli.runtime), and a cycle would keep the connection's read buffer.
+    # A finished connection is freed by its reference count at once, not by the cycle
+    # collector, which would keep its read buffer until it runs.
     node = await h.node()
     await tcp_endpoint(h, node, "digest", digest_after_eof_service)
     forwarder = Forwarder("digest", url=proxy_url(node))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -67,26 +66,6 @@ def tune_allocator() -> None:
     mallopt(_M_TOP_PAD, 16 << 20)
 
 
-# Allocations of container objects (net) between two collections of the youngest generation.
-# Every connection allocates a few hundred (protocols, futures, tasks, frames) that die with
-# it: at CPython's default of 700, a collection ran every few connections and took a tenth of
-# the forwarder's CPU. A cycle of garbage now waits up to this many allocations longer.
-GC_THRESHOLD = 10_000
-
-
-def tune_collector() -> None:
-    """Collect less often, and never scan what the start-up imports allocated.
-
-    The modules' objects (some 60k: pydantic, aiohttp, prometheus_client) live as long as the
-    process; `gc.freeze()` moves them out of the collector's generations, so a full collection
-    scans only what was allocated since (one full scan of them measured 60 ms).
-    """
-    gc.collect()
-    gc.freeze()
-    _, mid, old = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD, mid, old)
-
-
 def raise_fd_limit() -> int:
     """Raise the soft limit of open files to the hard limit; returns the soft limit now
     (-1 where there is none). Commands log it once they have started.
@@ -113,7 +92,6 @@ def raise_fd_limit() -> int:
 def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     """Run `main(stop)` on uvloop (when installed); SIGINT/SIGTERM set `stop`."""
     tune_allocator()
-    tune_collector()
 
     async def wrapper() -> int:
         stop = asyncio.Event()
