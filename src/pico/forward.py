@@ -18,7 +18,7 @@ from typing import cast
 
 from pico import log
 from pico.http.request import TCP_PATH
-from pico.mux.buffers import ReadBuffers, write_unpinned
+from pico.mux.buffers import PooledReads, ReadBuffers, write_unpinned
 from pico.mux.handshake import HandshakeError, open_websocket
 from pico.mux.upgrade import Target
 from pico.mux.websocket import (
@@ -48,42 +48,6 @@ _JOIN_LIMIT = 16 * 1024
 READ_SIZE = 256 * 1024
 _READ_BUFFERS = ReadBuffers(READ_SIZE, keep=8)
 _log = log.get_logger("forward")
-
-
-class PooledReads:
-    """One connection's reads into the pool's buffers (for a BufferedProtocol).
-
-    A buffer is taken for a read and given back once its bytes were delivered; one taken for
-    a read that got nothing (EOF) is kept for the next, and given back when the connection
-    ends (`release`), so a finished connection holds none.
-    """
-
-    __slots__ = ("_buffer",)
-
-    def __init__(self) -> None:
-        self._buffer: bytearray | None = None
-
-    def buffer(self) -> memoryview:
-        """Where the next read goes."""
-        if self._buffer is None:
-            self._buffer = _READ_BUFFERS.take()
-        return memoryview(self._buffer)
-
-    def deliver(self, nbytes: int, to: Callable[[memoryview], None]) -> None:
-        """Hand the `nbytes` read to `to`, as a read-only view: what it keeps of it pins the
-        buffer (the pool does not reuse it until the view is gone)."""
-        buf, self._buffer = self._buffer, None
-        assert buf is not None
-        try:
-            to(memoryview(buf)[:nbytes].toreadonly())
-        finally:
-            _READ_BUFFERS.give(buf)
-
-    def release(self) -> None:
-        """The connection ended: give back a buffer no read filled."""
-        buf, self._buffer = self._buffer, None
-        if buf is not None:
-            _READ_BUFFERS.give(buf)
 
 
 class ForwardError(ConnectionError):
@@ -159,7 +123,7 @@ class WebSocketSide(asyncio.BufferedProtocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
-        self._reads = PooledReads()
+        self._reads = PooledReads(_READ_BUFFERS)
         self._close_sent = False
         self._close_received = False
         self._failed = False  # an error was reported: the loss that follows is not another
@@ -287,7 +251,7 @@ class LocalSide(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.ws: WebSocketSide | None = None
         self.peer = ""
-        self._reads = PooledReads()
+        self._reads = PooledReads(_READ_BUFFERS)
         self._early: list[bytes] = []  # read before the WebSocket was up
         self._eof = False
         self._closed = asyncio.get_running_loop().create_future()
