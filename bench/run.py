@@ -13,7 +13,7 @@ BENCH_TLS=1 (the tunnels over wss: the agent copies instead of splicing), PICO_B
 rounds; `x pico` is each setup over Pico on one node). The TCP rows (bench.tcp: 1 MiB
 transfers through `pico forward tcp` and `pico agent tcp` against an nginx `stream` proxy)
 run in the same rounds: BENCH_TCP=0 leaves them out, BENCH_TCP_CONNECTIONS (default 8),
-BENCH_TCP_SIZE (bytes per transfer, default 1 MiB).
+BENCH_TCP_SIZE (bytes per transfer, default 1 MiB); `python -m bench.tcp` runs only them.
 """
 
 from __future__ import annotations

@@ -285,3 +285,42 @@ class TcpBench:
             ok = "PASS" if mid >= BAR and run is not None and not run.errors else "FAIL"
             lines.append(f"| MB/s @ TCP {LABEL} | {case.direction} | {mid:.2f}x | {BAR}x | {ok} |")
         return lines
+
+
+def main() -> int:
+    """`python -m bench.tcp`: only the TCP rows (the same setups, rounds and table as in
+    `python -m bench.run`), with its environment variables."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from bench.run import Bench, find_tools
+
+    cfg = find_tools()
+    tmp = Path(tempfile.mkdtemp(prefix="pico-bench-tcp-"))
+    tmp.chmod(0o755)  # nginx workers (which may not be our user) read files below it
+    (tmp / "logs").mkdir()
+    bench = Bench(cfg, tmp)
+    bench.configure_from_env()
+    tcp = TcpBench(bench)
+    try:
+        tcp.start()
+        for round_no in range(cfg.repeat):
+            print(f"bench: round {round_no + 1} of {cfg.repeat}", file=sys.stderr, flush=True)
+            tcp.measure_round(warmup=round_no == 0)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.procs.stop_all()
+    failed = any(c.note.startswith("failed") for c in tcp.cases)
+    if failed:
+        print(f"bench: logs kept in {tmp / 'logs'}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n".join(tcp.render()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,8 +18,9 @@ from typing import cast
 
 from pico import log
 from pico.http.request import TCP_PATH
-from pico.mux.buffers import write_unpinned
+from pico.mux.buffers import PooledReads, ReadBuffers, write_unpinned
 from pico.mux.handshake import HandshakeError, open_websocket
+from pico.mux.upgrade import Target
 from pico.mux.websocket import (
     OP_BINARY,
     OP_CLOSE,
@@ -36,8 +37,16 @@ from pico.mux.websocket import (
 # memory (payloads are relayed as they arrive), only a broken peer.
 _MAX_FRAME = 1 << 62
 _NORMAL = 1000
-# A payload up to this size is joined with its frame header into one write.
+# A payload up to this size is joined with its frame header into one write; a bigger one is
+# written with it (writelines: one syscall), not copied.
 _JOIN_LIMIT = 16 * 1024
+# The most one read of either connection takes: a 1 MiB transfer is a few reads, and the
+# kernel copies straight into a pooled buffer (no bytes object per read). A buffer is reused
+# once nothing holds a view of it; a local client that reads slowly makes its transport keep
+# at most one view (later writes are copied once it buffers), so each such connection pins at
+# most one buffer of this size until the client catches up.
+READ_SIZE = 256 * 1024
+_READ_BUFFERS = ReadBuffers(READ_SIZE, keep=8)
 _log = log.get_logger("forward")
 
 
@@ -56,6 +65,39 @@ def tcp_url(server_url: str, endpoint: str) -> str:
     return server_url.rstrip("/") + TCP_PATH.decode() + endpoint
 
 
+class NodeDialer:
+    """Opens WebSockets to one endpoint's TCP route: what is the same for every connection
+    (the parsed URL, the auth header) is worked out once."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        url: str,
+        api_key: str = "",
+        ssl: ssl_module.SSLContext | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        """Raises ValueError for a URL that cannot be parsed."""
+        self.target = Target.parse(tcp_url(url, endpoint))
+        self.headers = {"x-pico-authorization": f"Bearer {api_key}"} if api_key else {}
+        self.ssl = ssl
+        self.timeout = timeout
+
+    async def connect(self) -> tuple[asyncio.Transport, bytes]:
+        """Open one WebSocket: (transport paused for reading, bytes past the 101).
+
+        Raises ForwardError when the node refuses (unknown endpoint, auth, wrong protocol),
+        OSError or TimeoutError when it cannot be reached. Cancelling closes it.
+        """
+        try:
+            return await open_websocket(
+                self.target, self.headers, timeout=self.timeout, ssl_context=self.ssl
+            )
+        except HandshakeError as exc:
+            raise ForwardError(exc.status, exc.message) from None
+
+
 async def connect_websocket(
     endpoint: str,
     *,
@@ -69,16 +111,11 @@ async def connect_websocket(
     Raises ForwardError when the node refuses (unknown endpoint, auth, wrong protocol),
     OSError or TimeoutError when it cannot be reached.
     """
-    headers = {"x-pico-authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        return await open_websocket(
-            tcp_url(url, endpoint), headers, timeout=timeout, ssl_context=ssl
-        )
-    except HandshakeError as exc:
-        raise ForwardError(exc.status, exc.message) from None
+    dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
+    return await dialer.connect()
 
 
-class WebSocketSide(asyncio.Protocol):
+class WebSocketSide(asyncio.BufferedProtocol):
     """The WebSocket to the node, carrying one TCP connection (`LocalSide`'s)."""
 
     def __init__(self, local: LocalSide, on_error: Callable[[str], None]) -> None:
@@ -86,6 +123,7 @@ class WebSocketSide(asyncio.Protocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
+        self._reads = PooledReads(_READ_BUFFERS)
         self._close_sent = False
         self._close_received = False
         self._failed = False  # an error was reported: the loss that follows is not another
@@ -102,18 +140,23 @@ class WebSocketSide(asyncio.Protocol):
 
     # -- local -> node --------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Send local bytes as one binary message (masked with the zero key: not copied)."""
-        if self.transport is None or self._close_sent:
+    def send(self, data: bytes | memoryview) -> None:
+        """Send local bytes as one binary message (masked with the zero key: not copied).
+
+        `data` may be a view of a read buffer: it is copied only if the transport already
+        holds unsent bytes (it would keep the view)."""
+        transport = self.transport
+        if transport is None or self._close_sent:
             return
         n = len(data)
         self.bytes_sent += n
         header = frame_header(OP_BINARY, n, mask_key=ZERO_KEY)
         if n <= _JOIN_LIMIT:
-            self.transport.write(header + data)  # one write, one syscall
-        else:
-            self.transport.write(header)
-            self.transport.write(data)  # big: not copied to be joined
+            transport.write(b"".join((header, data)))  # one write, one syscall
+            return
+        if type(data) is memoryview and transport.get_write_buffer_size():
+            data = bytes(data)
+        transport.writelines((header, data))  # one syscall; big: not copied to be joined
 
     def send_close(self) -> None:
         """The local side sent FIN: say so with a Close frame; keep reading."""
@@ -127,7 +170,13 @@ class WebSocketSide(asyncio.Protocol):
 
     # -- node -> local --------------------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reads.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reads.deliver(nbytes, self.data_received)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         try:
             payloads, controls = self._decoder.feed(data)
         except WebSocketError as exc:
@@ -166,6 +215,7 @@ class WebSocketSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._reads.release()
         if not self._close_received:
             if not self._failed:
                 self.on_error("connection to the node lost")
@@ -194,13 +244,14 @@ class WebSocketSide(asyncio.Protocol):
         self.local.abort()
 
 
-class LocalSide(asyncio.Protocol):
+class LocalSide(asyncio.BufferedProtocol):
     """A local TCP connection carried over a `WebSocketSide`. Reading waits for the socket."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.ws: WebSocketSide | None = None
         self.peer = ""
+        self._reads = PooledReads(_READ_BUFFERS)
         self._early: list[bytes] = []  # read before the WebSocket was up
         self._eof = False
         self._closed = asyncio.get_running_loop().create_future()
@@ -228,13 +279,19 @@ class LocalSide(asyncio.Protocol):
         if self._eof:
             ws.send_close()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reads.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._reads.deliver(nbytes, self.data_received)
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.ws is not None:
             self.ws.send(data)
         else:
             # uvloop reads once after connection_made whatever it was told there: keep the
             # bytes for the WebSocket, and pause again (bounded: one read).
-            self._early.append(data)
+            self._early.append(bytes(data))
             if self.transport is not None:
                 self.transport.pause_reading()
 
@@ -246,13 +303,15 @@ class LocalSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._reads.release()
         if not self._closed.done():
             self._closed.set_result(None)
-        if self.ws is not None and self.ws.transport is not None:
+        ws, self.ws = self.ws, None  # no cycle with it: both are freed by refcount
+        if ws is not None and ws.transport is not None:
             if exc is None and self._eof:
-                self.ws.send_close()
+                ws.send_close()
             else:
-                self.ws.transport.abort()
+                ws.transport.abort()
 
     def pause_writing(self) -> None:
         if self.ws is not None:
@@ -341,11 +400,14 @@ class Forwarder:
     ) -> None:
         self.endpoint = endpoint
         self.url = url
-        self.api_key = api_key
-        self.ssl = ssl
-        self.timeout = timeout
+        self._dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def connections(self) -> int:
+        """Connections accepted and not yet finished."""
+        return len(self._tasks)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on (host, port); returns the bound address. Raises OSError."""
@@ -370,13 +432,7 @@ class Forwarder:
             )
 
         try:
-            transport, rest = await connect_websocket(
-                self.endpoint,
-                url=self.url,
-                api_key=self.api_key,
-                ssl=self.ssl,
-                timeout=self.timeout,
-            )
+            transport, rest = await self._dialer.connect()
         except ForwardError as exc:
             failed(f"{exc.status} {exc.message}")
             local.abort()

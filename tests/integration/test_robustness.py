@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 
 from pico.mux.frame import Flags, FrameType, encode_header
 from pico.mux.handshake import open_websocket
@@ -264,3 +265,20 @@ async def test_body_bytes_in_the_same_read_as_the_head_never_count_as_head(h: Ha
             async with http.get(proxy_url(node) + f"/download?size={size}", headers=EP) as resp:
                 assert resp.status == 200
                 assert len(await resp.read()) == size
+
+
+async def test_a_node_that_never_answers_the_upgrade_times_out_and_is_hung_up_on() -> None:
+    heard_close = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the upgrade request, never answered
+        await reader.read()  # until the agent gives up and closes
+        heard_close.set()
+
+    server, port = await serve(handler)
+    try:
+        with pytest.raises(TimeoutError):
+            await open_websocket(f"ws://127.0.0.1:{port}/pico/v1/upstream/ep", timeout=0.2)
+        await asyncio.wait_for(heard_close.wait(), 5)
+    finally:
+        server.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import io
 import json
@@ -302,6 +303,43 @@ async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> 
             answer = await asyncio.wait_for(reader.read(), 10)
             assert answer.startswith(b"%d " % len(body))
             writer.close()
+    finally:
+        await forwarder.close()
+
+
+async def test_forwarded_connections_leave_no_reference_cycles_holding_read_buffers(
+    h: Harness,
+) -> None:
+    # A finished connection is freed by its reference count at once, not by the cycle
+    # collector, which would keep its read buffer until it runs.
+    node = await h.node()
+    await tcp_endpoint(h, node, "digest", digest_after_eof_service)
+    forwarder = Forwarder("digest", url=proxy_url(node))
+    host, port = await forwarder.start("127.0.0.1", 0)
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"x" * 300_000)
+        writer.write_eof()
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"300000 ")
+        writer.close()
+        await writer.wait_closed()
+
+    try:
+        await one()
+        await wait_for(lambda: not forwarder.connections, what="the first connection to end")
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept, to be inspected
+        try:
+            for _ in range(5):
+                await one()
+            await wait_for(lambda: not forwarder.connections, what="the connections to end")
+            gc.collect()
+            cyclic = {type(o).__name__ for o in gc.garbage} & {"LocalSide", "WebSocketSide"}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert not cyclic
     finally:
         await forwarder.close()
 

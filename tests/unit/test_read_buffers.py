@@ -14,7 +14,7 @@ from pico.http.channel import Router
 from pico.http.proxy import ProxyConnection
 from pico.http.settings import ProxyLimits
 from pico.mux import splice
-from pico.mux.buffers import READ_BUFFERS, ReadBuffers
+from pico.mux.buffers import READ_BUFFERS, PooledReads, ReadBuffers
 from pico.mux.tunnel import Tunnel
 
 
@@ -127,3 +127,25 @@ def test_pipes_come_back_to_the_pool_only_when_empty() -> None:
     finally:
         service.close()
         other.close()
+
+
+def test_pooled_reads_give_each_buffer_back_once_its_bytes_are_delivered() -> None:
+    pool = ReadBuffers(16, keep=2)
+    reads = PooledReads(pool)
+    view = reads.buffer()
+    view[:5] = b"hello"  # the loop reads into it, and lets go of the view
+    view.release()
+    got: list[bytes] = []
+    reads.deliver(5, lambda data: got.append(bytes(data)))
+    assert got == [b"hello"]
+    [spare] = pool.spares  # back in the pool, and nothing pins it
+    assert reads.buffer().obj is spare  # so the next read reuses it
+
+
+def test_pooled_reads_release_a_buffer_no_read_filled_when_the_connection_ends() -> None:
+    pool = ReadBuffers(16, keep=2)
+    reads = PooledReads(pool)
+    first = reads.buffer().obj
+    assert reads.buffer().obj is first  # a read that got nothing (EOF) took no second one
+    reads.release()
+    assert pool.spares == [first]

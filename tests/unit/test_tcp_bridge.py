@@ -279,3 +279,35 @@ async def test_a_client_gone_while_the_agent_dials_resets_the_stream() -> None:
     assert stream.reset_reason is ResetReason.CANCELLED and bridge.state is State.CLOSED
     stream.acknowledge()  # too late: nothing is answered
     assert client.data == b"" and observer.opened == 0
+
+
+class LinesClient(Client):
+    """A receiver that also takes several pieces at once (as the proxy engine's splice does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []  # pieces per call: 1 for data_received
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        self.calls.append(1)
+        super().data_received(data)
+
+    def writelines(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        self.calls.append(len(parts))
+        for part in parts:
+            self.data += part
+
+
+async def test_a_big_service_chunk_reaches_the_client_as_header_and_payload_in_one_call() -> None:
+    stream, client = FakeStream(), LinesClient()
+    bridge = WebSocketBridge(stream, "my-db")  # type: ignore[arg-type]
+    bridge.set_receiver(client)
+    bridge.write(HEAD)
+    stream.acknowledge()
+    client.data.clear()
+    client.calls.clear()
+    big, small = bytes(range(256)) * 400, b"tiny"  # over and under the join limit
+    bridge.data_received(memoryview(big))
+    bridge.data_received(small)
+    assert client.calls == [2, 1]  # never the header alone: one syscall each
+    assert frames_to_client(client) == [("data", big + small)]

@@ -575,14 +575,16 @@ class ProxyConnection(asyncio.Protocol):
     def write(self, data: bytes | memoryview) -> None:
         self._write(data)
 
-    def writelines(self, parts: tuple[bytes, ...]) -> None:
+    def writelines(self, parts: tuple[bytes | memoryview, ...]) -> None:
         if self._cork is not None and sum(map(len, parts)) < _CORK_LIMIT:
-            self._cork.extend(parts)
+            self._cork.extend(bytes(p) if type(p) is memoryview else p for p in parts)
             return
         if self._cork:
             self.uncork()
             self._cork = []
         if self.transport is not None:
+            if self.transport.get_write_buffer_size():  # it would keep views: copy them
+                parts = tuple(bytes(p) if type(p) is memoryview else p for p in parts)
             self.transport.writelines(parts)
 
     @property
@@ -648,6 +650,10 @@ class _Splice:
 
     def data_received(self, data: bytes | memoryview) -> None:
         self.conn.write(data)
+
+    def writelines(self, parts: tuple[bytes | memoryview, ...]) -> None:
+        """Pieces in one write (pico.server.tcp: a frame header and its payload)."""
+        self.conn.writelines(parts)
 
     def eof_received(self) -> None:
         transport = self.conn.transport

@@ -74,27 +74,27 @@ class _ClientProtocol(asyncio.Protocol):
 
 
 async def open_websocket(
-    url: str,
+    url: str | Target,
     headers: Mapping[str, str] | None = None,
     *,
     timeout: float = HANDSHAKE_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[asyncio.Transport, bytes]:
-    """Connect to a ws:// or wss:// `url` and complete the upgrade.
+    """Connect to a ws:// or wss:// `url` (or its parsed `Target`) and complete the upgrade.
 
     Returns the transport, paused for reading, and any bytes received past the handshake:
     pass both to `Tunnel.attach(transport, rest, resume=True)`. Raises HandshakeError
     when the server answers with an HTTP error, OSError/TimeoutError on network failures,
     ValueError for a URL or header that cannot be sent. Cancelling closes the connection.
     """
-    target = Target.parse(url)
+    target = Target.parse(url) if isinstance(url, str) else url
     handshake = ClientHandshake(target, headers)
     loop = asyncio.get_running_loop()
     context = ssl_context
     if context is None and target.secure:
         context = ssl.create_default_context()
-
-    async def handshake_on_connection() -> tuple[asyncio.Transport, bytes]:
+    # A timeout in this task, not wait_for's task around it: one task fewer per connection.
+    async with asyncio.timeout(timeout):
         transport, protocol = await loop.create_connection(
             lambda: _ClientProtocol(handshake),
             target.host,
@@ -107,6 +107,4 @@ async def open_websocket(
         except BaseException:
             transport.close()
             raise
-        return transport, rest
-
-    return await asyncio.wait_for(handshake_on_connection(), timeout)
+    return transport, rest

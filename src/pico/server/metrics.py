@@ -83,6 +83,9 @@ class NodeMetrics:
             ["direction"],
             registry=r,
         )
+        # Looked up once: labels() takes a lock and builds a key, per connection otherwise.
+        self._tcp_bytes_in = self.tcp_bytes.labels("in")
+        self._tcp_bytes_out = self.tcp_bytes.labels("out")
 
     def limit_rejected(self, limit: str) -> None:
         """Count one refusal for `limit`."""
@@ -96,8 +99,8 @@ class NodeMetrics:
     def tcp_closed(self, record: TcpRecord) -> None:
         """A TCP connection ended."""
         self.tcp_active.dec()
-        self.tcp_bytes.labels("in").inc(record.bytes_in)
-        self.tcp_bytes.labels("out").inc(record.bytes_out)
+        self._tcp_bytes_in.inc(record.bytes_in)
+        self._tcp_bytes_out.inc(record.bytes_out)
 
     def auth_failure_counter(self, port: str) -> Callable[[str], None]:
         """What a port's verifier calls with the reason of each refusal."""

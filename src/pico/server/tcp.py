@@ -50,7 +50,8 @@ from pico.mux.websocket import (
 # arrives (never reassembled), so this bounds nothing in memory, only a peer's nonsense.
 _MAX_FRAME = 1 << 62
 # A payload up to this size is joined with its frame header (one write to the client); a
-# bigger one goes out as it is, after the header (copying it would cost more than a write).
+# bigger one goes out as it is, with the header in one writelines() where the receiver has it
+# (the proxy engine's splice does), else after it (copying it would cost more than a write).
 _JOIN_LIMIT = 16 * 1024
 # Close codes (RFC 6455 §7.4.1).
 _NORMAL = 1000
@@ -146,6 +147,7 @@ class WebSocketBridge:
         self.on_closed = on_closed
         self.state = State.HEAD
         self.receiver: ChannelReceiver | None = None
+        self._writelines: Callable[[tuple[bytes | memoryview, ...]], None] | None = None
         self._head = _Head()
         self._decoder = FrameDecoder(expect_mask=True, max_frame=_MAX_FRAME)
         # The two directions end separately (half-close): client -> service, service -> client.
@@ -168,6 +170,8 @@ class WebSocketBridge:
 
     def set_receiver(self, receiver: ChannelReceiver) -> None:
         self.receiver = receiver
+        # Optional in a ChannelReceiver: a frame header and its payload in one syscall.
+        self._writelines = getattr(receiver, "writelines", None)
 
     def write(self, data: bytes | memoryview) -> None:
         """The engine's bytes: first the request head, then the client's WebSocket frames."""
@@ -285,6 +289,8 @@ class WebSocketBridge:
         header = frame_header(OP_BINARY, n, mask_key=None)
         if n <= _JOIN_LIMIT:
             self._to_client(b"".join((header, data)))  # one write, one syscall
+        elif self._writelines is not None:
+            self._writelines((header, data))  # data: a view of the tunnel's read buffer
         else:
             self._to_client(header)
             self._to_client(data)  # a view of the tunnel's read buffer: not copied
@@ -349,6 +355,7 @@ class WebSocketBridge:
             self._record(reason)
         self._notify_closed()
         receiver, self.receiver = self.receiver, None
+        self._writelines = None
         if receiver is not None:
             receiver.connection_lost(None)
 
