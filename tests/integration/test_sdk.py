@@ -9,6 +9,7 @@ and file descriptors can be looked at directly.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import struct
 import threading
@@ -372,3 +373,16 @@ def test_bad_arguments_are_value_errors_that_say_which(kwargs: dict[str, Any], e
     with pytest.raises(ValueError) as caught:
         pico.sdk.serve_asgi(starlette_app(Record()), options.pop("endpoint"), **options)
     assert error in str(caught.value)
+
+
+def test_a_serve_call_that_is_never_entered_warns_that_nothing_is_served() -> None:
+    # `pico.sdk.serve_wsgi(app, ...)` alone on a line serves nothing (it is an async context
+    # manager): the user is told, as for a coroutine never awaited.
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"never"]
+
+    served = pico.sdk.serve_wsgi(wsgi_app, "legacy", url="http://127.0.0.1:9")
+    with pytest.warns(RuntimeWarning, match="endpoint 'legacy' was never served: use `async with"):
+        del served
+        gc.collect()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import warnings
 from types import TracebackType
 from typing import Literal, Protocol
 
@@ -99,6 +100,7 @@ class Served:
         self._agent = Agent(config, [(EndpointSpec(endpoint, "", 0, protocol), dialer)])
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._used = False  # entered (or started): see __del__
         self._closing: asyncio.Task[None] | None = None
         self._finished: asyncio.Task[None] | None = None
 
@@ -124,8 +126,21 @@ class Served:
     ) -> None:
         await self.close()
 
+    def __del__(self) -> None:
+        # `pico.sdk.serve_wsgi(app, ...)` on its own line builds this and serves nothing: say
+        # so, as Python does for a coroutine that was never awaited.
+        if not getattr(self, "_used", True):
+            warnings.warn(
+                f"pico.sdk: endpoint {self.endpoint!r} was never served: use `async with "
+                "pico.sdk.serve_asgi(...)` (or serve_wsgi, listen), or pico.sdk.run(...) "
+                "to block",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     async def start(self) -> None:
         """Start the service, then register the endpoint (see the class docstring)."""
+        self._used = True
         if self._task is not None:
             raise RuntimeError("already started")
         await self._service.startup()
