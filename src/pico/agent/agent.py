@@ -155,9 +155,9 @@ class EndpointLink:
                         status=exc.status,
                         error=exc.message,
                     )
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as err:
                 _log.warn(
-                    "connect failed", endpoint_id=endpoint_id, error=str(exc) or type(exc).__name__
+                    "connect failed", endpoint_id=endpoint_id, error=str(err) or type(err).__name__
                 )
             else:
                 attempt = 0

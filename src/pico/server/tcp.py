@@ -33,7 +33,6 @@ from pico import log
 from pico.http.channel import ChannelReceiver, ResetReason
 from pico.http.head import error_response
 from pico.http.request import TCP_PATH
-from pico.mux.stream import MuxStream
 from pico.mux.upgrade import accept_response
 from pico.mux.websocket import (
     OP_BINARY,
@@ -130,13 +129,27 @@ class _Head:
         return self.forwarded_for.rsplit(",", 1)[-1].strip()
 
 
+class BridgedStream(Protocol):
+    """What the bridge needs of its tunnel stream (a `MuxStream`)."""
+
+    @property
+    def closed(self) -> bool: ...
+    def when_accepted(self, callback: Callable[[], None]) -> bool: ...
+    def set_receiver(self, receiver: ChannelReceiver) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
+    def write_eof(self) -> None: ...
+    def reset(self, reason: ResetReason = ResetReason.CANCELLED) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
 class WebSocketBridge:
     """A `Channel` for one `/_pico/v1/tcp` connection: a WebSocket on one side, a stream on
     the other. Also the stream's receiver."""
 
     def __init__(
         self,
-        stream: MuxStream,
+        stream: BridgedStream,
         endpoint_id: str,
         observer: TcpObserver | None = None,
         on_closed: Callable[[], None] | None = None,
