@@ -236,3 +236,30 @@ async def test_a_client_abort_on_a_forwarding_node_reaches_the_service(h: Harnes
     await asyncio.wait_for(service_gone.wait(), 10)
     server.close()
     await server.wait_closed()
+
+
+def _on(ip: str) -> dict[str, Any]:
+    """A node's sections with every port on `ip`."""
+    return {name: {"bind_addr": f"{ip}:0"} for name in ("proxy", "upstream", "admin", "gossip")}
+
+
+async def test_a_node_on_its_own_address_forwards_from_it_and_is_trusted(h: Harness) -> None:
+    # Without gossip keys a node trusts a forwarded request by its source address: the
+    # forwarding node must connect from the address it advertises. It connected from whatever
+    # the kernel chose (127.0.0.1 here), so the other node took it for a client: it appended
+    # the forwarding node to X-Forwarded-For, and could have forwarded the request again.
+    a = await h.node(**_on("127.0.0.61"))
+    b = await h.node(**_on("127.0.0.62"), cluster={"join": [gossip_addr(a)]})
+    port = await h.service(sample_app())
+    await h.agent(a, [f"ep/127.0.0.1:{port}"])
+    await h.tunnel_up(a, "ep")
+    await wait_for(
+        lambda: (
+            a.node_id in b.cluster.remotes and b.cluster.remotes[a.node_id].endpoints.get("ep") == 1
+        ),
+        what="endpoint gossiped",
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(b) + "/echo", headers={"x-pico-endpoint": "ep"}) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-seen-x-forwarded-for"] == "127.0.0.1"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 import struct
 import time
@@ -37,10 +38,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class TcpChannel(asyncio.Protocol):
     """A channel over a TCP connection to another node's proxy port."""
 
-    def __init__(self, host: str, port: int, tls: PeerTls | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, tls: PeerTls | None = None, source: str | None = None
+    ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
+        self.source = source  # the local address to connect from (None: the kernel's choice)
         self.receiver: ChannelReceiver | None = None
         self.transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
@@ -68,6 +72,7 @@ class TcpChannel(asyncio.Protocol):
                     self.port,
                     ssl=tls.context if tls is not None else None,
                     server_hostname=tls.hostname(self.host) if tls is not None else None,
+                    local_addr=(self.source, 0) if self.source is not None else None,
                 ),
                 _CONNECT_TIMEOUT,
             )
@@ -217,13 +222,16 @@ class NodeUpstream:
 
     remote = True
 
-    def __init__(self, node_id: str, proxy_addr: str, tls: PeerTls | None = None) -> None:
+    def __init__(
+        self, node_id: str, proxy_addr: str, tls: PeerTls | None = None, source: str = ""
+    ) -> None:
         self.node_id = node_id
         self.proxy_addr = proxy_addr
         self.tls = tls
         host, _, port = proxy_addr.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
+        self.source = _source_for(self.host, source)
         self._idle: list[tuple[float, TcpChannel]] = []
 
     @property
@@ -242,7 +250,7 @@ class NodeUpstream:
             return channel, True
         if self.port <= 0:
             raise UpstreamUnavailable(f"node {self.node_id} has no proxy address")
-        channel = TcpChannel(self.host, self.port, self.tls)
+        channel = TcpChannel(self.host, self.port, self.tls, self.source)
         channel.connect()
         return channel, False
 
@@ -278,6 +286,9 @@ class NodeUpstreams:
         self._node_of = node_of
         self._tls = tls or PeerTls(client_context())
         self._nodes: dict[str, NodeUpstream] = {}
+        # The address this node's proxy port advertises, when connections can be made from it:
+        # without gossip keys the other nodes trust a forwarded request by its source address.
+        self.source = ""
 
     def get(self, node_id: str) -> NodeUpstream | None:
         """The upstream of `node_id`, or None if its proxy address is unknown."""
@@ -291,7 +302,7 @@ class NodeUpstreams:
                 upstream.close()
             tls = self._tls if "proxy" in node.tls else None
             with contextlib.suppress(ValueError):
-                upstream = self._nodes[node_id] = NodeUpstream(node_id, addr, tls)
+                upstream = self._nodes[node_id] = NodeUpstream(node_id, addr, tls, self.source)
         return upstream
 
     def forget(self, node_id: str) -> None:
@@ -327,3 +338,29 @@ def _reset_on_close(transport: asyncio.Transport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _source_for(host: str, source: str) -> str | None:
+    """`source` if connections to `host` can come from it: both literal IPs of one family."""
+    try:
+        same_family = ipaddress.ip_address(host).version == ipaddress.ip_address(source).version
+    except ValueError:
+        return None  # a name, or no source: the kernel picks the address
+    return source if same_family else None
+
+
+def bindable_source(host: str) -> str:
+    """`host` if this machine can connect from it (a literal, specific, local IP), else ""."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ""
+    if ip.is_unspecified:
+        return ""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError:
+            return ""  # not one of ours (a NAT's public address, say)
+    return host

@@ -40,7 +40,7 @@ from pico.server import collectors
 from pico.server.access_log import AccessLog
 from pico.server.admin import AdminServer
 from pico.server.cluster import ClusterState, NodeInfo
-from pico.server.forward import MemberProof, NodeUpstreams
+from pico.server.forward import MemberProof, NodeUpstreams, bindable_source
 from pico.server.history import History
 from pico.server.metrics import NodeMetrics
 from pico.server.proxy import NodeRouter
@@ -330,6 +330,9 @@ class Node:
         )
         self.cluster.local.proxy_addr = self.addrs.proxy_advertise
         self.cluster.local.admin_addr = self.addrs.admin_advertise
+        # Forwarded requests leave from the advertised address, which the others trust.
+        advertised_host = self.addrs.proxy_advertise.rpartition(":")[0].strip("[]")
+        self.node_upstreams.source = bindable_source(advertised_host)
         gossiper = Gossiper(
             self.node_id,
             self.addrs.gossip_advertise,
