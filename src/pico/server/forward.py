@@ -33,6 +33,8 @@ _PENDING_LIMIT = 256 * 1024
 _POOL_IDLE = 30.0
 # struct linger {l_onoff = 1, l_linger = 0}: close() resets the connection.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Linux's IP_BIND_ADDRESS_NO_PORT (the socket module names it from Python 3.12 only).
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
 class TcpChannel(asyncio.Protocol):
@@ -60,24 +62,31 @@ class TcpChannel(asyncio.Protocol):
         self._connect = asyncio.get_running_loop().create_task(self._dial())
 
     async def _dial(self) -> None:
-        loop = asyncio.get_running_loop()
-        tls = self.tls
         try:
             # The TLS handshake counts as connecting: a node we cannot verify is not reached
             # (ssl.SSLError is an OSError), and the request goes to the next one.
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: self,
-                    self.host,
-                    self.port,
-                    ssl=tls.context if tls is not None else None,
-                    server_hostname=tls.hostname(self.host) if tls is not None else None,
-                    local_addr=(self.source, 0) if self.source is not None else None,
-                ),
-                _CONNECT_TIMEOUT,
-            )
+            await asyncio.wait_for(self._open(), _CONNECT_TIMEOUT)
         except (OSError, TimeoutError):
             self._fail(ResetReason.UNREACHABLE)
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self.tls
+        context = tls.context if tls is not None else None
+        hostname = tls.hostname(self.host) if tls is not None else None
+        if self.source is None:
+            await loop.create_connection(
+                lambda: self, self.host, self.port, ssl=context, server_hostname=hostname
+            )
+            return
+        sock = await connect_from(self.source, self.host, self.port)
+        try:
+            await loop.create_connection(
+                lambda: self, sock=sock, ssl=context, server_hostname=hostname
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     def _fail(self, reason: ResetReason) -> None:
         if self._closed:
@@ -364,3 +373,22 @@ def bindable_source(host: str) -> str:
         except OSError:
             return ""  # not one of ours (a NAT's public address, say)
     return host
+
+
+async def connect_from(source: str, host: str, port: int) -> socket.socket:
+    """A TCP connection to host:port from the local address `source` (a literal IP).
+
+    The port is picked at connect time, as for any connection (IP_BIND_ADDRESS_NO_PORT), not
+    when binding: a node forwarding a lot does not run out of ports for `source`."""
+    family = socket.AF_INET6 if ipaddress.ip_address(source).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # not Linux: the port is picked when binding
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
