@@ -46,6 +46,9 @@ _JOIN_LIMIT = 16 * 1024
 # at most one view (later writes are copied once it buffers), so each such connection pins at
 # most one buffer of this size until the client catches up.
 READ_SIZE = 256 * 1024
+# Bounds a connection's setup; longer than the agent's 10 s dial to the service, so a slow
+# service is the node's 504 rather than a timeout here.
+CONNECT_TIMEOUT = 15.0
 _READ_BUFFERS = ReadBuffers(READ_SIZE, keep=8)
 _log = log.get_logger("forward")
 
@@ -76,7 +79,7 @@ class NodeDialer:
         url: str,
         api_key: str = "",
         ssl: ssl_module.SSLContext | None = None,
-        timeout: float = 15.0,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         """Raises ValueError for a URL that cannot be parsed."""
         self.target = Target.parse(tcp_url(url, endpoint))
@@ -104,7 +107,7 @@ async def connect_websocket(
     url: str,
     api_key: str = "",
     ssl: ssl_module.SSLContext | None = None,
-    timeout: float = 15.0,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[asyncio.Transport, bytes]:
     """Open the WebSocket to `endpoint`: (transport paused for reading, bytes past the 101).
 
@@ -355,7 +358,7 @@ async def open_connection(
     url: str = "http://localhost:8000",
     api_key: str = "",
     ssl: ssl_module.SSLContext | None = None,
-    timeout: float = 15.0,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the TCP endpoint `endpoint` through the proxy port at `url`.
 
@@ -396,7 +399,7 @@ class Forwarder:
         url: str,
         api_key: str = "",
         ssl: ssl_module.SSLContext | None = None,
-        timeout: float = 15.0,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.endpoint = endpoint
         self.url = url

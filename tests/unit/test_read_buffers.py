@@ -81,7 +81,7 @@ async def test_tunnels_hold_no_read_buffer_between_reads() -> None:
     buf = tunnel.get_buffer(-1)
     buf[:3] = b"\x82\x01a"  # a one-byte binary frame, unmasked (rejected: the client must mask)
     tunnel.buffer_updated(3)
-    assert tunnel._read_buffer is None
+    assert tunnel._reads._buffer is None
     tunnel.close()
 
 
@@ -99,7 +99,7 @@ async def test_a_read_that_finds_the_end_gives_its_buffer_back(end: str) -> None
         tunnel.eof_received()
     else:
         tunnel.connection_lost(ConnectionResetError())
-    assert tunnel._read_buffer is None
+    assert tunnel._reads._buffer is None
     assert READ_BUFFERS.spares and READ_BUFFERS.spares[-1] is taken
 
 

@@ -20,7 +20,7 @@ from typing import cast
 from pico import log
 from pico.mux import splice
 from pico.mux.acks import AckWatch
-from pico.mux.buffers import READ_BUFFERS
+from pico.mux.buffers import READ_BUFFERS, PooledReads
 from pico.mux.frame import ResetReason
 from pico.mux.session import (
     ConnectionTerminated,
@@ -158,7 +158,8 @@ class Tunnel(asyncio.BufferedProtocol):
         self._barriers: dict[int, asyncio.Future[None]] = {}
         self._direct: splice.DirectWriter | None = None
         self.pipes: splice.PipePool | None = None  # when splicing: pipes for stream chunks
-        self._read_buffer: bytearray | None = None  # from get_buffer() to buffer_updated()
+        # Reads go into buffers of the pool all tunnels share (see PooledReads).
+        self._reads = PooledReads(READ_BUFFERS)
         # Control frames answered so far: WebSocket pongs here, the session counts its own.
         # The marks are both counts when a flush last found the write buffer under its
         # high-water mark: what was answered since is owed (unwritten, or unread).
@@ -331,21 +332,14 @@ class Tunnel(asyncio.BufferedProtocol):
         self._schedule_ping()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """Where the loop reads to: a buffer from the pool all tunnels share (the kernel
-        copies straight into it: no bytes object per read)."""
-        buf = self._read_buffer = READ_BUFFERS.take()
-        return memoryview(buf)
+        """Where the loop reads to: a pooled buffer (the kernel copies straight into it: no
+        bytes object per read)."""
+        return self._reads.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        buf = self._read_buffer
-        assert buf is not None
-        self._read_buffer = None
-        try:
-            # Read-only: consumers may keep slices, and the pool never reuses the buffer
-            # while they do.
-            self.data_received(memoryview(buf)[:nbytes].toreadonly())
-        finally:
-            READ_BUFFERS.give(buf)
+        # A read-only view: consumers may keep slices, and the pool never reuses the buffer
+        # while they do.
+        self._reads.deliver(nbytes, self.data_received)
 
     def data_received(self, data: bytes | memoryview) -> None:
         self._acks.heard = True  # the peer is alive (a store, no allocation)
@@ -458,9 +452,7 @@ class Tunnel(asyncio.BufferedProtocol):
     def _return_read_buffer(self) -> None:
         # The loop took a buffer for a read that found the end instead (no buffer_updated):
         # give it back, or every closing tunnel would keep a 1 MiB buffer of its own.
-        buf, self._read_buffer = self._read_buffer, None
-        if buf is not None:
-            READ_BUFFERS.give(buf)
+        self._reads.release()
 
     # -- internals -------------------------------------------------------------------------------
 

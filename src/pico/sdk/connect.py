@@ -10,7 +10,7 @@ import asyncio
 import ssl as ssl_module
 
 from pico.config import check_endpoint_id
-from pico.forward import ForwardError, open_connection
+from pico.forward import CONNECT_TIMEOUT, ForwardError, open_connection
 from pico.sdk.errors import ConnectError, NotPermitted, UnknownEndpoint, Unreachable, WrongProtocol
 
 # The node's answers (pico.server.tcp, pico.http.proxy) and what they mean to a caller.
@@ -37,7 +37,7 @@ async def connect(
     url: str = "http://localhost:8000",
     api_key: str = "",
     ssl: ssl_module.SSLContext | None = None,
-    timeout: float = 10.0,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a connection to the TCP endpoint `endpoint` through the proxy port at `url`.
 
