@@ -389,6 +389,13 @@ async def open_connection(
         raise
 
 
+class _Refused(asyncio.Protocol):
+    """A local connection over `max_connections`: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class Forwarder:
     """`pico forward tcp`: a local listener whose connections reach one TCP endpoint."""
 
@@ -400,9 +407,12 @@ class Forwarder:
         api_key: str = "",
         ssl: ssl_module.SSLContext | None = None,
         timeout: float = CONNECT_TIMEOUT,
+        max_connections: int = 1024,
     ) -> None:
         self.endpoint = endpoint
         self.url = url
+        self.max_connections = max_connections
+        self.refused = 0  # connections closed at once for max_connections
         self._dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -419,7 +429,15 @@ class Forwarder:
         name = self._server.sockets[0].getsockname()
         return str(name[0]), int(name[1])
 
-    def _accepted(self) -> LocalSide:
+    def _accepted(self) -> asyncio.BaseProtocol:
+        if len(self._tasks) >= self.max_connections:
+            self.refused += 1
+            _log.warn_throttled(
+                "connection refused: max_connections reached",
+                endpoint_id=self.endpoint,
+                max_connections=self.max_connections,
+            )
+            return _Refused()
         local = LocalSide()
         task = asyncio.get_running_loop().create_task(self._carry(local))
         self._tasks.add(task)

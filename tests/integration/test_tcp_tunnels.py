@@ -307,6 +307,33 @@ async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> 
         await forwarder.close()
 
 
+async def test_forwarder_closes_connections_over_max_connections(h: Harness) -> None:
+    # Every local connection holds a WebSocket to the node and up to a read buffer: a local
+    # client (or anyone, on a public bind address) cannot open them without bound.
+    node = await h.node()
+    await tcp_endpoint(h, node, "echo")
+    forwarder = Forwarder("echo", url=proxy_url(node), max_connections=1)
+    host, port = await forwarder.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"first")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"first"
+        over_reader, over_writer = await asyncio.open_connection(host, port)
+        assert await asyncio.wait_for(over_reader.read(), 10) == b""  # closed at once
+        over_writer.close()
+        assert forwarder.refused == 1
+        writer.write(b"still")  # the connection within the limit is untouched
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"still"
+        writer.close()
+        await wait_for(lambda: not forwarder.connections, what="the first connection to end")
+        reader, writer = await asyncio.open_connection(host, port)  # a slot is free again
+        writer.write(b"again")
+        assert await asyncio.wait_for(reader.readexactly(5), 10) == b"again"
+        writer.close()
+    finally:
+        await forwarder.close()
+
+
 async def test_forwarded_connections_leave_no_reference_cycles_holding_read_buffers(
     h: Harness,
 ) -> None:

@@ -55,6 +55,7 @@ def forward_tcp(local_addr: str, endpoint: str, **params: Any) -> None:
             api_key=config.auth.api_key,
             ssl=context,
             timeout=config.server.timeout,
+            max_connections=config.max_connections,
         )
         try:
             bound = await forwarder.start(host, port)

@@ -964,6 +964,12 @@ class ForwardConfig(_Model):
     server: ForwardServerSection = Field(default_factory=ForwardServerSection)
     auth: AgentAuthConfig = Field(default_factory=AgentAuthConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Local connections carried at once; more are closed when accepted (each "
+        "holds a WebSocket to the node and up to one 256 KiB read buffer).",
+    )
 
     @model_validator(mode="after")
     def _tls_needs_https(self) -> ForwardConfig:
