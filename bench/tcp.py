@@ -12,6 +12,11 @@ with the per-connection setup mostly amortized.
 Pico: client -> `pico forward tcp` -> node proxy port -> tunnel -> `pico agent tcp` ->
 service. nginx: client -> nginx `stream { proxy_pass }` -> service. The service is the same
 loopback source/sink for both (bench.tcpload serve).
+
+The chain row (client -> nginx -> nginx -> nginx -> service, three nginx processes of one
+worker each) has Pico's shape: three relaying processes and four loopback connections instead of
+one and two. It is not the bar; it shows how much of the gap is the topology, which no relay
+can beat, and how much is Pico's own cost (the ratio "x chain").
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ SERVICE_HOST = "127.0.0.4"
 STREAM_HOST = "127.0.0.5"
 ENDPOINT = "bench-tcp"
 STREAM = "nginx stream"
+CHAIN = "nginx stream x3 (Pico's hops)"
 PICO = "pico tcp (forward, node, agent)"
 BAR = 0.7  # the task's bar: Pico's TCP path >= 0.7x the nginx stream proxy
 
@@ -106,7 +112,12 @@ class TcpBench:
             10,
             lambda: procs.check_alive(service),
         )
-        for name, start in ((STREAM, self._start_stream), (PICO, self._start_pico)):
+        setups = (
+            (STREAM, self._start_stream),
+            (CHAIN, self._start_chain),
+            (PICO, self._start_pico),
+        )
+        for name, start in setups:
             print(f"bench: starting {name}", file=sys.stderr, flush=True)
             running = list(procs.procs)
             try:
@@ -133,6 +144,28 @@ class TcpBench:
             lambda: procs.check_alive(proc),
         )  # fmt: skip
         return TcpSetup(STREAM, STREAM_HOST, port, {"nginx": proc})
+
+    def _start_chain(self, service_port: int) -> TcpSetup:
+        """Three nginx stream proxies in a row, each its own process, the last to the service."""
+        procs = self.bench.procs
+        if not os.path.exists(nginx.STREAM_MODULE):
+            raise BenchError(
+                f"{nginx.STREAM_MODULE} is missing (apt-get install libnginx-mod-stream)"
+            )
+        roles: dict[str, Proc] = {}
+        host, port = SERVICE_HOST, service_port
+        for hop in (3, 2, 1):  # from the service back to the client's end
+            listen = free_port(STREAM_HOST)
+            prefix = self.bench.tmp / f"nginx-chain-{hop}"
+            conf = nginx.stream_conf(prefix, STREAM_HOST, listen, host, port)
+            roles[f"nginx{hop}"] = nginx.start(procs, self.bench.cfg.nginx, f"nginx-chain-{hop}",
+                                               prefix, conf)  # fmt: skip
+            host, port = STREAM_HOST, listen
+        wait_until(
+            "the nginx stream chain", lambda: transfer_once(host, port), 10,
+            lambda: procs.check_alive(*roles.values()),
+        )  # fmt: skip
+        return TcpSetup(CHAIN, host, port, dict(reversed(roles.items())))
 
     def _start_pico(self, service_port: int) -> TcpSetup:
         bench = self.bench
@@ -226,10 +259,10 @@ class TcpBench:
 
     # ---- the table ----------------------------------------------------------------------------
 
-    def ratios(self, case: TcpCase) -> list[float]:
-        """`case` over the nginx stream proxy, round by round."""
+    def ratios(self, case: TcpCase, against: str = STREAM) -> list[float]:
+        """`case` over the setup `against` (the nginx stream proxy), round by round."""
         base = next(
-            (c for c in self.cases if c.setup == STREAM and c.direction == case.direction), None
+            (c for c in self.cases if c.setup == against and c.direction == case.direction), None
         )
         if base is None:
             return []
@@ -244,21 +277,24 @@ class TcpBench:
             "",
             f"TCP: {self.connections} concurrent transfers of {LABEL}, each on a new connection "
             "(down: the service sends, up: the client sends); MB/s of completed transfers; "
-            "x stream = median of the per-round ratios to the nginx stream proxy; CPU is "
+            "x stream = median of the per-round ratios to the nginx stream proxy (x chain: to the "
+            "chain of three); CPU is "
             "seconds per GiB moved, for the processes named",
             "",
-            "| setup | direction | MB/s | x stream | per round | transfers/s | CPU s/GiB "
+            "| setup | direction | MB/s | x stream | per round | x chain | transfers/s | CPU s/GiB "
             "| load generator CPU | peak RSS (MB) | errors |",
-            "|---|---|--:|--:|---|--:|---|--:|---|---|",
+            "|---|---|--:|--:|---|--:|--:|---|--:|---|---|",
         ]
         for case in self.cases:
             run = case.median()
             if run is None:
                 lines.append(f"| {case.setup} | {case.direction} | {case.note or 'no run'} "
-                             "| | | | | | | |")  # fmt: skip
+                             "| | | | | | | | |")  # fmt: skip
                 continue
             rounds = self.ratios(case)
             mid = statistics.median(rounds) if rounds else None
+            chain = self.ratios(case, CHAIN)
+            to_chain = f"{statistics.median(chain):.2f}x" if chain else "n/a"
             gib = run.mib_per_sec * run.seconds / 1024
             cpu = (
                 ", ".join(f"{role} {sec / gib:.2f}" for role, sec in run.cpu.items()) if gib else ""
@@ -267,7 +303,7 @@ class TcpBench:
             lines.append(
                 f"| {case.setup} | {case.direction} | {run.mib_per_sec:,.1f} "
                 f"| {f'{mid:.2f}x' if mid is not None else 'n/a'} "
-                f"| {', '.join(f'{v:.2f}' for v in rounds)} "
+                f"| {', '.join(f'{v:.2f}' for v in rounds)} | {to_chain} "
                 f"| {run.transfers / run.seconds:,.0f} | {cpu} | {run.load_cpu:.0%} | {rss} "
                 f"| {run.errors or 'none'} |"
             )
