@@ -4,7 +4,8 @@ For A/B work on the data path: each pair is measured back to back, so the ratio 
 swing with the machine's load the way separate runs do, and the CPU each Pico process spends
 per request (user and system, in µs) shows where a change helped. Environment: PAIRS (default
 4), PAIR_DURATION (seconds per run, default 4), PAIR_AUTH=1 (tokens on the proxy and upstream
-ports: every request carries one; and gossip keys), PAIR_TLS=1 (the tunnel over wss).
+ports: every request carries one; and gossip keys), PAIR_TLS=1 (the tunnel over wss),
+PAIR_SETUP=two (Pico forwarded: the client's node B forwards to node A, which holds the tunnel).
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def main() -> int:
     try:
         origin = bench.origin = bench.start_origin()
         hop = bench.start_hop(origin)
-        one = bench.start_pico_one(origin)
-        procs = {role: psutil.Process(one.roles[role].pid) for role in ("server", "agent")}
+        if os.environ.get("PAIR_SETUP", "one") == "two":
+            one = bench.start_pico_two(origin)
+            roles = ("node B", "node A", "agent")
+        else:
+            one = bench.start_pico_one(origin)
+            roles = ("server", "agent")
+        procs = {role: psutil.Process(one.roles[role].pid) for role in roles}
         pico_url = f"http://{one.host}:{one.port}/{size}.bin"
         hop_url = f"http://{hop.host}:{hop.port}/{size}.bin"
         pico_headers = [a for k, v in one.headers.items() for a in ("-H", f"{k}: {v}")]

@@ -45,6 +45,9 @@ HOP_HOST = "127.0.0.3"
 PICO_HOST = "127.0.0.1"
 ENDPOINT = "bench"
 HOP = "nginx hop"
+# nginx hops in a row, each its own process: the shapes of Pico one node (node, agent) and
+# forwarded (node B, node A, agent). Not bars: they show what the topology alone costs.
+CHAINS = {2: "nginx 2 hops (one node's shape)", 3: "nginx 3 hops (forwarded's shape)"}
 ONE_NODE = "pico one node"
 TWO_NODES = "pico two nodes (forwarded)"
 # The SDK row: one minimal ASGI app (bench.asgi_app) under uvicorn behind `pico agent`, and
@@ -230,19 +233,26 @@ class Bench:
         )
         return Setup("nginx direct", ORIGIN_HOST, port, {}, {"nginx": proc}, ["nginx"])
 
-    def start_hop(self, origin: Setup) -> Setup:
-        port = free_port(HOP_HOST)
-        prefix = self.tmp / "nginx-hop"
-        conf = nginx.hop_conf(prefix, HOP_HOST, port, origin.host, origin.port)
-        proc = nginx.start(self.procs, self.cfg.nginx, "nginx-hop", prefix, conf)
+    def start_hop(self, origin: Setup, hops: int = 1) -> Setup:
+        """The nginx hop to the origin; with `hops` > 1, that many in a row (a chain)."""
+        host, port = origin.host, origin.port
+        roles: dict[str, Proc] = {}
+        for n in range(hops, 0, -1):  # from the origin's end back to the client's
+            listen = free_port(HOP_HOST)
+            name = "nginx hop" if hops == 1 else f"hop {n}"
+            prefix = self.tmp / ("nginx-hop" if hops == 1 else f"nginx-chain{hops}-{n}")
+            conf = nginx.hop_conf(prefix, HOP_HOST, listen, host, port)
+            roles[name] = nginx.start(self.procs, self.cfg.nginx, prefix.name, prefix, conf)
+            host, port = HOP_HOST, listen
         wait_until(
-            "nginx hop",
+            "nginx hop" if hops == 1 else f"{hops} nginx hops",
             lambda: probe_body(HOP_HOST, port, {}),
             10,
-            lambda: self.procs.check_alive(proc),
+            lambda: self.procs.check_alive(*roles.values()),
         )
-        roles = {"nginx hop": proc, "origin": origin.roles["nginx"]}
-        return Setup(HOP, HOP_HOST, port, {}, roles, ["nginx hop"])
+        shown = list(reversed(roles))
+        roles["origin"] = origin.roles["nginx"]
+        return Setup(HOP if hops == 1 else CHAINS[hops], HOP_HOST, port, {}, roles, shown)
 
     def start_server(self, name: str, join: str | None = None) -> tuple[Proc, dict[str, int]]:
         ports = {k: free_port(PICO_HOST) for k in ("proxy", "upstream", "admin", "gossip")}
@@ -470,6 +480,7 @@ class Bench:
         setups: list[Setup] = [origin]
         for name, start in (
             (HOP, lambda: self.start_hop(origin)),
+            *((name, lambda n=n: self.start_hop(origin, n)) for n, name in CHAINS.items()),
             (ONE_NODE, lambda: self.start_pico_one(origin)),
         ):
             started = self.attempt(name, start)
@@ -514,7 +525,8 @@ class Bench:
                 self.tcp.measure_round(warmup=round_no == 0)
         for _, case in measured:
             case.pick_median()
-        names = ("nginx direct", HOP, ONE_NODE, TWO_NODES, UVICORN, SDK, *peers.NAMES)
+        names = ("nginx direct", HOP, *CHAINS.values(), ONE_NODE, TWO_NODES, UVICORN, SDK,
+                 *peers.NAMES)  # fmt: skip
         order = {name: i for i, name in enumerate(names)}
         self.cases.sort(key=lambda c: (order.get(c.setup, 9), list(SIZES).index(c.size)))
         for setup in reversed(setups):
