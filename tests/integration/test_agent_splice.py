@@ -99,9 +99,11 @@ async def test_pipes_and_duplicate_descriptors_are_all_closed(h: Harness) -> Non
     pipes, sockets = open_fds("pipe"), open_fds("socket")
     running = await h.agent(node, [f"ep/127.0.0.1:{port}"])
     await h.tunnel_up(node, "ep")
-    await asyncio.gather(*(download(300_000, node) for _ in range(20)))
-    # A few pooled pipes serve all 20 streams: a pipe is needed only while a chunk is out.
-    assert pipes < open_fds("pipe") <= pipes + 2 * 4
+    keep = splice.PipePool().keep
+    await asyncio.gather(*(download(300_000, node) for _ in range(keep + 16)))
+    # The pool's spares serve every stream: a pipe is needed only while a chunk is out, and
+    # no more than `keep` are kept once the streams are done.
+    assert pipes < open_fds("pipe") <= pipes + 2 * keep
     await running.close()
     await wait_for(lambda: open_fds("pipe") == pipes, what="every pipe closed")
     # Every socket the agent opened (and its duplicates) is closed, and so the node's and
