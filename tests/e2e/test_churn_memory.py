@@ -1,5 +1,6 @@
 """Memory comes back after tunnels close: a node that served 1,000 tunnels returns to where it
-started (it once kept a 1 MiB read buffer for every tunnel that closed: 1.2 GB after 1,300)."""
+started (it once kept a 1 MiB read buffer for every tunnel that closed: 1.2 GB after 1,300).
+An idle tunnel costs the node at most IDLE_TUNNEL_COST (DESIGN §7: 50 KB); about 12 KB today."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.support.procs import Procs, http_ok, server_args, wait_until
 pytestmark = pytest.mark.e2e
 
 IP = "127.0.0.31"
+IDLE_TUNNEL_COST = 50_000
 
 
 def free_port() -> int:
@@ -59,6 +61,8 @@ def test_rss_returns_after_a_thousand_tunnels_close(procs: Procs) -> None:
     print(f"\nnode RSS: {before / 1e6:.0f} MB at start, {peak / 1e6:.0f} MB with 1,000 tunnels, "
           f"{after / 1e6:.0f} MB after they closed")  # fmt: skip
     assert after - before < 50e6
+    per_tunnel = (peak - before) / 1000
+    assert per_tunnel <= IDLE_TUNNEL_COST, f"an idle tunnel costs the node {per_tunnel:,.0f} bytes"
 
 
 def registered(admin_port: int) -> int:
