@@ -311,3 +311,12 @@ async def test_a_big_service_chunk_reaches_the_client_as_header_and_payload_in_o
     bridge.data_received(small)
     assert client.calls == [2, 1]  # never the header alone: one syscall each
     assert frames_to_client(client) == [("data", big + small)]
+
+
+async def test_a_client_that_pings_without_reading_is_owed_only_the_last_pong() -> None:
+    bridge, _, client, _ = await opened()
+    bridge.pause_reading()  # the client's write buffer is full: it does not read
+    bridge.write(b"".join(encode_frame(OP_PING, b"%d" % i, mask=True) for i in range(10_000)))
+    assert client.data == b""  # no pong per ping piling up for a client that does not read
+    bridge.resume_reading()
+    assert frames_to_client(client) == [(f"op{OP_PONG}", b"9999")]

@@ -143,6 +143,37 @@ class ControlFrame:
     payload: bytes
 
 
+class PongCoalescer:
+    """Which pings are answered now: every one while the peer reads what we send, and while
+    it does not (our writes to it are paused) only the most recent, once it reads again
+    (RFC 6455 §5.5.3 allows that). So a peer that pings without reading costs at most one
+    held payload (125 bytes), not a pong per ping queued in our write buffer.
+    """
+
+    __slots__ = ("_held", "paused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._held: bytes | None = None
+
+    def ping(self, payload: bytes) -> bytes | None:
+        """A ping arrived: the payload to answer with now, or None (held until `resume`)."""
+        if self.paused:
+            self._held = payload
+            return None
+        return payload
+
+    def pause(self) -> None:
+        """Our writes to the peer are paused: hold pongs."""
+        self.paused = True
+
+    def resume(self) -> bytes | None:
+        """Writes flow again: the payload of the pong still owed, if any."""
+        self.paused = False
+        held, self._held = self._held, None
+        return held
+
+
 class FrameDecoder:
     """Incremental decoder: bytes in, stream bytes and control frames out.
 

@@ -1,0 +1,86 @@
+"""Hostile clients of the TCP route `/_pico/v1/tcp/{id}`: what they are answered, and what
+they cannot make a node hold for them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from pico.mux.websocket import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameDecoder, encode_frame
+from pico.server.node import Node
+from tests.support.cluster import Harness, wait_for
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def upgrade_request(
+    endpoint: str, method: str = "GET", changes: dict[str, str | None] | None = None
+) -> bytes:
+    """A WebSocket upgrade of the TCP route; `changes` replace fields, or leave them out
+    where they are None."""
+    fields: dict[str, str | None] = {
+        "Host": "node",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+        **(changes or {}),
+    }
+    lines = [f"{method} /_pico/v1/tcp/{endpoint} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in fields.items() if value is not None]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def tcp_endpoint(h: Harness, node: Node, endpoint: str, port: int) -> None:
+    await h.tcp_agent(node, endpoint, port)
+    await h.tunnel_up(node, endpoint)
+
+
+async def test_a_client_that_pings_without_reading_is_not_queued_a_pong_per_ping(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    received = bytearray()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Reads everything and answers nothing; closes at the client's FIN."""
+        try:
+            while data := await reader.read(1 << 16):
+                received.extend(data)
+        finally:
+            writer.close()
+
+    service = await asyncio.start_server(sink, "127.0.0.1", 0)
+    h.closers.append(service.close)
+    await tcp_endpoint(h, node, "sink", int(service.sockets[0].getsockname()[1]))
+    assert node.addrs is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, node.addrs.proxy)
+    # A small limit: the stream stops reading the socket after a few KiB it was not asked for.
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        writer.write(upgrade_request("sink"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        pings, batch = 100_000, encode_frame(OP_PING, b"p" * 125, mask=True) * 1000
+        for _ in range(pings // 1000):  # 13 MB of pings, each owed a 127-byte pong
+            writer.write(batch)
+            await writer.drain()
+        writer.write(encode_frame(OP_BINARY, b"sent", mask=True))
+        await writer.drain()
+        await wait_for(lambda: received.endswith(b"sent"), what="the node read every ping")
+        # Our Close ends the service's input; its FIN ends the connection, after whatever the
+        # node kept for us.
+        writer.write(encode_frame(OP_CLOSE, struct.pack(">H", 1000), mask=True))
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    _, controls = FrameDecoder(expect_mask=False).feed(data)
+    pongs = sum(1 for c in controls if c.opcode == OP_PONG)
+    assert controls[-1].opcode == OP_CLOSE
+    # What socket buffers and the write high-water mark hold, and one pong owed at the end:
+    # far fewer than one per ping.
+    assert pongs < pings // 2
