@@ -28,6 +28,7 @@ from pico.mux.websocket import (
     OP_PONG,
     ZERO_KEY,
     FrameDecoder,
+    PongCoalescer,
     WebSocketError,
     encode_frame,
     frame_header,
@@ -126,6 +127,8 @@ class WebSocketSide(asyncio.BufferedProtocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
+        # A node that pings without reading must not grow our write buffer by a pong each.
+        self._pongs = PongCoalescer()
         self._reads = PooledReads(_READ_BUFFERS)
         self._close_sent = False
         self._close_received = False
@@ -192,10 +195,12 @@ class WebSocketSide(asyncio.BufferedProtocol):
         for control in controls:
             if control.opcode == OP_CLOSE:
                 self._closed_by_node(control.payload)
-            elif control.opcode == OP_PING and self.transport is not None:
-                self.transport.write(
-                    encode_frame(OP_PONG, control.payload, mask=True, random_key=False)
-                )
+            elif control.opcode == OP_PING:
+                self._pong(self._pongs.ping(control.payload))
+
+    def _pong(self, payload: bytes | None) -> None:
+        if payload is not None and self.transport is not None:
+            self.transport.write(encode_frame(OP_PONG, payload, mask=True, random_key=False))
 
     def _closed_by_node(self, payload: bytes) -> None:
         self._close_received = True
@@ -227,9 +232,12 @@ class WebSocketSide(asyncio.BufferedProtocol):
             self.local.close()
 
     def pause_writing(self) -> None:
+        """The node does not read what we send: the local side is not read, pings are held."""
+        self._pongs.pause()
         self.local.pause_reading()
 
     def resume_writing(self) -> None:
+        self._pong(self._pongs.resume())
         self.local.resume_reading()
 
     def pause_reading(self) -> None:
