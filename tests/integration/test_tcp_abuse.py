@@ -4,18 +4,23 @@ they cannot make a node hold for them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
+from collections.abc import Mapping
+
+import pytest
 
 from pico.mux.websocket import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameDecoder, encode_frame
 from pico.server.node import Node
-from tests.support.cluster import Harness, wait_for
+from tests.support.cluster import Harness, connect, wait_for
+from tests.support.tcp_services import echo_service
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
 def upgrade_request(
-    endpoint: str, method: str = "GET", changes: dict[str, str | None] | None = None
+    endpoint: str, method: str = "GET", changes: Mapping[str, str | None] | None = None
 ) -> bytes:
     """A WebSocket upgrade of the TCP route; `changes` replace fields, or leave them out
     where they are None."""
@@ -35,6 +40,53 @@ def upgrade_request(
 async def tcp_endpoint(h: Harness, node: Node, endpoint: str, port: int) -> None:
     await h.tcp_agent(node, endpoint, port)
     await h.tunnel_up(node, endpoint)
+
+
+@pytest.mark.parametrize(
+    ("method", "changes", "message"),
+    [
+        ("GET", {"Sec-WebSocket-Key": None}, "missing Sec-WebSocket-Key"),
+        (
+            "GET",
+            {"Sec-WebSocket-Key": "not base64!"},
+            "invalid Sec-WebSocket-Key (expected 16 bytes in base64)",
+        ),
+        (
+            "GET",
+            {"Sec-WebSocket-Key": "c2hvcnQ="},  # base64, but of 5 bytes
+            "invalid Sec-WebSocket-Key (expected 16 bytes in base64)",
+        ),
+        (
+            "GET",
+            {"Sec-WebSocket-Version": "8"},
+            "unsupported Sec-WebSocket-Version (expected 13)",
+        ),
+        (
+            "GET",
+            {"Sec-WebSocket-Version": None},
+            "unsupported Sec-WebSocket-Version (expected 13)",
+        ),
+        ("POST", {}, "expected GET for a WebSocket upgrade"),
+    ],
+    ids=["no-key", "key-not-base64", "key-too-short", "version-8", "no-version", "post"],
+)
+async def test_a_bad_websocket_handshake_on_the_tcp_route_gets_400_and_the_rule_it_broke(
+    h: Harness, method: str, changes: dict[str, str | None], message: str
+) -> None:
+    node = await h.node()
+    service = await echo_service()
+    h.closers.append(service.close)
+    await tcp_endpoint(h, node, "my-db", service.port)
+    conn = await connect(node)
+    try:
+        await conn.send(upgrade_request("my-db", method, changes))
+        resp = await conn.read_response()
+        assert resp.status == 400
+        assert resp.header("content-type") == "application/json"
+        assert json.loads(resp.body) == {"error": message}
+        assert await conn.closed_by_peer()
+    finally:
+        await conn.close()
 
 
 async def test_a_client_that_pings_without_reading_is_not_queued_a_pong_per_ping(

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 _c_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
@@ -72,6 +72,26 @@ def accept_key(key: str) -> str:
 def new_key() -> str:
     """A random Sec-WebSocket-Key."""
     return base64.b64encode(os.urandom(16)).decode()
+
+
+def handshake_problem(method: bytes, headers: Mapping[str, str]) -> str | None:
+    """What makes an upgrade to a WebSocket no valid opening handshake, or None: its method
+    and its Sec-WebSocket-Version and -Key (RFC 6455 §4.2.1). `headers` are by lower-cased
+    name (only the sec-websocket-* ones are read)."""
+    if method != b"GET":
+        return "expected GET for a WebSocket upgrade"
+    if headers.get("sec-websocket-version", "") != "13":
+        return "unsupported Sec-WebSocket-Version (expected 13)"
+    key = headers.get("sec-websocket-key")
+    if not key:
+        return "missing Sec-WebSocket-Key"
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except ValueError:  # binascii.Error, or not ASCII
+        nonce = b""
+    if len(nonce) != 16:
+        return "invalid Sec-WebSocket-Key (expected 16 bytes in base64)"
+    return None
 
 
 def frame_header(opcode: int, length: int, *, mask_key: bytes | None) -> bytes:
