@@ -136,3 +136,25 @@ async def test_a_client_that_pings_without_reading_is_not_queued_a_pong_per_ping
     # What socket buffers and the write high-water mark hold, and one pong owed at the end:
     # far fewer than one per ping.
     assert pongs < pings // 2
+
+
+async def test_an_absolute_form_upgrade_reaches_the_tcp_endpoint_its_path_names(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    service = await echo_service()
+    h.closers.append(service.close)
+    await tcp_endpoint(h, node, "my-db", service.port)
+    conn = await connect(node)
+    try:
+        request = upgrade_request("my-db").replace(
+            b"GET /_pico/", b"GET http://web.example.com/_pico/", 1
+        )
+        await conn.send(request + encode_frame(OP_BINARY, b"hello", mask=True))
+        resp = await conn.read_head()
+        assert resp.status == 101
+        frames = await asyncio.wait_for(conn.reader.readexactly(7), 10)
+        payloads, _ = FrameDecoder(expect_mask=False).feed(frames)
+        assert b"".join(payloads) == b"hello"  # echoed by the TCP service
+    finally:
+        await conn.close()
