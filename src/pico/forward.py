@@ -32,6 +32,7 @@ from pico.mux.websocket import (
     WebSocketError,
     encode_frame,
     frame_header,
+    join_small,
 )
 
 # Frames from the node carry at most what one read of its tunnel gave: this bounds nothing in
@@ -189,6 +190,8 @@ class WebSocketSide(asyncio.BufferedProtocol):
             self.on_error(f"bad frame from the node: {exc}")
             self.abort()
             return
+        if len(payloads) > 1:
+            payloads = join_small(payloads, _JOIN_LIMIT)
         for piece in payloads:
             self.bytes_received += len(piece)
             self.local.write(piece)

@@ -98,3 +98,13 @@ async def test_a_node_that_pings_without_reading_is_owed_only_the_last_pong() ->
     ws.resume_writing()
     payloads, controls = FrameDecoder(expect_mask=True).feed(b"".join(map(bytes, node.kept)))
     assert payloads == [] and controls == [ControlFrame(OP_PONG, b"9999")]
+
+
+async def test_tiny_frames_from_the_node_in_one_read_reach_the_local_side_in_one_write() -> None:
+    local = KeepingTransport()
+    ws = bridged(local, KeepingTransport())
+    payload = bytes(range(256)) * 4
+    read_into(
+        ws, b"".join(encode_frame(OP_BINARY, payload[i : i + 1], mask=False) for i in range(1024))
+    )
+    assert [bytes(kept) for kept in local.kept] == [payload]  # not a write per 3-byte frame

@@ -155,6 +155,26 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool, random_key: bool = 
     return head + body
 
 
+def join_small(pieces: list[bytes | memoryview], limit: int) -> list[bytes | memoryview]:
+    """`pieces` (what one `FrameDecoder.feed` gave) with each run of pieces under `limit`
+    bytes joined into one: a peer's tiny frames (3 to 7 bytes on the wire each) must not cost
+    a write each where the bytes go. A piece of `limit` bytes or more goes on as it is
+    (joining would copy it)."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for piece in pieces:
+        if len(piece) < limit:
+            run.append(piece)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(piece)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ControlFrame:
     """A ping, pong or close frame (payload at most 125 bytes)."""

@@ -44,6 +44,7 @@ from pico.mux.websocket import (
     WebSocketError,
     encode_frame,
     frame_header,
+    join_small,
 )
 
 # One client frame may carry at most this much: the payload is relayed piece by piece as it
@@ -290,7 +291,7 @@ class WebSocketBridge:
             return
         stream = self.stream
         if len(payloads) > 1:
-            payloads = _joined(payloads)
+            payloads = join_small(payloads, _JOIN_LIMIT)
         for piece in payloads:
             self.bytes_in += len(piece)
             stream.write(piece)
@@ -409,25 +410,6 @@ class WebSocketBridge:
             duration=round(record.duration, 3),
             reason=reason,
         )
-
-
-def _joined(pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """`pieces` with each run of small ones joined into one. A client's tiny frames (7 bytes
-    each on the wire) must not cost a tunnel frame each, and the agent a write to the service
-    each; a big piece goes on as it is (joining would copy it)."""
-    out: list[bytes | memoryview] = []
-    run: list[bytes | memoryview] = []
-    for piece in pieces:
-        if len(piece) < _JOIN_LIMIT:
-            run.append(piece)
-            continue
-        if run:
-            out.append(run[0] if len(run) == 1 else b"".join(run))
-            run = []
-        out.append(piece)
-    if run:
-        out.append(run[0] if len(run) == 1 else b"".join(run))
-    return out
 
 
 def _reset_text(reason: ResetReason) -> str:
