@@ -42,6 +42,15 @@ async def tcp_endpoint(h: Harness, node: Node, endpoint: str, port: int) -> None
     await h.tunnel_up(node, endpoint)
 
 
+async def echo_endpoint(h: Harness, endpoint: str) -> Node:
+    """A node with an echo service registered as TCP endpoint `endpoint`."""
+    node = await h.node()
+    service = await echo_service()
+    h.closers.append(service.close)
+    await tcp_endpoint(h, node, endpoint, service.port)
+    return node
+
+
 @pytest.mark.parametrize(
     ("method", "changes", "message"),
     [
@@ -73,11 +82,7 @@ async def tcp_endpoint(h: Harness, node: Node, endpoint: str, port: int) -> None
 async def test_a_bad_websocket_handshake_on_the_tcp_route_gets_400_and_the_rule_it_broke(
     h: Harness, method: str, changes: dict[str, str | None], message: str
 ) -> None:
-    node = await h.node()
-    service = await echo_service()
-    h.closers.append(service.close)
-    await tcp_endpoint(h, node, "my-db", service.port)
-    conn = await connect(node)
+    conn = await connect(await echo_endpoint(h, "my-db"))
     try:
         await conn.send(upgrade_request("my-db", method, changes))
         resp = await conn.read_response()
@@ -141,11 +146,7 @@ async def test_a_client_that_pings_without_reading_is_not_queued_a_pong_per_ping
 async def test_an_absolute_form_upgrade_reaches_the_tcp_endpoint_its_path_names(
     h: Harness,
 ) -> None:
-    node = await h.node()
-    service = await echo_service()
-    h.closers.append(service.close)
-    await tcp_endpoint(h, node, "my-db", service.port)
-    conn = await connect(node)
+    conn = await connect(await echo_endpoint(h, "my-db"))
     try:
         request = upgrade_request("my-db").replace(
             b"GET /_pico/", b"GET http://web.example.com/_pico/", 1
