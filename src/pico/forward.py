@@ -424,6 +424,9 @@ class Forwarder:
         self.url = url
         self.max_connections = max_connections
         self.refused = 0  # connections closed at once for max_connections
+        # A local client that reconnects while the node refuses must not write a line per
+        # attempt: one per failure (its text is the node's) a minute, with the count dropped.
+        self._failures = log.RateLimited(_log, level="error")
         self._dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -457,11 +460,8 @@ class Forwarder:
 
     async def _carry(self, local: LocalSide) -> None:
         def failed(why: str) -> None:
-            _log.error(
-                f"connection to {self.endpoint} failed: {why}",
-                endpoint_id=self.endpoint,
-                client=local.peer,
-            )
+            message = f"connection to {self.endpoint} failed: {why}"
+            self._failures.warn(message, message, endpoint_id=self.endpoint, client=local.peer)
 
         try:
             transport, rest = await self._dialer.connect()
