@@ -28,9 +28,11 @@ from pico.mux.websocket import (
     OP_PONG,
     ZERO_KEY,
     FrameDecoder,
+    PongCoalescer,
     WebSocketError,
     encode_frame,
     frame_header,
+    join_small,
 )
 
 # Frames from the node carry at most what one read of its tunnel gave: this bounds nothing in
@@ -126,6 +128,8 @@ class WebSocketSide(asyncio.BufferedProtocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(expect_mask=False, max_frame=_MAX_FRAME)
+        # A node that pings without reading must not grow our write buffer by a pong each.
+        self._pongs = PongCoalescer()
         self._reads = PooledReads(_READ_BUFFERS)
         self._close_sent = False
         self._close_received = False
@@ -186,16 +190,20 @@ class WebSocketSide(asyncio.BufferedProtocol):
             self.on_error(f"bad frame from the node: {exc}")
             self.abort()
             return
+        if len(payloads) > 1:
+            payloads = join_small(payloads, _JOIN_LIMIT)
         for piece in payloads:
             self.bytes_received += len(piece)
             self.local.write(piece)
         for control in controls:
             if control.opcode == OP_CLOSE:
                 self._closed_by_node(control.payload)
-            elif control.opcode == OP_PING and self.transport is not None:
-                self.transport.write(
-                    encode_frame(OP_PONG, control.payload, mask=True, random_key=False)
-                )
+            elif control.opcode == OP_PING:
+                self._pong(self._pongs.ping(control.payload))
+
+    def _pong(self, payload: bytes | None) -> None:
+        if payload is not None and self.transport is not None:
+            self.transport.write(encode_frame(OP_PONG, payload, mask=True, random_key=False))
 
     def _closed_by_node(self, payload: bytes) -> None:
         self._close_received = True
@@ -227,9 +235,12 @@ class WebSocketSide(asyncio.BufferedProtocol):
             self.local.close()
 
     def pause_writing(self) -> None:
+        """The node does not read what we send: the local side is not read, pings are held."""
+        self._pongs.pause()
         self.local.pause_reading()
 
     def resume_writing(self) -> None:
+        self._pong(self._pongs.resume())
         self.local.resume_reading()
 
     def pause_reading(self) -> None:
@@ -413,6 +424,9 @@ class Forwarder:
         self.url = url
         self.max_connections = max_connections
         self.refused = 0  # connections closed at once for max_connections
+        # A local client that reconnects while the node refuses must not write a line per
+        # attempt: one per failure (its text is the node's) a minute, with the count dropped.
+        self._failures = log.RateLimited(_log, level="error")
         self._dialer = NodeDialer(endpoint, url=url, api_key=api_key, ssl=ssl, timeout=timeout)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -446,11 +460,8 @@ class Forwarder:
 
     async def _carry(self, local: LocalSide) -> None:
         def failed(why: str) -> None:
-            _log.error(
-                f"connection to {self.endpoint} failed: {why}",
-                endpoint_id=self.endpoint,
-                client=local.peer,
-            )
+            message = f"connection to {self.endpoint} failed: {why}"
+            self._failures.warn(message, message, endpoint_id=self.endpoint, client=local.peer)
 
         try:
             transport, rest = await self._dialer.connect()

@@ -180,7 +180,16 @@ class RateLimited:
     from peer input); past it new ones are counted as "other".
     """
 
-    __slots__ = ("_clock", "_next", "_suppressed", "counts", "interval", "logger", "max_reasons")
+    __slots__ = (
+        "_clock",
+        "_next",
+        "_suppressed",
+        "counts",
+        "interval",
+        "level",
+        "logger",
+        "max_reasons",
+    )
 
     def __init__(
         self,
@@ -189,8 +198,10 @@ class RateLimited:
         interval: float = 60.0,
         max_reasons: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        level: str = "warn",
     ) -> None:
         self.logger = logger
+        self.level = level  # what the records are written at
         self.interval = interval
         self.max_reasons = max_reasons
         self._clock = clock
@@ -199,8 +210,8 @@ class RateLimited:
         self._suppressed: dict[str, int] = {}
 
     def warn(self, reason: str, msg: str, /, **fields: object) -> bool:
-        """Count a report of `reason`; write `msg` at warn unless one was written within the
-        interval. Returns whether a record was written."""
+        """Count a report of `reason`; write `msg` (at `level`, warn unless told) unless one
+        was written within the interval. Returns whether a record was written."""
         if reason not in self.counts and len(self.counts) >= self.max_reasons:
             reason = "other"
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -214,7 +225,7 @@ class RateLimited:
             fields["suppressed"] = suppressed
         if reason != msg:
             fields["reason"] = reason
-        self.logger.warn(msg, **fields)
+        self.logger.log(self.level, msg, **fields)
         return True
 
 

@@ -290,6 +290,27 @@ async def test_forwarder_logs_one_line_for_a_refused_connection(
         await forwarder.close()
 
 
+async def test_forwarder_logs_a_failure_repeated_by_reconnecting_clients_once_a_minute(
+    h: Harness, logs: io.StringIO
+) -> None:
+    node = await h.node()
+    forwarder = Forwarder("nobody", url=proxy_url(node))
+    host, port = await forwarder.start("127.0.0.1", 0)
+    try:
+        for _ in range(3):  # a client that reconnects while the node refuses
+            reader, writer = await asyncio.open_connection(host, port)
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # after the failure's log
+            writer.close()
+        failures = [
+            e
+            for e in (json.loads(line) for line in logs.getvalue().splitlines())
+            if e["msg"] == "connection to nobody failed: 502 no available upstreams"
+        ]
+        assert len(failures) == 1 and failures[0]["level"] == "error"
+    finally:
+        await forwarder.close()
+
+
 async def test_forwarder_carries_each_connection_with_half_close(h: Harness) -> None:
     node = await h.node()
     await tcp_endpoint(h, node, "digest", digest_after_eof_service)

@@ -6,7 +6,16 @@ import asyncio
 from typing import Any
 
 from pico.forward import READ_SIZE, LocalSide, WebSocketSide
-from pico.mux.websocket import OP_BINARY, ZERO_KEY, FrameDecoder, frame_header
+from pico.mux.websocket import (
+    OP_BINARY,
+    OP_PING,
+    OP_PONG,
+    ZERO_KEY,
+    ControlFrame,
+    FrameDecoder,
+    encode_frame,
+    frame_header,
+)
 
 
 class KeepingTransport:
@@ -78,3 +87,24 @@ async def test_a_local_read_is_copied_when_the_node_transport_already_buffers() 
     ws = bridged(KeepingTransport(), node)
     read_into(ws.local, b"x" * (READ_SIZE // 2))
     assert [type(part) for part in node.kept] == [bytes, bytes]
+
+
+async def test_a_node_that_pings_without_reading_is_owed_only_the_last_pong() -> None:
+    node = KeepingTransport()
+    ws = bridged(KeepingTransport(), node)
+    ws.pause_writing()  # the node does not read what we send: our buffer to it is full
+    read_into(ws, b"".join(encode_frame(OP_PING, b"%d" % i, mask=False) for i in range(10_000)))
+    assert node.kept == []  # no pong per ping piling up for a node that does not read
+    ws.resume_writing()
+    payloads, controls = FrameDecoder(expect_mask=True).feed(b"".join(map(bytes, node.kept)))
+    assert payloads == [] and controls == [ControlFrame(OP_PONG, b"9999")]
+
+
+async def test_tiny_frames_from_the_node_in_one_read_reach_the_local_side_in_one_write() -> None:
+    local = KeepingTransport()
+    ws = bridged(local, KeepingTransport())
+    payload = bytes(range(256)) * 4
+    read_into(
+        ws, b"".join(encode_frame(OP_BINARY, payload[i : i + 1], mask=False) for i in range(1024))
+    )
+    assert [bytes(kept) for kept in local.kept] == [payload]  # not a write per 3-byte frame

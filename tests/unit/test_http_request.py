@@ -50,6 +50,12 @@ def test_absolute_form_target_is_routed_by_its_authority_and_sent_in_origin_form
     assert head([], url=b"http://a.example.com?x").url == b"/?x"
 
 
+def test_an_absolute_form_target_on_the_tcp_route_names_its_tcp_endpoint() -> None:
+    # As its origin form does: the path names the endpoint, whatever the authority says.
+    req = head([HOST], url=b"http://web.example.com/_pico/v1/tcp/my-db?x", upgrade=True)
+    assert (req.tcp, req.endpoint, req.url) == (True, "my-db", b"/_pico/v1/tcp/my-db?x")
+
+
 @pytest.mark.parametrize(
     "url", [b"ftp://a.example.com/", b"http:///x", b"http://user@a.example.com/", b"x/y"]
 )

@@ -311,3 +311,54 @@ async def test_a_big_service_chunk_reaches_the_client_as_header_and_payload_in_o
     bridge.data_received(small)
     assert client.calls == [2, 1]  # never the header alone: one syscall each
     assert frames_to_client(client) == [("data", big + small)]
+
+
+async def test_a_client_that_pings_without_reading_is_owed_only_the_last_pong() -> None:
+    bridge, _, client, _ = await opened()
+    bridge.pause_reading()  # the client's write buffer is full: it does not read
+    bridge.write(b"".join(encode_frame(OP_PING, b"%d" % i, mask=True) for i in range(10_000)))
+    assert client.data == b""  # no pong per ping piling up for a client that does not read
+    bridge.resume_reading()
+    assert frames_to_client(client) == [(f"op{OP_PONG}", b"9999")]
+
+
+class CountingStream(FakeStream):
+    """A stream that also counts the bridge's writes (each is a tunnel frame, and a write to
+    the service on the agent's side)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def open_bridge(stream: CountingStream) -> WebSocketBridge:
+    """A bridge on `stream`, past its 101."""
+    bridge = WebSocketBridge(stream, "my-db")  # type: ignore[arg-type]
+    bridge.set_receiver(Client())
+    bridge.write(HEAD)
+    stream.acknowledge()
+    return bridge
+
+
+async def test_many_tiny_client_frames_in_one_read_reach_the_stream_in_one_write() -> None:
+    stream = CountingStream()
+    bridge = open_bridge(stream)
+    payload = bytes(range(256)) * 4
+    bridge.write(
+        b"".join(encode_frame(OP_BINARY, payload[i : i + 1], mask=True) for i in range(1024))
+    )
+    assert bytes(stream.sent) == payload
+    assert stream.writes == 1  # not one per 7-byte client frame
+
+
+async def test_big_client_frames_reach_the_stream_as_they_are() -> None:
+    stream = CountingStream()
+    bridge = open_bridge(stream)
+    big = bytes(range(256)) * 256  # 64 KiB: over the join limit, never copied to be joined
+    bridge.write(b"".join(encode_frame(OP_BINARY, p, mask=True) for p in (b"a", big, b"b", b"c")))
+    assert bytes(stream.sent) == b"a" + big + b"bc"
+    assert stream.writes == 3

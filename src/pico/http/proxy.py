@@ -35,6 +35,7 @@ from pico.http.settings import (
 )
 from pico.http.timer import LazyTimer
 from pico.mux.buffers import write_unpinned
+from pico.mux.websocket import handshake_problem
 
 _log = log.get_logger("proxy")
 # Malformed requests, by reason: logged once per reason per minute, all counted (a client must
@@ -417,8 +418,19 @@ class ProxyConnection(asyncio.Protocol):
 
     def _protocol_mismatch(self, req: Request) -> str | None:
         """Why `req` cannot go to its endpoint as the kind of request it is, or None."""
-        if req.tcp and (req.upgrade is None or req.upgrade.strip().lower() != b"websocket"):
-            return "expected a WebSocket upgrade"
+        if req.tcp:
+            if req.upgrade is None or req.upgrade.strip().lower() != b"websocket":
+                return "expected a WebSocket upgrade"
+            # The node answers this handshake itself (pico.server.tcp): checked here, before
+            # a stream makes the agent dial the service.
+            fields = {
+                n.decode("latin-1").lower(): v.decode("latin-1")
+                for n, v in req.headers
+                if n[:14].lower() == b"sec-websocket-"
+            }
+            problem = handshake_problem(req.method, fields)
+            if problem is not None:
+                return problem
         if self.protocol_of is None:
             return None
         served = self.protocol_of(req.endpoint)

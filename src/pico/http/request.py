@@ -118,6 +118,7 @@ def inspect_head(req: Request, *, upgrade: bool) -> None:
     elif host is None:
         host = _missing_host(req, endpoint_header)
     req.host = host
+    url = req.url  # in origin form now: an absolute-form target names the same route
     if url.startswith(TCP_PATH):
         # The path names a TCP endpoint (whatever the headers say): see pico.server.tcp.
         req.tcp = True

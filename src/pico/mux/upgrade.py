@@ -16,7 +16,6 @@ connection and the timeouts (`pico.mux.handshake.open_websocket`, `pico.server.u
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import enum
 import urllib.parse
@@ -30,7 +29,7 @@ import orjson
 
 from pico.auth import AuthFailure, Token
 from pico.http.head import error_response, valid_endpoint_id
-from pico.mux.websocket import accept_key, new_key
+from pico.mux.websocket import accept_key, handshake_problem, new_key
 
 UPSTREAM_PATH = "/pico/v1/upstream/"
 # The query parameter that says how the node serves the endpoint: `?protocol=tcp` (raw TCP
@@ -365,18 +364,7 @@ def _upgrade_problem(method: bytes, headers: Mapping[str, str]) -> str | None:
         return "expected a WebSocket upgrade"
     if "upgrade" not in headers.get("connection", "").lower():
         return "expected Connection: Upgrade"
-    if headers.get("sec-websocket-version", "") != "13":
-        return "unsupported Sec-WebSocket-Version (expected 13)"
-    key = headers.get("sec-websocket-key")
-    if not key:
-        return "missing Sec-WebSocket-Key"
-    try:
-        nonce = base64.b64decode(key, validate=True)
-    except ValueError:  # binascii.Error, or not ASCII
-        nonce = b""
-    if len(nonce) != 16:
-        return "invalid Sec-WebSocket-Key (expected 16 bytes in base64)"
-    return None
+    return handshake_problem(method, headers)
 
 
 def _expect_input(state: State) -> None:

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 _c_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
@@ -72,6 +72,26 @@ def accept_key(key: str) -> str:
 def new_key() -> str:
     """A random Sec-WebSocket-Key."""
     return base64.b64encode(os.urandom(16)).decode()
+
+
+def handshake_problem(method: bytes, headers: Mapping[str, str]) -> str | None:
+    """What makes an upgrade to a WebSocket no valid opening handshake, or None: its method
+    and its Sec-WebSocket-Version and -Key (RFC 6455 §4.2.1). `headers` are by lower-cased
+    name (only the sec-websocket-* ones are read)."""
+    if method != b"GET":
+        return "expected GET for a WebSocket upgrade"
+    if headers.get("sec-websocket-version", "") != "13":
+        return "unsupported Sec-WebSocket-Version (expected 13)"
+    key = headers.get("sec-websocket-key")
+    if not key:
+        return "missing Sec-WebSocket-Key"
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except ValueError:  # binascii.Error, or not ASCII
+        nonce = b""
+    if len(nonce) != 16:
+        return "invalid Sec-WebSocket-Key (expected 16 bytes in base64)"
+    return None
 
 
 def frame_header(opcode: int, length: int, *, mask_key: bytes | None) -> bytes:
@@ -135,12 +155,63 @@ def encode_frame(opcode: int, payload: bytes, *, mask: bool, random_key: bool = 
     return head + body
 
 
+def join_small(pieces: list[bytes | memoryview], limit: int) -> list[bytes | memoryview]:
+    """`pieces` (what one `FrameDecoder.feed` gave) with each run of pieces under `limit`
+    bytes joined into one: a peer's tiny frames (3 to 7 bytes on the wire each) must not cost
+    a write each where the bytes go. A piece of `limit` bytes or more goes on as it is
+    (joining would copy it)."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for piece in pieces:
+        if len(piece) < limit:
+            run.append(piece)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(piece)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ControlFrame:
     """A ping, pong or close frame (payload at most 125 bytes)."""
 
     opcode: int
     payload: bytes
+
+
+class PongCoalescer:
+    """Which pings are answered now: every one while the peer reads what we send, and while
+    it does not (our writes to it are paused) only the most recent, once it reads again
+    (RFC 6455 §5.5.3 allows that). So a peer that pings without reading costs at most one
+    held payload (125 bytes), not a pong per ping queued in our write buffer.
+    """
+
+    __slots__ = ("_held", "paused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._held: bytes | None = None
+
+    def ping(self, payload: bytes) -> bytes | None:
+        """A ping arrived: the payload to answer with now, or None (held until `resume`)."""
+        if self.paused:
+            self._held = payload
+            return None
+        return payload
+
+    def pause(self) -> None:
+        """Our writes to the peer are paused: hold pongs."""
+        self.paused = True
+
+    def resume(self) -> bytes | None:
+        """Writes flow again: the payload of the pong still owed, if any."""
+        self.paused = False
+        held, self._held = self._held, None
+        return held
 
 
 class FrameDecoder:

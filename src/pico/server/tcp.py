@@ -40,9 +40,11 @@ from pico.mux.websocket import (
     OP_PING,
     OP_PONG,
     FrameDecoder,
+    PongCoalescer,
     WebSocketError,
     encode_frame,
     frame_header,
+    join_small,
 )
 
 # One client frame may carry at most this much: the payload is relayed piece by piece as it
@@ -163,6 +165,8 @@ class WebSocketBridge:
         self._writelines: Callable[[tuple[bytes | memoryview, ...]], None] | None = None
         self._head = _Head()
         self._decoder = FrameDecoder(expect_mask=True, max_frame=_MAX_FRAME)
+        # A client that pings without reading must not grow its write buffer by a pong each.
+        self._pongs = PongCoalescer()
         # The two directions end separately (half-close): client -> service, service -> client.
         self._client_done = False
         self._service_done = False
@@ -210,9 +214,14 @@ class WebSocketBridge:
         self._finish("client gone" if self.state is State.OPEN else "not opened")
 
     def pause_reading(self) -> None:
+        """The client's write buffer is full: the service is not read, pings are held."""
+        self._pongs.pause()
         self.stream.pause_reading()
 
     def resume_reading(self) -> None:
+        held = self._pongs.resume()
+        if held is not None and self.state is State.OPEN:
+            self._to_client(encode_frame(OP_PONG, held, mask=False))
         self.stream.resume_reading()
 
     # -- the request head --------------------------------------------------------------------------
@@ -281,6 +290,8 @@ class WebSocketBridge:
             self._finish("protocol error")
             return
         stream = self.stream
+        if len(payloads) > 1:
+            payloads = join_small(payloads, _JOIN_LIMIT)
         for piece in payloads:
             self.bytes_in += len(piece)
             stream.write(piece)
@@ -290,7 +301,9 @@ class WebSocketBridge:
                 stream.write_eof()  # the service reads EOF; its answer may still come back
                 self._maybe_done()
             elif control.opcode == OP_PING:
-                self._to_client(encode_frame(OP_PONG, control.payload, mask=False))
+                pong = self._pongs.ping(control.payload)
+                if pong is not None:
+                    self._to_client(encode_frame(OP_PONG, pong, mask=False))
 
     # -- service -> client (the stream's receiver) -------------------------------------------------
 
