@@ -251,6 +251,46 @@ async def test_flask_app_through_serve_wsgi(h: Harness) -> None:
     assert stream.text == "".join(f"line {i}\n" for i in range(5))
 
 
+async def test_requests_waiting_for_a_hung_wsgi_app_are_bounded_and_the_rest_get_503(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hung_app(environ: Any, start_response: Any) -> list[bytes]:
+        entered.set()
+        release.wait(60)  # every thread hangs (a deadlock, a dead database) until released
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"done"]
+
+    try:
+        async with pico.sdk.serve_wsgi(hung_app, "legacy", url=upstream_url(node), threads=1) as s:
+            many = httpx.Limits(max_connections=None)
+            async with client(node, "legacy", limits=many) as http:
+                first = asyncio.ensure_future(http.get("/"))
+                await wait_for(entered.is_set, what="the only thread taken")
+                # Without a bound each would wait for the thread, and hold what it holds,
+                # for as long as the app hangs (a client that gives up leaves it waiting).
+                more = [asyncio.ensure_future(http.get("/")) for _ in range(150)]
+                await wait_for(lambda: any(r.done() for r in more), what="an answer at once")
+                release.set()
+                answers = await asyncio.gather(*more)
+                assert (await first).text == "done"
+            refused = [r for r in answers if r.status_code == 503]
+            assert refused and {r.status_code for r in answers} == {200, 503}
+            assert refused[0].json() == {
+                "error": "wsgi app busy: too many requests waiting for a thread"
+            }
+            labels = {"endpoint": "legacy", "limit": "wsgi_waiting"}
+            counted = s.metrics.registry.get_sample_value(
+                "pico_agent_limit_rejections_total", labels
+            )
+            assert counted == len(refused)
+    finally:
+        release.set()
+
+
 async def test_listen_and_connect_carry_raw_streams_both_ways(h: Harness) -> None:
     node = await h.node()
     async with pico.sdk.listen("raw", url=upstream_url(node)) as listener:

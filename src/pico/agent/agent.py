@@ -81,7 +81,8 @@ class AgentMetrics:
         self.limit_rejections = Counter(
             "pico_agent_limit_rejections_total",
             "What the agent refused a node for, by limit: streams over max_streams "
-            "(refused), or the tunnel closed for a control frame flood.",
+            "(refused), the tunnel closed for a control frame flood, or (pico.sdk) requests "
+            "over serve_wsgi's max_waiting (answered 503).",
             ["endpoint", "limit"],
             registry=r,
         )
@@ -183,7 +184,7 @@ class EndpointLink:
             random_mask=self.agent.config.server.mask_frames,
             # A node (maybe not ours) may not make the agent hold more service connections.
             max_streams=self.agent.config.max_streams,
-            on_limit=self._limit_hit,
+            on_limit=self.limit_hit,
             # A TCP client is answered (101) only once its service connection is up: the
             # stream is acknowledged after the dial (ServiceSide), or reset with its failure,
             # which the node treats as any dial failure (another upstream, else 502/504).
@@ -224,7 +225,8 @@ class EndpointLink:
             )
         return False
 
-    def _limit_hit(self, limit: str) -> None:
+    def limit_hit(self, limit: str) -> None:
+        """Count what was refused for `limit` (the tunnel's, or an in-process service's)."""
         self.agent.metrics.limit_rejections.labels(self.spec.endpoint_id, limit).inc()
         if limit == "max_streams":
             _log.warn_throttled(

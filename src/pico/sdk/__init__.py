@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 try:
     from pico.sdk.asgi import AsgiService
-    from pico.sdk.wsgi import WsgiService
+    from pico.sdk.wsgi import DEFAULT_MAX_WAITING, WsgiService
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         f"pico.sdk needs the 'sdk' extra ({exc.name} is missing): pip install 'pico[sdk]'"
@@ -102,10 +102,16 @@ def serve_wsgi(
     root_ca: str = "",
     grace: float = DEFAULT_GRACE,
     threads: int = 10,
+    max_waiting: int = DEFAULT_MAX_WAITING,
 ) -> Served:
     """Serve the WSGI app `app` (Flask, Django, ...) on `endpoint`, its requests on a pool of
-    `threads` threads. Otherwise as `serve_asgi` (no lifespan, no WebSocket in WSGI)."""
-    service = WsgiService(app, threads=threads)
+    `threads` threads. Otherwise as `serve_asgi` (no lifespan, no WebSocket in WSGI).
+
+    At most `max_waiting` requests wait for a thread (a thread cannot be interrupted, so one
+    whose client left still waits its turn); more are answered 503 at once and counted in
+    `pico_agent_limit_rejections_total{limit="wsgi_waiting"}`.
+    """
+    service = WsgiService(app, threads=threads, max_waiting=max_waiting)
     return Served(service, endpoint, url=url, api_key=api_key, root_ca=root_ca, grace=grace)
 
 

@@ -11,6 +11,7 @@ it does on a socket. Lifespan is uvicorn's `LifespanOn`; the node's `X-Forwarded
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 from uvicorn import Config
@@ -27,6 +28,10 @@ _log = log.get_logger("sdk")
 HTTP_IMPLEMENTATIONS = ("httptools", "h11")
 WS_IMPLEMENTATIONS = ("websockets-sansio", "none")
 LIFESPAN_MODES = ("auto", "on", "off")
+
+
+def _uncounted(limit: str) -> None:
+    return None
 
 
 class AsgiService:
@@ -67,6 +72,7 @@ class AsgiService:
         self._lifespan: LifespanOn | None = LifespanOn(self.config) if lifespan != "off" else None
         self._app_state = self._lifespan.state if self._lifespan is not None else {}
         self._protocol_class: Any = self.config.http_protocol_class
+        self._on_limit: Callable[[str], None] = _uncounted
 
     def protocol_factory(self) -> asyncio.BaseProtocol:
         """uvicorn's HTTP protocol for a new stream, as uvicorn's server makes it."""
@@ -74,6 +80,10 @@ class AsgiService:
             config=self.config, server_state=self.state, app_state=self._app_state
         )
         return protocol
+
+    def report_limits(self, on_limit: Callable[[str], None]) -> None:
+        """Call `on_limit(name)` for each request refused for the limit `name`."""
+        self._on_limit = on_limit
 
     async def startup(self) -> None:
         """Run the app's lifespan startup. Raises StartupFailed."""
