@@ -111,6 +111,8 @@ class EndpointLink:
         # Tunnels of a node that sent GoAway, finishing their streams, and their run() tasks.
         self._draining: set[Tunnel] = set()
         self._runners: set[asyncio.Task[None]] = set()
+        # Dial failures of this endpoint, logged at most once a minute per reason.
+        self._dial_warnings = log.RateLimited(_log)
         base = agent.config.server.url.rstrip("/")
         # The endpoint path is appended to any path prefix of server.url (a reverse proxy
         # in front of the cluster may serve it under a prefix).
@@ -272,9 +274,11 @@ class EndpointLink:
                 _access.info("connection opened", endpoint_id=spec.endpoint_id, service=service)
         except TimeoutError:
             labels.dial_errors.labels(spec.endpoint_id, "timeout").inc()
+            self._dial_failed("timeout", f"not connected within {timeout}s")
             stream.reset(ResetReason.TIMEOUT)
-        except ConnectionRefusedError:
+        except ConnectionRefusedError as refused:
             labels.dial_errors.labels(spec.endpoint_id, "refused").inc()
+            self._dial_failed("refused", refused)
             stream.reset(ResetReason.REFUSED)
         except ssl.SSLError as exc:
             labels.dial_errors.labels(spec.endpoint_id, "tls").inc()
@@ -282,9 +286,23 @@ class EndpointLink:
                 "TLS to the service failed", endpoint_id=spec.endpoint_id, error=str(exc)
             )
             stream.reset(ResetReason.UNREACHABLE)
-        except OSError:
+        except OSError as unreachable:
             labels.dial_errors.labels(spec.endpoint_id, "unreachable").inc()
+            self._dial_failed("unreachable", unreachable)
             stream.reset(ResetReason.UNREACHABLE)
+
+    def _dial_failed(self, reason: str, error: object) -> None:
+        """Say which listener could not reach its service and why (a missing or mistyped Unix
+        socket path, a service that is down): its clients only see 502 or 504. Once a minute
+        per reason for each endpoint, the rest counted as `suppressed`."""
+        self._dial_warnings.warn(
+            reason,
+            "cannot connect to the service",
+            endpoint_id=self.spec.endpoint_id,
+            service=self.dialer.service,
+            reason=reason,
+            error=str(error) or type(error).__name__,
+        )
 
     async def stop(self, grace: float) -> None:
         """GoAway, let open streams finish within `grace`, close."""
