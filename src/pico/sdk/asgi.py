@@ -21,6 +21,7 @@ from uvicorn.server import ServerState
 from pico import log
 from pico.agent.inprocess import NODE_PEER
 from pico.sdk.errors import StartupFailed
+from pico.sdk.heads import DEFAULT_MAX_HEADER_BYTES, BoundedHttpToolsProtocol
 
 _log = log.get_logger("sdk")
 
@@ -45,6 +46,7 @@ class AsgiService:
         ws: str = "websockets-sansio",
         lifespan: str = "auto",
         timeout_keep_alive: float = 5.0,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         for name, value, allowed in (
             ("http", http, HTTP_IMPLEMENTATIONS),
@@ -55,6 +57,10 @@ class AsgiService:
                 raise ValueError(f"{name}={value!r}: use one of {', '.join(allowed)}")
         if not callable(app):
             raise TypeError(f"app must be an ASGI application (a callable), not {app!r}")
+        if max_header_bytes < 1:
+            raise ValueError(f"max_header_bytes={max_header_bytes!r}: must be at least 1")
+        self.http = http
+        self.max_header_bytes = max_header_bytes
         self.config = Config(
             app,
             http=http,
@@ -66,6 +72,8 @@ class AsgiService:
             log_config=None,  # the application's logging is its own business
             access_log=False,
             timeout_keep_alive=int(timeout_keep_alive),
+            # h11 bounds a head itself (16 KiB by default: less than a node forwards).
+            h11_max_incomplete_event_size=max_header_bytes,
         )
         self.config.load()
         self.state = ServerState()
@@ -75,7 +83,16 @@ class AsgiService:
         self._on_limit: Callable[[str], None] = _uncounted
 
     def protocol_factory(self) -> asyncio.BaseProtocol:
-        """uvicorn's HTTP protocol for a new stream, as uvicorn's server makes it."""
+        """uvicorn's HTTP protocol for a new stream, as uvicorn's server makes it (httptools'
+        with a bound on the request head)."""
+        if self.http == "httptools":
+            return BoundedHttpToolsProtocol(
+                self.config,
+                self.state,
+                self._app_state,
+                max_header_bytes=self.max_header_bytes,
+                on_limit=self._limit_hit,
+            )
         protocol: asyncio.BaseProtocol = self._protocol_class(
             config=self.config, server_state=self.state, app_state=self._app_state
         )
@@ -84,6 +101,9 @@ class AsgiService:
     def report_limits(self, on_limit: Callable[[str], None]) -> None:
         """Call `on_limit(name)` for each request refused for the limit `name`."""
         self._on_limit = on_limit
+
+    def _limit_hit(self, limit: str) -> None:
+        self._on_limit(limit)
 
     async def startup(self) -> None:
         """Run the app's lifespan startup. Raises StartupFailed."""

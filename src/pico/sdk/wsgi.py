@@ -24,6 +24,7 @@ from a2wsgi.wsgi import WSGIResponder
 
 from pico import log
 from pico.sdk.asgi import AsgiService
+from pico.sdk.heads import DEFAULT_MAX_HEADER_BYTES
 
 _log = log.get_logger("sdk")
 
@@ -142,6 +143,7 @@ class WsgiService(AsgiService):
         threads: int = 10,
         max_waiting: int = DEFAULT_MAX_WAITING,
         http: str = "httptools",
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ) -> None:
         if not callable(app):
             raise TypeError(f"app must be a WSGI application (a callable), not {app!r}")
@@ -154,7 +156,9 @@ class WsgiService(AsgiService):
         self._wsgi = _Middleware(app, workers=threads)
         self._in_flight = 0  # requests running on a thread or waiting for one
         # WSGI has no lifespan and no WebSocket.
-        super().__init__(self._admit, http=http, ws="none", lifespan="off")
+        super().__init__(
+            self._admit, http=http, ws="none", lifespan="off", max_header_bytes=max_header_bytes
+        )
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request on the pool, or answer 503 if max_waiting already wait."""
