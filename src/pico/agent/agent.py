@@ -55,6 +55,8 @@ _HINTS = {
 }
 # Bounds connecting plus the WebSocket handshake to a node.
 _CONNECT_TIMEOUT = 10.0
+# What `pico_agent_limit_rejections_total` names a draining tunnel closed for the limit.
+LIMIT_DRAINING = "max_draining_tunnels"
 
 
 class AgentRejected(Exception):
@@ -81,8 +83,9 @@ class AgentMetrics:
         self.limit_rejections = Counter(
             "pico_agent_limit_rejections_total",
             "What the agent refused a node for, by limit: streams over max_streams "
-            "(refused), the tunnel closed for a control frame flood, or (pico.sdk) requests "
-            "over serve_wsgi's max_waiting (answered 503).",
+            "(refused), the tunnel closed for a control frame flood, a draining tunnel closed "
+            "over max_draining_tunnels, or (pico.sdk) requests over serve_wsgi's max_waiting "
+            "(503) or a head over max_header_bytes (431).",
             ["endpoint", "limit"],
             registry=r,
         )
@@ -108,8 +111,9 @@ class EndpointLink:
         self.connected = asyncio.Event()
         self.stopping = False
         self._dials: set[asyncio.Task[None]] = set()
-        # Tunnels of a node that sent GoAway, finishing their streams, and their run() tasks.
-        self._draining: set[Tunnel] = set()
+        # Tunnels of a node that sent GoAway, finishing their streams (oldest first: a dict
+        # keeps the order), and their run() tasks.
+        self._draining: dict[Tunnel, None] = {}
         self._runners: set[asyncio.Task[None]] = set()
         # Dial failures of this endpoint, logged at most once a minute per reason.
         self._dial_warnings = log.RateLimited(_log)
@@ -215,10 +219,11 @@ class EndpointLink:
             # Open streams finish on the old tunnel while a new one is opened (through the
             # load balancer, to another node): a node restart loses no requests.
             _log.info("server going away; reconnecting", endpoint_id=endpoint_id)
-            self._draining.add(tunnel)
-            runner.add_done_callback(lambda _: self._draining.discard(tunnel))
+            self._draining[tunnel] = None
+            runner.add_done_callback(lambda _: self._draining.pop(tunnel, None))
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
+            self._bound_draining()
             return True
         await runner
         if not self.stopping:
@@ -227,9 +232,26 @@ class EndpointLink:
             )
         return False
 
+    def _bound_draining(self) -> None:
+        """Close the oldest draining tunnels past max_draining_tunnels: a node that sends
+        GoAway but never ends the tunnel (broken, or hostile) would otherwise make us keep
+        one more tunnel, and up to max_streams service connections, per GoAway."""
+        limit = self.agent.config.max_draining_tunnels
+        while len(self._draining) > limit:
+            oldest = next(iter(self._draining))
+            del self._draining[oldest]
+            self.limit_hit(LIMIT_DRAINING)
+            oldest.close(f"still draining past max_draining_tunnels ({limit})")
+
     def limit_hit(self, limit: str) -> None:
         """Count what was refused for `limit` (the tunnel's, or an in-process service's)."""
         self.agent.metrics.limit_rejections.labels(self.spec.endpoint_id, limit).inc()
+        if limit == LIMIT_DRAINING:
+            _log.warn_throttled(
+                "draining tunnel closed: max_draining_tunnels reached",
+                endpoint_id=self.spec.endpoint_id,
+                max_draining_tunnels=self.agent.config.max_draining_tunnels,
+            )
         if limit == "max_streams":
             _log.warn_throttled(
                 "stream refused: max_streams reached",
