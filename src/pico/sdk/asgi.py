@@ -81,6 +81,7 @@ class AsgiService:
         self._app_state = self._lifespan.state if self._lifespan is not None else {}
         self._protocol_class: Any = self.config.http_protocol_class
         self._on_limit: Callable[[str], None] = _uncounted
+        self._lifespan_ran = False  # the app's lifespan startup completed
 
     def protocol_factory(self) -> asyncio.BaseProtocol:
         """uvicorn's HTTP protocol for a new stream, as uvicorn's server makes it (httptools'
@@ -112,6 +113,9 @@ class AsgiService:
         await self._lifespan.startup()
         if self._lifespan.should_exit:
             raise StartupFailed("the ASGI app's lifespan startup failed (see its log)")
+        # With lifespan="auto" uvicorn takes any exception for "lifespan unsupported", even
+        # one raised at the shutdown of an app whose startup went well: remember which.
+        self._lifespan_ran = not self._lifespan.error_occurred
 
     def shutdown_connections(self) -> None:
         """Graceful shutdown of every connection: idle ones close, busy ones after their
@@ -127,5 +131,6 @@ class AsgiService:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._lifespan is not None:
             await self._lifespan.shutdown()
-            if self._lifespan.should_exit:
+            raised = self._lifespan_ran and self._lifespan.error_occurred
+            if self._lifespan.should_exit or raised:
                 _log.warn("the ASGI app's lifespan shutdown failed")
