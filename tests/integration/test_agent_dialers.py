@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from pathlib import Path
 
 import aiohttp
@@ -49,6 +51,24 @@ async def test_a_missing_unix_socket_answers_502_upstream_unreachable(
     metrics = running.agent.metrics.registry
     labels = {"endpoint": "sock", "reason": "unreachable"}
     assert metrics.get_sample_value("pico_agent_dial_errors_total", labels) == 1.0
+
+
+async def test_a_service_the_agent_cannot_reach_is_logged_once_naming_the_listener(
+    h: Harness, tmp_path: Path, logs: io.StringIO
+) -> None:
+    missing = tmp_path / "nobody.sock"
+    node = await h.node()
+    await h.agent(node, [f"sock/unix:{missing}"])
+    await h.tunnel_up(node, "sock")
+    for _ in range(3):
+        assert (await get(proxy_url(node) + "/", "sock"))[0] == 502
+    records = [json.loads(line) for line in logs.getvalue().splitlines()]
+    failed = [r for r in records if r["msg"] == "cannot connect to the service"]
+    assert len(failed) == 1  # at most once a minute
+    assert failed[0]["level"] == "warn"
+    assert failed[0]["endpoint-id"] == "sock"
+    assert failed[0]["service"] == f"unix:{missing}"
+    assert "No such file or directory" in failed[0]["error"]
 
 
 async def test_tcp_listener_on_a_unix_socket_carries_raw_bytes(h: Harness, tmp_path: Path) -> None:

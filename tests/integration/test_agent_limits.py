@@ -15,6 +15,17 @@ from tests.support.cluster import Harness, agent_config, proxy_url, start_agent,
 from tests.support.services import PEERS, sample_app
 
 
+async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read the agent's WebSocket handshake and accept it, as a node's upstream port does."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key")
+    )
+    writer.write(accept_response(key))
+
+
 class FakeNode:
     """A node that upgrades the agent's connection, then sends what the test writes."""
 
@@ -28,13 +39,7 @@ class FakeNode:
 
     async def start(self) -> int:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            key = next(
-                line.split(b":", 1)[1].strip().decode()
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"sec-websocket-key")
-            )
-            writer.write(accept_response(key))
+            await upgrade(reader, writer)
             self.writer = writer
             with contextlib.suppress(ConnectionError):
                 while data := await reader.read(65536):
@@ -157,3 +162,77 @@ async def test_a_request_refused_by_a_full_agent_goes_to_another_upstream(h: Har
         "pico_agent_limit_rejections_total", {"endpoint": "ep", "limit": "max_streams"}
     )
     assert refused is not None and refused >= 1
+
+
+class DrainingNode:
+    """A node that opens a stream on each tunnel (the agent dials the service for it), sends
+    GoAway on the first `goaways` tunnels, and never ends a tunnel itself."""
+
+    def __init__(self, goaways: int) -> None:
+        self.goaways = goaways
+        self.connections = 0  # tunnels the agent opened
+        self.open = 0  # ... and still has open
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            self.open += 1
+            try:
+                await upgrade(reader, writer)
+                mux = syn(2)
+                if self.connections <= self.goaways:
+                    mux += encode_header(FrameType.GO_AWAY, Flags(0), 0, 0)
+                writer.write(encode_frame(OP_BINARY, mux, mask=False))
+                with contextlib.suppress(ConnectionError):
+                    while await reader.read(65536):
+                        pass
+            finally:
+                self.open -= 1
+                writer.close()
+
+        def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.ensure_future(handle(reader, writer))
+            self.tasks.add(task)
+
+        self.server = await asyncio.start_server(track, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_tunnels_a_node_drains_but_never_ends_are_bounded(h: Harness) -> None:
+    """Each GoAway made the agent open a new tunnel and keep the old one, with its streams
+    and their service connections, until the node ended it: a node that never did made the
+    agent hold ten tunnels after ten GoAways, a thousand after a thousand."""
+    app = sample_app()
+    port = await h.service(app)
+    node = DrainingNode(goaways=10)
+    node_port = await node.start()
+    config = load_config_dict(
+        AgentConfig,
+        {"endpoints": [f"ep/127.0.0.1:{port}"], "server": {"url": f"http://127.0.0.1:{node_port}"}},
+    )
+    running = await start_agent(config)
+    h.agents.append(running)
+    try:
+        await wait_for(lambda: node.connections == 11, what="ten GoAways followed")
+        limit = config.max_draining_tunnels
+        # The current tunnel and `limit` draining ones; older ones were closed.
+        await wait_for(lambda: node.open == 1 + limit, what="older draining tunnels closed")
+        metric = running.agent.metrics.registry.get_sample_value(
+            "pico_agent_limit_rejections_total", {"endpoint": "ep", "limit": "max_draining_tunnels"}
+        )
+        assert metric == 10 - limit
+    finally:
+        running.agent.grace = 0.1  # the node never ends its streams
+        await running.close()
+        h.agents.remove(running)
+        await node.close()

@@ -251,6 +251,136 @@ async def test_flask_app_through_serve_wsgi(h: Harness) -> None:
     assert stream.text == "".join(f"line {i}\n" for i in range(5))
 
 
+async def test_requests_waiting_for_a_hung_wsgi_app_are_bounded_and_the_rest_get_503(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def hung_app(environ: Any, start_response: Any) -> list[bytes]:
+        entered.set()
+        release.wait(60)  # every thread hangs (a deadlock, a dead database) until released
+        start_response("200 OK", [("content-type", "text/plain")])
+        return [b"done"]
+
+    try:
+        async with pico.sdk.serve_wsgi(hung_app, "legacy", url=upstream_url(node), threads=1) as s:
+            many = httpx.Limits(max_connections=None)
+            async with client(node, "legacy", limits=many) as http:
+                first = asyncio.ensure_future(http.get("/"))
+                await wait_for(entered.is_set, what="the only thread taken")
+                # Without a bound each would wait for the thread, and hold what it holds,
+                # for as long as the app hangs (a client that gives up leaves it waiting).
+                more = [asyncio.ensure_future(http.get("/")) for _ in range(150)]
+                await wait_for(lambda: any(r.done() for r in more), what="an answer at once")
+                release.set()
+                answers = await asyncio.gather(*more)
+                assert (await first).text == "done"
+            refused = [r for r in answers if r.status_code == 503]
+            assert refused and {r.status_code for r in answers} == {200, 503}
+            assert refused[0].json() == {
+                "error": "wsgi app busy: too many requests waiting for a thread"
+            }
+            labels = {"endpoint": "legacy", "limit": "wsgi_waiting"}
+            counted = s.metrics.registry.get_sample_value(
+                "pico_agent_limit_rejections_total", labels
+            )
+            assert counted == len(refused)
+    finally:
+        release.set()
+
+
+class EndlessWsgiApp:
+    """A WSGI app whose /endless response never ends (a stream of ticks, as server-sent
+    events are), and whose / says "free"; `closed` is set once the endless iterable is
+    closed, `stop` ends it from the test."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        self.stop = threading.Event()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        start_response("200 OK", [("content-type", "text/plain")])
+        if environ["PATH_INFO"] != "/endless":
+            return [b"free"]
+        return self.ticks()
+
+    def ticks(self) -> Any:
+        try:
+            while not self.stop.is_set():
+                yield b"tick\n"
+        finally:
+            self.closed.set()
+
+
+async def open_endless(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection reading the first line of /endless (then it reads no more)."""
+    assert node.addrs is not None
+    reader, writer = await asyncio.open_connection(*node.addrs.proxy)
+    writer.write(b"GET /endless HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: legacy\r\n\r\n")
+    assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    return reader, writer
+
+
+async def test_an_endless_wsgi_response_frees_its_thread_when_the_client_leaves(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    app = EndlessWsgiApp()
+    async with pico.sdk.serve_wsgi(app, "legacy", url=upstream_url(node), threads=1):
+        try:
+            _, writer = await open_endless(node)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # the client leaves (RST)
+            await wait_for(app.closed.is_set, what="the endless iterable closed")
+            async with client(node, "legacy") as http:  # the only thread is free again
+                assert (await http.get("/")).text == "free"
+        finally:
+            app.stop.set()
+
+
+async def test_close_frees_the_thread_of_an_endless_wsgi_response(h: Harness) -> None:
+    node = await h.node()
+    app = EndlessWsgiApp()
+    threads_before = threading.active_count()
+    served = pico.sdk.serve_wsgi(app, "legacy", url=upstream_url(node), threads=1)
+    async with served:
+        _, writer = await open_endless(node)  # its thread waits: the client does not read
+        await served.close(grace=0.2)
+    await wait_for(app.closed.is_set, what="the endless iterable closed")
+    await wait_for(lambda: threading.active_count() == threads_before, what="no thread left")
+    writer.close()
+
+
+async def test_close_ends_the_body_read_of_a_wsgi_request_whose_upload_stalled(
+    h: Harness,
+) -> None:
+    node = await h.node()
+    read: list[bytes] = []
+
+    def reader_app(environ: Any, start_response: Any) -> list[bytes]:
+        read.append(environ["wsgi.input"].read())  # the client sends 5 bytes of 1 MB
+        start_response("200 OK", [])
+        return [b""]
+
+    threads_before = threading.active_count()
+    served = pico.sdk.serve_wsgi(reader_app, "legacy", url=upstream_url(node), threads=1)
+    async with served:
+        assert node.addrs is not None
+        _, writer = await asyncio.open_connection(*node.addrs.proxy)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nx-pico-endpoint: legacy\r\n"
+            b"Content-Length: 1000000\r\n\r\nhello"
+        )
+        await wait_for(lambda: streams_opened(served) == 1, what="the request at the app")
+        await served.close(grace=0.2)
+    await wait_for(lambda: read == [b"hello"], what="the read ended with what came")
+    await wait_for(lambda: threading.active_count() == threads_before, what="no thread left")
+    writer.close()
+
+
 async def test_listen_and_connect_carry_raw_streams_both_ways(h: Harness) -> None:
     node = await h.node()
     async with pico.sdk.listen("raw", url=upstream_url(node)) as listener:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import ssl
 import subprocess
@@ -19,11 +20,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pico.config import ConfigError, ServerConfig, load_config_dict
+from pico.config import AgentConfig, ConfigError, ServerConfig, load_config_dict
 from pico.mux.handshake import open_websocket
 from pico.server.node import Node
 from tests.integration.test_cluster import gossip_addr
-from tests.support.cluster import Harness, agent_tunnel, wait_for
+from tests.support.cluster import Harness, agent_tunnel, proxy_url, start_agent, wait_for
 from tests.support.procs import REPO
 from tests.support.services import sample_app
 
@@ -279,3 +280,70 @@ def test_bad_tls_config_names_the_key(pki: Pki, section: dict[str, Any], message
     with pytest.raises(ConfigError) as err:
         load_config_dict(ServerConfig, json.loads(text))
     assert message in str(err.value)
+
+
+async def https_service(h: Harness, pki: Pki) -> int:
+    """The sample service over TLS (a certificate of `pki.ca`), with /close that closes its
+    connection after the response; returns its port."""
+
+    async def close(_: web.Request) -> web.Response:
+        resp = web.Response(text="closed")
+        resp.force_close()
+        return resp
+
+    app = sample_app("tls-service")
+    app.router.add_get("/close", close)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki.cert, pki.key)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    h.runners.append(runner)
+    return int(runner.addresses[0][1])
+
+
+async def https_listener_agent(h: Harness, node: Node, port: int, root_ca: str) -> None:
+    assert node.addrs is not None
+    host, upstream = node.addrs.upstream
+    config = load_config_dict(
+        AgentConfig,
+        {
+            "listeners": [{"endpoint_id": "sec", "addr": f"https://127.0.0.1:{port}"}],
+            "server": {"url": f"http://{host}:{upstream}"},
+            "tls": {"root_ca": root_ca},
+            "admin": {"bind_addr": "127.0.0.1:0"},
+        },
+    )
+    h.agents.append(await start_agent(config))
+    await h.tunnel_up(node, "sec")
+
+
+async def test_an_https_service_that_closes_its_connections_adds_no_log_line(
+    h: Harness, pki: Pki, logs: io.StringIO
+) -> None:
+    node = await h.node()
+    await https_listener_agent(h, node, await https_service(h, pki), pki.ca)
+    agent = h.agents[-1].agent
+    async with aiohttp.ClientSession() as http:
+        for _ in range(5):  # the service closes each connection after its response
+            async with http.get(
+                proxy_url(node) + "/close", headers={"x-pico-endpoint": "sec"}
+            ) as r:
+                assert (r.status, await r.text()) == (200, "closed")
+    active = {"endpoint": "sec"}
+    value = agent.metrics.registry.get_sample_value
+    await wait_for(lambda: value("pico_agent_active_streams", active) == 0, what="all closed")
+    records = [json.loads(line) for line in logs.getvalue().splitlines()]
+    assert [r for r in records if r["subsystem"] == "asyncio"] == []
+
+
+async def test_an_https_service_with_a_certificate_we_cannot_verify_is_a_502(
+    h: Harness, pki: Pki
+) -> None:
+    node = await h.node()
+    await https_listener_agent(h, node, await https_service(h, pki), pki.other_ca)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy_url(node) + "/", headers={"x-pico-endpoint": "sec"}) as resp:
+            assert resp.status == 502
+            assert await resp.json() == {"error": "upstream unreachable"}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
+
 from pico.agent.inprocess import NODE_PEER, StreamTransport
 from pico.mux.frame import ResetReason
 from pico.mux.stream import MuxStream
@@ -163,3 +165,58 @@ async def test_window_pauses_reach_the_protocol_and_the_peer_is_the_node() -> No
     assert transport.get_extra_info("peername") == NODE_PEER
     assert transport.get_extra_info("sockname") is None
     assert transport.get_write_buffer_size() == 7
+
+
+class Failing(Recorder):
+    """A protocol with a bug: it raises in the callback named `failing`."""
+
+    def __init__(self, failing: str) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def data_received(self, data: bytes) -> None:
+        if self.failing == "data_received":
+            raise RuntimeError("bug in data_received")
+        super().data_received(data)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.failing == "connection_made":
+            raise RuntimeError("bug in connection_made")
+        super().connection_made(transport)
+
+    def eof_received(self) -> bool:
+        if self.failing == "eof_received":
+            raise RuntimeError("bug in eof_received")
+        return super().eof_received()
+
+
+@pytest.mark.parametrize("failing", ["data_received", "eof_received"])
+@pytest.mark.parametrize("paused", [False, True])
+async def test_a_protocol_that_raises_loses_its_stream_alone(failing: str, paused: bool) -> None:
+    # As asyncio's transports do: the exception ends this connection (the stream is reset,
+    # connection_lost(exc) follows), and never reaches the tunnel, whose other streams go on.
+    protocol = Failing(failing)
+    transport, stream, done = started(protocol)
+    if paused:
+        transport.pause_reading()
+    transport.data_received(b"request")
+    transport.eof_received()
+    if paused:
+        transport.resume_reading()
+    await protocol.lost
+    assert ("reset", ResetReason.CANCELLED) in stream.calls
+    assert protocol.events[-1] == ("lost", "RuntimeError")
+    assert done == ["done"]
+
+
+async def test_a_protocol_that_raises_when_connected_loses_its_stream_alone() -> None:
+    protocol = Failing("connection_made")
+    stream = FakeStream()
+    done: list[str] = []
+    transport = StreamTransport(cast(MuxStream, stream), protocol, lambda: done.append("done"))
+    transport.start()
+    transport.data_received(b"request")  # answered as a closed socket would be
+    await protocol.lost
+    assert stream.calls[:2] == ["accept", ("reset", ResetReason.CANCELLED)]
+    assert protocol.events == [("lost", "RuntimeError")]
+    assert done == ["done"]

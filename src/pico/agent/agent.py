@@ -55,6 +55,8 @@ _HINTS = {
 }
 # Bounds connecting plus the WebSocket handshake to a node.
 _CONNECT_TIMEOUT = 10.0
+# What `pico_agent_limit_rejections_total` names a draining tunnel closed for the limit.
+LIMIT_DRAINING = "max_draining_tunnels"
 
 
 class AgentRejected(Exception):
@@ -81,7 +83,9 @@ class AgentMetrics:
         self.limit_rejections = Counter(
             "pico_agent_limit_rejections_total",
             "What the agent refused a node for, by limit: streams over max_streams "
-            "(refused), or the tunnel closed for a control frame flood.",
+            "(refused), the tunnel closed for a control frame flood, a draining tunnel closed "
+            "over max_draining_tunnels, or (pico.sdk) requests over serve_wsgi's max_waiting "
+            "(503) or a head over max_header_bytes (431).",
             ["endpoint", "limit"],
             registry=r,
         )
@@ -107,9 +111,12 @@ class EndpointLink:
         self.connected = asyncio.Event()
         self.stopping = False
         self._dials: set[asyncio.Task[None]] = set()
-        # Tunnels of a node that sent GoAway, finishing their streams, and their run() tasks.
-        self._draining: set[Tunnel] = set()
+        # Tunnels of a node that sent GoAway, finishing their streams (oldest first: a dict
+        # keeps the order), and their run() tasks.
+        self._draining: dict[Tunnel, None] = {}
         self._runners: set[asyncio.Task[None]] = set()
+        # Dial failures of this endpoint, logged at most once a minute per reason.
+        self._dial_warnings = log.RateLimited(_log)
         base = agent.config.server.url.rstrip("/")
         # The endpoint path is appended to any path prefix of server.url (a reverse proxy
         # in front of the cluster may serve it under a prefix).
@@ -183,7 +190,7 @@ class EndpointLink:
             random_mask=self.agent.config.server.mask_frames,
             # A node (maybe not ours) may not make the agent hold more service connections.
             max_streams=self.agent.config.max_streams,
-            on_limit=self._limit_hit,
+            on_limit=self.limit_hit,
             # A TCP client is answered (101) only once its service connection is up: the
             # stream is acknowledged after the dial (ServiceSide), or reset with its failure,
             # which the node treats as any dial failure (another upstream, else 502/504).
@@ -212,10 +219,11 @@ class EndpointLink:
             # Open streams finish on the old tunnel while a new one is opened (through the
             # load balancer, to another node): a node restart loses no requests.
             _log.info("server going away; reconnecting", endpoint_id=endpoint_id)
-            self._draining.add(tunnel)
-            runner.add_done_callback(lambda _: self._draining.discard(tunnel))
+            self._draining[tunnel] = None
+            runner.add_done_callback(lambda _: self._draining.pop(tunnel, None))
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
+            self._bound_draining()
             return True
         await runner
         if not self.stopping:
@@ -224,8 +232,26 @@ class EndpointLink:
             )
         return False
 
-    def _limit_hit(self, limit: str) -> None:
+    def _bound_draining(self) -> None:
+        """Close the oldest draining tunnels past max_draining_tunnels: a node that sends
+        GoAway but never ends the tunnel (broken, or hostile) would otherwise make us keep
+        one more tunnel, and up to max_streams service connections, per GoAway."""
+        limit = self.agent.config.max_draining_tunnels
+        while len(self._draining) > limit:
+            oldest = next(iter(self._draining))
+            del self._draining[oldest]
+            self.limit_hit(LIMIT_DRAINING)
+            oldest.close(f"still draining past max_draining_tunnels ({limit})")
+
+    def limit_hit(self, limit: str) -> None:
+        """Count what was refused for `limit` (the tunnel's, or an in-process service's)."""
         self.agent.metrics.limit_rejections.labels(self.spec.endpoint_id, limit).inc()
+        if limit == LIMIT_DRAINING:
+            _log.warn_throttled(
+                "draining tunnel closed: max_draining_tunnels reached",
+                endpoint_id=self.spec.endpoint_id,
+                max_draining_tunnels=self.agent.config.max_draining_tunnels,
+            )
         if limit == "max_streams":
             _log.warn_throttled(
                 "stream refused: max_streams reached",
@@ -270,9 +296,11 @@ class EndpointLink:
                 _access.info("connection opened", endpoint_id=spec.endpoint_id, service=service)
         except TimeoutError:
             labels.dial_errors.labels(spec.endpoint_id, "timeout").inc()
+            self._dial_failed("timeout", f"not connected within {timeout}s")
             stream.reset(ResetReason.TIMEOUT)
-        except ConnectionRefusedError:
+        except ConnectionRefusedError as refused:
             labels.dial_errors.labels(spec.endpoint_id, "refused").inc()
+            self._dial_failed("refused", refused)
             stream.reset(ResetReason.REFUSED)
         except ssl.SSLError as exc:
             labels.dial_errors.labels(spec.endpoint_id, "tls").inc()
@@ -280,9 +308,23 @@ class EndpointLink:
                 "TLS to the service failed", endpoint_id=spec.endpoint_id, error=str(exc)
             )
             stream.reset(ResetReason.UNREACHABLE)
-        except OSError:
+        except OSError as unreachable:
             labels.dial_errors.labels(spec.endpoint_id, "unreachable").inc()
+            self._dial_failed("unreachable", unreachable)
             stream.reset(ResetReason.UNREACHABLE)
+
+    def _dial_failed(self, reason: str, error: object) -> None:
+        """Say which listener could not reach its service and why (a missing or mistyped Unix
+        socket path, a service that is down): its clients only see 502 or 504. Once a minute
+        per reason for each endpoint, the rest counted as `suppressed`."""
+        self._dial_warnings.warn(
+            reason,
+            "cannot connect to the service",
+            endpoint_id=self.spec.endpoint_id,
+            service=self.dialer.service,
+            reason=reason,
+            error=str(error) or type(error).__name__,
+        )
 
     async def stop(self, grace: float) -> None:
         """GoAway, let open streams finish within `grace`, close."""

@@ -16,8 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from pico import log
 from pico.mux.frame import ResetReason
 from pico.mux.stream import MuxStream
+
+_log = log.get_logger("agent")
 
 # What the transport reports as its peer: the node. Every byte on a stream comes from a Pico
 # node, so this one name is what a proxy-headers middleware is told to trust, whatever the
@@ -66,7 +69,10 @@ class StreamTransport(asyncio.Transport):
     def start(self) -> None:
         """Tell the protocol it is connected, then deliver what the stream already has."""
         self._stream.accept()  # connected: a deferred ACK (tcp endpoints) goes out first
-        self._protocol.connection_made(self)
+        try:
+            self._protocol.connection_made(self)
+        except Exception as exc:
+            self._protocol_failed("connection_made", exc)
         self._stream.set_receiver(self)
 
     # -- asyncio.Transport -------------------------------------------------------------------
@@ -113,7 +119,7 @@ class StreamTransport(asyncio.Transport):
                 self._lost()
             else:
                 assert isinstance(item, bytes)
-                self._protocol.data_received(item)  # type: ignore[attr-defined]
+                self._deliver(item)
         if not self._reading_paused:
             self._stream.resume_reading()
 
@@ -155,7 +161,7 @@ class StreamTransport(asyncio.Transport):
         if self._reading_paused or self._held:
             self._held.append(chunk)
         else:
-            self._protocol.data_received(chunk)  # type: ignore[attr-defined]
+            self._deliver(chunk)
 
     def eof_received(self) -> None:
         if self._state is not _State.OPEN:
@@ -184,10 +190,38 @@ class StreamTransport(asyncio.Transport):
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _deliver(self, chunk: bytes) -> None:
+        if self._state is not _State.OPEN:
+            return  # the protocol failed on an earlier chunk
+        try:
+            self._protocol.data_received(chunk)  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._protocol_failed("data_received", exc)
+
     def _eof(self) -> None:
-        keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        if self._state is not _State.OPEN:
+            return
+        try:
+            keep_open = self._protocol.eof_received()  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._protocol_failed("eof_received", exc)
+            return
         if not keep_open:
             self.close()
+
+    def _protocol_failed(self, callback: str, exc: Exception) -> None:
+        """The protocol raised: as asyncio's transports do, this connection alone ends (the
+        stream is reset, connection_lost(exc) follows). Raised on, it would reach the tunnel
+        and close it with every other stream of the endpoint."""
+        _log.warn_throttled(
+            "in-process protocol raised; its stream is reset",
+            callback=callback,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSING
+            self._stream.reset(ResetReason.CANCELLED)
+            self._loop.call_soon(self._finish, exc)
 
     def _lost(self) -> None:
         reason = self._lost_reason
@@ -201,6 +235,12 @@ class StreamTransport(asyncio.Transport):
         self._held.clear()
         try:
             self._protocol.connection_lost(exc)
+        except Exception as error:
+            _log.warn_throttled(
+                "in-process protocol raised; its stream is reset",
+                callback="connection_lost",
+                error=f"{type(error).__name__}: {error}",
+            )
         finally:
             self._on_done()
 

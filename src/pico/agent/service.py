@@ -40,7 +40,10 @@ class ServiceSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.stream.write_eof()
-        return True  # the request may still be arriving
+        # The request may still be arriving: keep our side open. Not over TLS, which cannot
+        # half-close: the transport closes anyway, and asyncio logs a warning for a True.
+        transport = self.transport
+        return transport is not None and transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -900,6 +900,13 @@ class AgentConfig(_Model):
         description="Streams a node may have open on one tunnel at once (each is a connection "
         "to the service); more are refused, and the node tries another upstream.",
     )
+    max_draining_tunnels: int = Field(
+        4,
+        ge=1,
+        description="Tunnels of one endpoint that a node sent GoAway on, kept while their "
+        "streams finish (each may hold max_streams service connections) beside the new "
+        "tunnel; past it the oldest is closed, its streams cut. A node restart needs one.",
+    )
 
     @model_validator(mode="after")
     def _unique_endpoints(self) -> AgentConfig:

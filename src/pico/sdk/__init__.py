@@ -29,7 +29,8 @@ from typing import Any, Literal
 
 try:
     from pico.sdk.asgi import AsgiService
-    from pico.sdk.wsgi import WsgiService
+    from pico.sdk.heads import DEFAULT_MAX_HEADER_BYTES
+    from pico.sdk.wsgi import DEFAULT_MAX_WAITING, WsgiService
 except ImportError as exc:  # pragma: no cover - depends on what is installed
     raise ImportError(
         f"pico.sdk needs the 'sdk' extra ({exc.name} is missing): pip install 'pico[sdk]'"
@@ -78,6 +79,7 @@ def serve_asgi(
     http: str = "httptools",
     ws: str = "websockets-sansio",
     lifespan: str = "auto",
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> Served:
     """Serve the ASGI app `app` (Starlette, FastAPI, Django, Quart, ...) on `endpoint`.
 
@@ -86,10 +88,15 @@ def serve_asgi(
     startup, registers the endpoint, and on leaving drains (GoAway; in-flight requests get
     `grace` seconds) and runs the lifespan shutdown. `http` ("httptools" or "h11"), `ws`
     ("websockets-sansio" or "none": WebSocket upgrades refused) and `lifespan` ("auto", "on",
-    "off") pick uvicorn's implementations (the ones tested with it). Raises ValueError (bad
-    arguments) at once; StartupFailed and EndpointRejected from `async with`.
+    "off") pick uvicorn's implementations (the ones tested with it). A request head over
+    `max_header_bytes` is answered 431 (h11: 400), counted in
+    `pico_agent_limit_rejections_total{limit="max_header_bytes"}` (httptools); keep it above
+    the node's proxy.max_header_bytes. Raises ValueError (bad arguments) at once;
+    StartupFailed and EndpointRejected from `async with`.
     """
-    service = AsgiService(app, http=http, ws=ws, lifespan=lifespan)
+    service = AsgiService(
+        app, http=http, ws=ws, lifespan=lifespan, max_header_bytes=max_header_bytes
+    )
     return Served(service, endpoint, url=url, api_key=api_key, root_ca=root_ca, grace=grace)
 
 
@@ -102,10 +109,19 @@ def serve_wsgi(
     root_ca: str = "",
     grace: float = DEFAULT_GRACE,
     threads: int = 10,
+    max_waiting: int = DEFAULT_MAX_WAITING,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> Served:
     """Serve the WSGI app `app` (Flask, Django, ...) on `endpoint`, its requests on a pool of
-    `threads` threads. Otherwise as `serve_asgi` (no lifespan, no WebSocket in WSGI)."""
-    service = WsgiService(app, threads=threads)
+    `threads` threads. Otherwise as `serve_asgi` (no lifespan, no WebSocket in WSGI).
+
+    At most `max_waiting` requests wait for a thread (a thread cannot be interrupted, so one
+    whose client left still waits its turn); more are answered 503 at once and counted in
+    `pico_agent_limit_rejections_total{limit="wsgi_waiting"}`.
+    """
+    service = WsgiService(
+        app, threads=threads, max_waiting=max_waiting, max_header_bytes=max_header_bytes
+    )
     return Served(service, endpoint, url=url, api_key=api_key, root_ca=root_ca, grace=grace)
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 from pico.sdk.serve import Served
@@ -67,6 +67,9 @@ class StreamService:
             self._backlog.put_nowait(None)  # wake the next waiter too
             raise ConnectionAbortedError("listener closed")
         return pair
+
+    def report_limits(self, on_limit: Callable[[str], None]) -> None:
+        """A full backlog is a refused dial: the agent counts it (dial_errors, refused)."""
 
     async def startup(self) -> None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Literal, Protocol
 
@@ -35,6 +36,10 @@ class InProcessService(Protocol):
 
     def protocol_factory(self) -> asyncio.BaseProtocol:
         """The protocol of a new stream (raises ConnectionRefusedError to refuse it)."""
+
+    def report_limits(self, on_limit: Callable[[str], None]) -> None:
+        """Call `on_limit(name)` for each request or connection refused for the limit `name`
+        (the agent counts it in pico_agent_limit_rejections_total)."""
 
     async def startup(self) -> None:
         """Before the endpoint registers (raises to abort)."""
@@ -98,6 +103,7 @@ class Served:
         config = agent_config(endpoint, protocol, url, api_key, root_ca)
         dialer = InProcessDialer(service.protocol_factory, name=f"in-process:{endpoint}")
         self._agent = Agent(config, [(EndpointSpec(endpoint, "", 0, protocol), dialer)])
+        service.report_limits(self._agent.links[0].limit_hit)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._used = False  # entered (or started): see __del__

@@ -1,0 +1,61 @@
+"""The SDK's bound on request heads: what a node (or anything posing as one) may make an app's
+process hold before a request starts, and that heads a node forwards are served."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import pytest
+
+from pico.agent.inprocess import StreamTransport
+from pico.mux.stream import MuxStream
+from pico.sdk.asgi import AsgiService
+from tests.support.cluster import wait_for
+from tests.unit.test_stream_transport import FakeStream
+
+
+async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+    )
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def serve(http: str, limits: list[str]) -> tuple[StreamTransport, FakeStream]:
+    service = AsgiService(ok_app, http=http, lifespan="off")
+    service.report_limits(limits.append)
+    stream = FakeStream()
+    transport = StreamTransport(cast(MuxStream, stream), service.protocol_factory(), lambda: None)
+    transport.start()
+    return transport, stream
+
+
+def written(stream: FakeStream) -> bytes:
+    return b"".join(c[1] for c in stream.calls if isinstance(c, tuple) and c[0] == "write")
+
+
+async def test_a_head_that_never_ends_gets_431_and_the_stream_is_closed() -> None:
+    limits: list[str] = []
+    transport, stream = serve("httptools", limits)
+    transport.data_received(b"GET / HTTP/1.1\r\nhost: x\r\nx-endless: ")
+    for _ in range(64):  # up to 4 MiB of one header value: httptools would keep it all
+        if transport.is_closing():
+            break
+        transport.data_received(b"a" * 65536)
+    assert transport.is_closing()
+    assert written(stream).startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert written(stream).endswith(b'\r\n\r\n{"error":"request header fields too large"}')
+    assert limits == ["max_header_bytes"]
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+async def test_a_head_as_large_as_a_node_forwards_is_served(http: str) -> None:
+    limits: list[str] = []
+    transport, stream = serve(http, limits)
+    cookie = b"c" * (60 * 1024)  # within the node's default proxy.max_header_bytes (64 KiB)
+    head = b"GET / HTTP/1.1\r\nhost: x\r\ncookie: " + cookie + b"\r\n\r\n"
+    for at in range(0, len(head), 4096):  # in pieces, as the node's reads of it come
+        transport.data_received(head[at : at + 4096])
+    await wait_for(lambda: written(stream).endswith(b"ok"), what="the response")
+    assert written(stream).startswith(b"HTTP/1.1 200 ")
+    assert limits == []
