@@ -23,6 +23,7 @@ from jwt.types import Options
 
 from pico import log
 from pico.config.schema import AuthConfig
+from pico.http.settings import Admission
 from pico.tls import client_context
 
 _log = log.get_logger("auth")
@@ -335,17 +336,23 @@ def _endpoints(claims: dict[str, Any]) -> tuple[str, ...] | None:
 
 
 class ProxyAuth:
-    """The proxy port's `RequestAuth` (http/settings.py) over a verifier."""
+    """The proxy port's `RequestAuth` (http/settings.py) over a verifier.
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    With `disconnect_on_expiry`, a connection a request upgrades (WebSocket, TCP) ends when
+    the token it came with expires, as an agent's tunnel does: a token must not let a
+    connection in for longer than it is valid.
+    """
+
+    def __init__(self, verifier: TokenVerifier, *, disconnect_on_expiry: bool = True) -> None:
         self.verifier = verifier
+        self.disconnect_on_expiry = disconnect_on_expiry
 
-    def refusal(self, credentials: bytes | None, endpoint_id: str) -> tuple[int, str] | None:
+    def admit(self, credentials: bytes | None, endpoint_id: str) -> Admission:
         try:
-            self.verifier.check(credentials, endpoint_id)
+            token = self.verifier.check(credentials, endpoint_id)
         except AuthFailure as exc:
-            return exc.status, exc.message
-        return None
+            return Admission((exc.status, exc.message))
+        return Admission(None, token.expires if self.disconnect_on_expiry else None)
 
 
 def verifier_for(

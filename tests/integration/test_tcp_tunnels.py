@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import io
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import jwt
 import pytest
 
 from pico.forward import Forwarder, ForwardError, open_connection
@@ -191,6 +194,37 @@ async def test_tcp_route_needs_a_token_for_the_endpoint_when_proxy_auth_is_on(
     reader, writer = await open_connection("my-db", url=proxy_url(node), api_key=permits("my-db"))
     writer.write(b"ok")
     assert await reader.readexactly(2) == b"ok"
+    writer.close()
+
+
+async def test_a_tcp_connection_is_closed_when_its_token_expires(h: Harness) -> None:
+    # A token lets a connection in for as long as it is valid, not for as long as the client
+    # keeps the connection: the node closes it at `exp`, as it drains an agent's tunnel.
+    node = await h.node(proxy={"auth": {"hmac_secret_key": SECRET}})
+    await tcp_endpoint(h, node, "my-db")
+    key = permits("my-db", ttl=2)
+    expires = jwt.decode(key, SECRET, algorithms=["HS256"])["exp"]
+    reader, writer = await open_connection("my-db", url=proxy_url(node), api_key=key)
+    writer.write(b"ok")
+    assert await reader.readexactly(2) == b"ok"
+    with contextlib.suppress(ConnectionError):  # closed, or reset: either way it ends
+        assert await asyncio.wait_for(reader.read(), 15) == b""
+    assert time.time() >= expires - 0.05  # ended by the expiry, not before
+    writer.close()
+
+
+async def test_with_disconnect_on_expiry_off_a_tcp_connection_outlives_its_token(
+    h: Harness,
+) -> None:
+    auth = {"hmac_secret_key": SECRET, "disable_disconnect_on_expiry": True}
+    node = await h.node(proxy={"auth": auth})
+    await tcp_endpoint(h, node, "my-db")
+    key = permits("my-db", ttl=1)
+    expires = jwt.decode(key, SECRET, algorithms=["HS256"])["exp"]
+    reader, writer = await open_connection("my-db", url=proxy_url(node), api_key=key)
+    await wait_for(lambda: time.time() > expires + 0.5, what="the token's expiry to pass")
+    writer.write(b"still")
+    assert await reader.readexactly(5) == b"still"
     writer.close()
 
 

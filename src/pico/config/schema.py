@@ -339,6 +339,16 @@ class UpstreamAuthConfig(AuthConfig):
     )
 
 
+class ProxyAuthConfig(AuthConfig):
+    """``proxy.auth``: tokens of clients."""
+
+    disable_disconnect_on_expiry: bool = Field(
+        False,
+        description="Keep a connection a request upgraded (WebSocket, TCP endpoint) open when "
+        "the token it came with expires (exp is still checked on every request).",
+    )
+
+
 class ProxyConfig(_Model):
     """``proxy``: the HTTP listener clients send requests to."""
 
@@ -387,7 +397,7 @@ class ProxyConfig(_Model):
         "An agent dialing a TCP service has answered: its dial is bounded by its own timeout.",
     )
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
+    auth: ProxyAuthConfig = Field(default_factory=ProxyAuthConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
 
 

@@ -9,6 +9,7 @@ Both bodies are relayed as they arrive with backpressure in both directions. Aft
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -41,6 +42,8 @@ _log = log.get_logger("proxy")
 # Malformed requests, by reason: logged once per reason per minute, all counted (a client must
 # not be able to fill the disk). Process-wide: one node per process outside tests.
 BAD_REQUESTS = log.RateLimited(_log)
+# Upgraded connections closed because their token expired: expected, so info, once a minute.
+TOKEN_EXPIRIES = log.RateLimited(_log, level="info")
 
 # Writes smaller than this are collected while corked; bigger ones go out directly.
 _CORK_LIMIT = 16 * 1024
@@ -109,6 +112,8 @@ class ProxyConnection(asyncio.Protocol):
         self._pipelined = 0  # bytes of requests queued behind the one in flight
         self._starting = False
         self._exchange: Exchange | None = None
+        # Ends an upgraded connection when its token expires (proxy.auth).
+        self._expiry: asyncio.TimerHandle | None = None
         self._paused = 0
         self._write_paused = False
         self._closing = False
@@ -240,6 +245,9 @@ class ProxyConnection(asyncio.Protocol):
         # Release the loop timers now: a pending handle would keep this connection alive.
         self._timer.close()
         self.response_timer.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self._closing = True
         # The parser refers back to this connection: drop it (nothing is parsed after this),
         # so the connection is freed by its reference count, not by the cycle collector.
@@ -399,7 +407,7 @@ class ProxyConnection(asyncio.Protocol):
                     continue
                 if self.auth is not None and not req.forwarded:
                     credentials, req.headers = take_credentials(req.headers)
-                    refusal = self.auth.refusal(credentials, req.endpoint)
+                    refusal, req.auth_expires = self.auth.admit(credentials, req.endpoint)
                     if refusal is not None:
                         self._respond_error(req, *refusal)
                         continue
@@ -560,6 +568,12 @@ class ProxyConnection(asyncio.Protocol):
 
     def start_splice(self, channel: Channel) -> None:
         """Switch to a byte-for-byte relay after a 101 response."""
+        exchange = self._exchange
+        expires = exchange.request.auth_expires if exchange is not None else None
+        if expires is not None:  # the relay lasts no longer than the token it came in with
+            self._expiry = self.loop.call_later(
+                max(0.0, expires - time.time()), self._token_expired, exchange
+            )
         self._exchange = None
         self._queue.clear()
         self._cancel_timer()
@@ -573,6 +587,19 @@ class ProxyConnection(asyncio.Protocol):
         self._resume(_PAUSE_UPGRADE)
         if self._write_paused:
             channel.pause_reading()
+
+    def _token_expired(self, exchange: Exchange | None) -> None:
+        self._expiry = None
+        if self.transport is None:
+            return
+        endpoint = exchange.request.endpoint if exchange is not None else ""
+        TOKEN_EXPIRIES.warn(
+            "token expired",
+            "upgraded connection closed: its token expired",
+            endpoint=endpoint,
+            client=self.client_ip,
+        )
+        self.transport.abort()  # connection_lost resets the spliced stream
 
     def splice_closed(self) -> None:
         self._spliced = None

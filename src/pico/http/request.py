@@ -24,6 +24,7 @@ class Request:
     """One parsed client request and the body bytes waiting to be sent."""
 
     __slots__ = (
+        "auth_expires",
         "body",
         "body_done",
         "bytes_in",
@@ -69,6 +70,9 @@ class Request:
         self.held = 0  # bytes of this request counted in the pipeline budget
         self.body_done = False
         self.bytes_in = 0
+        # When the token the request was let in with expires (epoch seconds): an upgraded
+        # connection (WebSocket, TCP) is closed then. None: no token, or no such limit.
+        self.auth_expires: float | None = None
 
 
 def inspect_head(req: Request, *, upgrade: bool) -> None:

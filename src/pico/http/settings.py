@@ -77,11 +77,20 @@ class RequestRecord(NamedTuple):
     response_headers: Sequence[tuple[bytes, bytes]] = ()
 
 
+class Admission(NamedTuple):
+    """What `RequestAuth.admit` decided."""
+
+    refusal: tuple[int, str] | None  # the status (401/403) and message to answer; None: go on
+    # When the token expires (epoch seconds), if a connection the request upgrades must end
+    # then (`proxy.auth.disable_disconnect_on_expiry` off); else None.
+    expires: float | None = None
+
+
 class RequestAuth(Protocol):
     """Decides whether a client request may reach its endpoint (the proxy port's tokens)."""
 
-    def refusal(self, credentials: bytes | None, endpoint_id: str) -> tuple[int, str] | None:
-        """None if the request may go on, else the status (401/403) and message to answer.
+    def admit(self, credentials: bytes | None, endpoint_id: str) -> Admission:
+        """Whether the request may go on, and until when an upgraded connection may last.
 
         `credentials` is the `x-pico-authorization` (or `Authorization`) value, if any.
         """

@@ -462,7 +462,8 @@ class Node:
         router, limits, conns = self.router, self.limits, self.connections
         observe = self._observer()
         verifier = self.verifiers.get("proxy")
-        auth = ProxyAuth(verifier) if verifier is not None else None
+        keep = self.config.proxy.auth.disable_disconnect_on_expiry
+        auth = ProxyAuth(verifier, disconnect_on_expiry=not keep) if verifier is not None else None
         proof = MemberProof(self.keyring) if self.keyring is not None else None
         try:
             server = await loop.create_server(
