@@ -4,7 +4,9 @@ httptools keeps a head whole however long it grows, and uvicorn reads on while i
 whatever sends the head (a node, which bounds its clients' heads with proxy.max_header_bytes,
 or anything posing as one) could make the app's process hold any amount of memory.
 `BoundedHttpToolsProtocol` counts the bytes of each head and answers 431 past
-`max_header_bytes`, as a node does. (h11 has a bound of its own, set to the same number.)
+`max_header_bytes`, as a node does. Trailers (fields after a chunked body) go through the same
+parser and are held the same way: the bytes read since the last body byte count against the
+same bound. (h11 has a bound of its own, set to the same number, trailers included.)
 """
 
 from __future__ import annotations
@@ -51,13 +53,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.max_header_bytes = max_header_bytes
         self._on_limit = on_limit
         self._in_head = True  # the next bytes are (part of) a request head
-        self._head_bytes = 0
+        self._head_bytes = 0  # in the head: its bytes; after it, those since the last body byte
+        self._body_seen = False  # the read being parsed gave body bytes
 
     def data_received(self, data: bytes) -> None:
+        self._body_seen = False
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        self._head_bytes += len(data)
+        if not self._in_head and self._body_seen:
+            # Body bytes came: what followed them in this read is not counted (errs low by
+            # at most one read), and chunk framing between body bytes never adds up.
+            self._head_bytes = 0
+            return
+        self._head_bytes += len(data)  # a head, or trailers (no body byte since the last)
         if self._head_bytes > self.max_header_bytes:
             self._too_large()
 
@@ -65,6 +74,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen = True
+        super().on_body(body)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
