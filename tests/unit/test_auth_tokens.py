@@ -14,10 +14,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from pico.auth import AuthFailure, Token, TokenVerifier, bearer
+from pico.auth import AuthFailure, ProxyAuth, Token, TokenVerifier, bearer
 from pico.config import load_config_dict
 from pico.config.loader import ConfigError
 from pico.config.schema import AuthConfig
+from pico.http.settings import Admission
 from tests.support.cluster import wait_for
 
 SECRET = "s3cret-for-tests-only-" + "x" * 64
@@ -259,3 +260,16 @@ async def test_the_refresher_fetches_in_a_thread_and_keeps_its_keys_when_a_fetch
             await task
     r1 = jwt.encode({"exp": 10**10}, RSA_KEY, algorithm="RS256", headers={"kid": "r1"})
     assert verifier.verify(r1)  # the keys of the first fetch are still in use
+
+
+def test_the_proxy_admits_until_the_token_expires_unless_told_to_keep_connections() -> None:
+    verifier = TokenVerifier(config(hmac_secret_key=SECRET))
+    token = jwt.encode(claims(pico={"endpoints": ["db"]}), SECRET, algorithm="HS256")
+    expires = float(jwt.decode(token, SECRET, algorithms=["HS256"])["exp"])
+    header = f"Bearer {token}".encode()
+    # An upgraded connection it lets in is to end at `exp` ...
+    assert ProxyAuth(verifier).admit(header, "db") == Admission(None, expires)
+    # ... unless disconnect on expiry is off; a refusal carries no expiry either way.
+    assert ProxyAuth(verifier, disconnect_on_expiry=False).admit(header, "db") == (None, None)
+    assert ProxyAuth(verifier).admit(header, "web") == Admission((403, "endpoint not permitted"))
+    assert ProxyAuth(verifier).admit(None, "db") == Admission((401, "missing token"))

@@ -21,8 +21,8 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def serve(http: str, limits: list[str]) -> tuple[StreamTransport, FakeStream]:
-    service = AsgiService(ok_app, http=http, lifespan="off")
+def serve(http: str, limits: list[str], app: Any = ok_app) -> tuple[StreamTransport, FakeStream]:
+    service = AsgiService(app, http=http, lifespan="off")
     service.report_limits(limits.append)
     stream = FakeStream()
     transport = StreamTransport(cast(MuxStream, stream), service.protocol_factory(), lambda: None)
@@ -72,11 +72,7 @@ async def test_trailers_that_never_end_are_bounded_like_a_head() -> None:
     # Trailer fields come after a chunked body, through the same parser: httptools keeps
     # them (and a field that never ends) whole, so they count against max_header_bytes too.
     limits: list[str] = []
-    service = AsgiService(drain_app, http="httptools", lifespan="off")
-    service.report_limits(limits.append)
-    stream = FakeStream()
-    transport = StreamTransport(cast(MuxStream, stream), service.protocol_factory(), lambda: None)
-    transport.start()
+    transport, _ = serve("httptools", limits, drain_app)
     transport.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
     transport.data_received(b"5\r\nhello\r\n0\r\nx-endless: ")
     for _ in range(64):  # up to 4 MiB of one trailer value
@@ -89,11 +85,7 @@ async def test_trailers_that_never_end_are_bounded_like_a_head() -> None:
 
 async def test_a_long_chunked_upload_of_small_chunks_is_not_taken_for_trailers() -> None:
     limits: list[str] = []
-    service = AsgiService(drain_app, http="httptools", lifespan="off")
-    service.report_limits(limits.append)
-    stream = FakeStream()
-    transport = StreamTransport(cast(MuxStream, stream), service.protocol_factory(), lambda: None)
-    transport.start()
+    transport, stream = serve("httptools", limits, drain_app)
     transport.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
     chunk = b"1\r\na\r\n"  # framing is 5 of every 6 bytes: 1 MiB of it, far over the bound
     for _ in range(16):

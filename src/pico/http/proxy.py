@@ -569,10 +569,11 @@ class ProxyConnection(asyncio.Protocol):
     def start_splice(self, channel: Channel) -> None:
         """Switch to a byte-for-byte relay after a 101 response."""
         exchange = self._exchange
-        expires = exchange.request.auth_expires if exchange is not None else None
-        if expires is not None:  # the relay lasts no longer than the token it came in with
+        if exchange is not None and exchange.request.auth_expires is not None:
+            # The relay lasts no longer than the token it came in with.
+            delay = max(0.0, exchange.request.auth_expires - time.time())
             self._expiry = self.loop.call_later(
-                max(0.0, expires - time.time()), self._token_expired, exchange
+                delay, self._token_expired, exchange.request.endpoint
             )
         self._exchange = None
         self._queue.clear()
@@ -588,11 +589,10 @@ class ProxyConnection(asyncio.Protocol):
         if self._write_paused:
             channel.pause_reading()
 
-    def _token_expired(self, exchange: Exchange | None) -> None:
+    def _token_expired(self, endpoint: str) -> None:
         self._expiry = None
         if self.transport is None:
             return
-        endpoint = exchange.request.endpoint if exchange is not None else ""
         TOKEN_EXPIRIES.warn(
             "token expired",
             "upgraded connection closed: its token expired",
